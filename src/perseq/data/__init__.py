@@ -1,0 +1,1 @@
+"""Data: readers, registry, preparation, splits, batching, synthetic generator."""

@@ -1,0 +1,150 @@
+"""Embedded synthetic data (no download) with a known next-item distribution.
+
+Generative process (DESIGN.md §3), per user u and step t:
+
+  p(next = j | prev = i, u, gap) = λ_s(gap) · T[i, j]                    short-term transitions
+                                 + λ_l(gap) · Σ_c π_u[c] · w[j | c]      long-term cluster mixture
+                                 + λ_q      · 1[j ∈ Q_u] / |Q_u|         per-user quirk items
+
+* items fall into clusters; w[j | c] is Zipf popularity inside cluster c;
+* π_u ~ Dirichlet(α) is a sparse long-term interest mixture;
+* T[i, ·] puts its mass on a few successors of i, mostly in i's cluster;
+* Q_u is a small set of items only this user keeps coming back to (personal signal that a
+  global model can learn only from u's own history: what test-time adaptation is for);
+* a short gap before an event makes the short-term component more likely (signal for
+  time-aware models), a long gap the long-term one.
+
+Because p is known, the Bayes-optimal ranker (sort by p) gives the ceiling: expected
+HR@K = Σ of the K largest probabilities, NDCG@K = Σ_r p_(r) / log2(r + 2); with
+exclude_seen the ranking is over unseen items and seen targets count as misses.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .sequences import SequenceData
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    n_users: int = 2000
+    n_items: int = 500
+    n_clusters: int = 20
+    mean_len: float = 40.0
+    min_len: int = 5
+    max_len: int = 300
+    alpha: float = 0.3  # Dirichlet concentration of long-term interests (small = focused)
+    n_successors: int = 4
+    quirk_size: int = 6
+    lam_quirk: float = 0.15
+    lam_short_fast: float = 0.65  # share of the remaining mass on transitions after a short gap
+    lam_short_slow: float = 0.25  # ... after a long gap
+    zipf: float = 1.0
+    seed: int = 0
+
+
+class SyntheticGenerator:
+    def __init__(self, cfg: SyntheticConfig = SyntheticConfig()):
+        self.cfg = c = cfg
+        rng = np.random.default_rng(c.seed)
+        I, C = c.n_items, c.n_clusters
+        self.cluster = rng.integers(0, C, I)  # (I,) cluster of item j (0-based item index)
+        zipf = 1.0 / np.arange(1, I + 1) ** c.zipf
+        w = np.zeros((C, I))
+        for k in range(C):
+            members = np.flatnonzero(self.cluster == k)
+            w[k, members] = rng.permutation(zipf[: len(members)])
+        self.w = w / w.sum(1, keepdims=True)  # (C, I)
+        # successors: mostly same cluster, one from anywhere
+        T = np.zeros((I, I))
+        for i in range(I):
+            same = np.flatnonzero(self.cluster == self.cluster[i])
+            succ = list(rng.choice(same, size=min(c.n_successors - 1, len(same)), replace=False)) + [rng.integers(I)]
+            T[i, succ] += rng.dirichlet(np.ones(len(succ)))
+        self.T = T  # (I, I), rows sum to 1
+        self.pi = rng.dirichlet(np.full(C, c.alpha), size=c.n_users)  # (U, C)
+        self.quirks = np.stack([rng.choice(I, c.quirk_size, replace=False) for _ in range(c.n_users)])  # (U, q)
+        self._rng = rng
+
+    def _lam_short(self, gap_is_short: np.ndarray) -> np.ndarray:
+        c = self.cfg
+        return (1 - c.lam_quirk) * np.where(gap_is_short, c.lam_short_fast, c.lam_short_slow)
+
+    def next_distribution(self, users: np.ndarray, prev: np.ndarray, gap_is_short: np.ndarray) -> np.ndarray:
+        """(B, I) true next-item probabilities (0-based item index)."""
+        c = self.cfg
+        ls = self._lam_short(gap_is_short)[:, None]
+        ll = (1 - c.lam_quirk) - ls
+        p = ls * self.T[prev] + ll * (self.pi[users] @ self.w)
+        q = np.zeros_like(p)
+        np.put_along_axis(q, self.quirks[users], c.lam_quirk / c.quirk_size, axis=1)
+        return p + q
+
+    def generate(self) -> tuple[SequenceData, np.ndarray]:
+        """-> (data, gap_is_short per event). Items are 1-based in SequenceData."""
+        c, rng = self.cfg, self._rng
+        U = c.n_users
+        lens = np.clip(rng.lognormal(np.log(c.mean_len) - 0.5, 1.0, U).astype(int), c.min_len, c.max_len)
+        maxT = lens.max()
+        seqs = np.zeros((U, maxT), dtype=np.int64)
+        short = rng.random((U, maxT)) < 0.5
+        gaps = np.where(short, rng.integers(60, 3600, (U, maxT)), rng.integers(86400, 30 * 86400, (U, maxT)))
+        # first item: from the long-term mixture
+        users = np.arange(U)
+        first_c = _sample_rows(self.pi, rng)
+        seqs[:, 0] = _sample_rows(self.w[first_c], rng)
+        for t in range(1, maxT):
+            p = self.next_distribution(users, seqs[:, t - 1], short[:, t])
+            seqs[:, t] = _sample_rows(p, rng)
+        mask = np.arange(maxT)[None, :] < lens[:, None]
+        offsets = np.zeros(U + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        times = 1_600_000_000 + np.cumsum(gaps, axis=1)
+        items = (seqs[mask] + 1).astype(np.int32)
+        data = SequenceData(
+            offsets=offsets,
+            items=items,
+            times=times[mask].astype(np.int64),
+            user_ids=np.array([f"u{u}" for u in range(U)], dtype=object),
+            item_ids=np.array(["[PAD]"] + [f"i{j}" for j in range(c.n_items)], dtype=object),
+            name="synthetic",
+        )
+        self._short = short[mask]
+        return data, self._short
+
+    def bayes_ceiling(self, data: SequenceData, positions: np.ndarray, ks=(10, 50), exclude_seen: bool = False) -> dict:
+        """Expected metrics of the Bayes-optimal ranker for the events at ``positions``
+        (index into each user's sequence, -1 = not evaluated)."""
+        users = np.flatnonzero(positions >= 0)
+        pos = positions[users]
+        idx = data.offsets[users] + pos
+        prev = data.items[idx - 1].astype(np.int64) - 1
+        p = self.next_distribution(users, prev, self._short[idx])  # (B, I)
+        if exclude_seen:
+            for r, (u, q) in enumerate(zip(users, pos)):
+                p[r, data.items[data.offsets[u] : data.offsets[u] + q] - 1] = 0.0
+        ps = -np.sort(-p, axis=1)  # descending
+        out = {}
+        for k in ks:
+            out[f"hr@{k}"] = float(ps[:, :k].sum(1).mean())
+            out[f"ndcg@{k}"] = float((ps[:, :k] / np.log2(np.arange(2, k + 2))).sum(1).mean())
+        out["mrr"] = float((ps / np.arange(1, ps.shape[1] + 1)).sum(1).mean())
+        return out
+
+    def describe(self) -> dict:
+        return asdict(self.cfg)
+
+
+def _sample_rows(p: np.ndarray, rng) -> np.ndarray:
+    """One categorical sample per row of a (B, K) probability matrix."""
+    cdf = np.cumsum(p, axis=1)
+    u = rng.random(len(p))[:, None] * cdf[:, -1:]
+    return np.minimum((cdf < u).sum(1), p.shape[1] - 1)
+
+
+def make_synthetic(**params) -> tuple[SequenceData, SyntheticGenerator]:
+    gen = SyntheticGenerator(SyntheticConfig(**params))
+    data, _ = gen.generate()
+    return data, gen

@@ -1,0 +1,38 @@
+"""GRU4Rec (Hidasi et al., ICLR 2016) in the next-item, all-positions form used by RecBole:
+embedding -> dropout -> GRU -> projection back to the item-embedding space."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .base import SeqRecModel
+from .sasrec import _init
+
+
+@dataclass(frozen=True)
+class GRU4RecConfig:
+    n_items: int
+    max_len: int = 200
+    d: int = 64
+    hidden: int = 128
+    n_layers: int = 1
+    dropout: float = 0.2
+
+
+class GRU4Rec(SeqRecModel):
+    Config = GRU4RecConfig
+
+    def __init__(self, cfg: GRU4RecConfig):
+        super().__init__(cfg.n_items, cfg.max_len)
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.d, padding_idx=0)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.gru = nn.GRU(cfg.d, cfg.hidden, cfg.n_layers, batch_first=True)
+        self.out = nn.Linear(cfg.hidden, cfg.d)
+        self.apply(_init)
+
+    def encode(self, items, times=None):
+        x = self.drop(self.item_emb(items))  # (B, T, d)
+        h, _ = self.gru(x)  # (B, T, hidden); causal by construction, padding comes last
+        return self.out(h)  # (B, T, d)

@@ -1,0 +1,55 @@
+"""Top-K recommendations with raw ids, written as CSV ``user_id,rank,item_id,score``."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.batching import _gather
+from .data.sequences import Split
+
+
+@torch.no_grad()
+def topk_for_positions(model, data, users: np.ndarray, positions: np.ndarray, k: int, exclude_seen: bool, batch_size: int = 512):
+    """Yield (users, top item ids (B, k), scores (B, k)) for inputs = events before ``positions``."""
+    model.eval()
+    for s in range(0, len(users), batch_size):
+        u, p = users[s : s + batch_size], positions[s : s + batch_size]
+        n_in = np.minimum(p, model.max_input_len)
+        base = data.offsets[u] + p - n_in
+        width = int(n_in.max())
+        items = torch.from_numpy(_gather(data.items, base, n_in, width)).long()
+        times = None if data.times is None else torch.from_numpy(_gather(data.times, base, n_in, width))
+        scores = model.scores(items, torch.from_numpy(n_in), times).float()
+        if exclude_seen:
+            within = np.arange(int(p.sum())) - np.repeat(np.cumsum(p) - p, p)
+            seen = data.items[np.repeat(data.offsets[u], p) + within]
+            scores[torch.from_numpy(np.repeat(np.arange(len(u)), p)), torch.from_numpy(seen.astype(np.int64))] = float("-inf")
+        top = scores.topk(min(k, data.n_items), dim=1)
+        yield u, top.indices.numpy(), top.values.numpy()
+
+
+def predict_topk(model, split: Split, stage: str, k: int, out: str | Path, exclude_seen: bool = True) -> int:
+    """stage "test"/"valid": the inputs used for that evaluation; "next": each user's whole
+    history (what to recommend now). Rank 1 is the best item."""
+    data = split.data
+    if stage == "next":
+        users = np.arange(data.n_users)
+        positions = data.lengths.astype(np.int64)
+    else:
+        users = split.eval_users(stage)
+        positions = split.positions(stage)[users]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["user_id", "rank", "item_id", "score"])
+        for u, top, val in topk_for_positions(model, data, users, positions, k, exclude_seen):
+            for row in range(len(u)):
+                uid = data.user_ids[u[row]]
+                for r in range(top.shape[1]):
+                    if np.isfinite(val[row, r]):
+                        w.writerow([uid, r + 1, data.item_ids[top[row, r]], f"{val[row, r]:.6g}"])
+    return len(users)

@@ -1,0 +1,77 @@
+"""Aggregating runs over seeds and writing benchmark result files
+(``benchmarks/results/<run>.json``, the format every benchmark row uses)."""
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+METRIC_KEYS = ("ndcg@10", "hr@10", "ndcg@50", "hr@50", "mrr")
+
+
+def summarize_seeds(results: list[dict], stage: str = "test") -> dict:
+    """Mean and sample standard deviation (ddof=1; 0 for one seed) of every metric."""
+    keys = [k for k, v in results[0][stage].items() if isinstance(v, float)]
+    metrics = {}
+    for k in keys:
+        vals = np.array([r[stage][k] for r in results], dtype=float)
+        metrics[k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, "values": vals.tolist()}
+    return {"metrics": metrics, "seeds": [r["seed"] for r in results]}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path = "benchmarks/results", extra: dict | None = None) -> Path:
+    s = summarize_seeds(results)
+    payload = {
+        "run": run,
+        "dataset": cfg.data.dataset,
+        "model": cfg.model["name"],
+        "protocol": {
+            "split": cfg.data.split,
+            "ranking": "full",
+            "exclude_seen": cfg.eval.exclude_seen,
+            "max_len": cfg.data.max_len,
+            "train_windows": cfg.data.windows,
+            "loss": cfg.loss.name,
+        },
+        "seeds": s["seeds"],
+        "metrics": s["metrics"],
+        "best_epochs": [r["best_epoch"] for r in results],
+        "epoch_seconds": float(np.mean([r["epoch_seconds"] for r in results if r.get("epoch_seconds")])),
+        "hardware": results[0]["hardware"],
+        "commit": git_commit(),
+        "date": datetime.date.today().isoformat(),
+        "config": cfg.to_dict(),
+        **(extra or {}),
+    }
+    p = Path(out_dir) / f"{run}.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(payload, indent=1))
+    return p
+
+
+def markdown_table(rows: list[dict], keys=METRIC_KEYS) -> str:
+    """rows: {"name": str, metric: float or {"mean", "std"}} -> a markdown table."""
+    head = "| | " + " | ".join(keys) + " |\n|---|" + "---:|" * len(keys) + "\n"
+    lines = []
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            if isinstance(v, dict):
+                cells.append(f"{v['mean']:.4f} ± {v['std']:.4f}")
+            elif v is None:
+                cells.append("")
+            else:
+                cells.append(f"{v:.4f}")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines)

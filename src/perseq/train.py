@@ -1,0 +1,213 @@
+"""Plain training functions: ``train_step`` (the one step everything reuses: CLI, early
+stopping, PCRec-simple, the federated client) and ``fit``."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .checkpoint import load_train_state, load_weights, save_train_state, save_weights, write_run_files
+from .config import RunConfig
+from .data.batching import Batch, TrainWindows
+from .data.sequences import Split
+from .evaluate import evaluate, train_item_counts
+from .losses import get_loss
+from .models import build_model
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def init_distributed_from_env() -> bool:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): gloo on CPU,
+    nccl on CUDA. Returns whether training is distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _core(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def train_step(model, batch: Batch, loss_fn, optimizer=None, *, grad_clip: float | None = None) -> tuple[float, int]:
+    """One optimization step on ``batch``; returns (summed loss, number of targets).
+
+    The loss is the sum over this rank's target positions divided by the target count of
+    the whole (global) batch, and gradients are summed over ranks, so data-parallel
+    training on N processes equals one process on the same global batch.
+    """
+    core = _core(model)
+    model.train()
+    inputs, targets = batch.inputs, batch.targets
+    if core.objective == "cloze":
+        inputs, targets = core.cloze_mask(inputs)
+    h = model(inputs, batch.times)  # (B, T, D)
+    sel = targets > 0
+    n_local = sel.sum()
+    rank, world = _distributed()
+    n_total = n_local.clone().float()
+    if world > 1:
+        dist.all_reduce(n_total)
+    loss_sum = loss_fn(h[sel], targets[sel], core.output_embeddings())
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=False)
+        (loss_sum / n_total.clamp_min(1)).backward()
+        if world > 1:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)  # sum: each rank's loss is already scaled by the global count
+            off = 0
+            for g in grads:
+                g.copy_(flat[off : off + g.numel()].view_as(g))
+                off += g.numel()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    return float(loss_sum.detach()), int(n_local)
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+
+
+def fit(
+    cfg: RunConfig,
+    split: Split,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+    log=print,
+) -> dict:
+    """Train with AdamW, early stopping on the validation metric, then evaluate the test
+    split once with the best weights. With ``out_dir``, every epoch leaves a resumable
+    state and the best weights; ``resume=True`` continues an interrupted run, ending with
+    the same metrics as an uninterrupted one (batch order is a function of seed and epoch;
+    RNG and optimizer state are restored)."""
+    tc = cfg.train
+    rank, world = _distributed()
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = select_device(tc.device)
+    seed_everything(tc.seed)
+    data = split.data
+    params = {k: v for k, v in cfg.model.items() if k != "name"}
+    params.setdefault("max_len", cfg.data.max_len)
+    model = build_model(cfg.model["name"], data.n_items, **params).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    windows = TrainWindows(split, model.max_len if model.objective == "causal" else model.max_len - 1, cfg.data.windows, cloze=model.objective == "cloze")
+    loss_fn = get_loss(cfg.loss, train_item_counts(split))
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and rank == 0:
+        write_run_files(out, cfg, model, data)
+
+    state = {"epoch": 0, "best": -math.inf, "best_epoch": -1, "bad": 0, "history": [], "train_seconds": 0.0}
+    if resume and out is not None:
+        loaded = load_train_state(out, model, opt)
+        if loaded is not None:
+            state = loaded
+            log(f"resumed from {out} at epoch {state['epoch']}")
+    best_state = None
+    if out is None:
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    metric = cfg.eval.metric
+
+    for epoch in range(state["epoch"], tc.epochs):
+        if state["bad"] >= tc.patience:
+            break
+        t0 = time.perf_counter()
+        order = windows.batch_order(tc.batch_size * world, seed=tc.seed * 1_000_003 + epoch)
+        tot_loss, tot_n = 0.0, 0
+        bar = tqdm(order, desc=f"epoch {epoch + 1}", disable=(not progress) if progress is not None else None, leave=False)
+        for idx in bar:
+            batch = windows.make_batch(idx[rank::world]).to(device)
+            loss, n = train_step(model, batch, loss_fn, opt, grad_clip=tc.grad_clip)
+            tot_loss += loss
+            tot_n += n
+            if tot_n:
+                bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", refresh=False)
+        secs = time.perf_counter() - t0
+        if world > 1:  # report the loss of the whole global batch, not of this rank's shard
+            agg = torch.tensor([tot_loss, float(tot_n)], dtype=torch.float64)
+            dist.all_reduce(agg)
+            tot_loss, tot_n = agg[0].item(), int(agg[1].item())
+        state["train_seconds"] += secs
+        rec = {"epoch": epoch + 1, "loss": tot_loss / max(tot_n, 1), "seconds": secs}
+        if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
+            val = evaluate(model, split, "valid", cfg.eval, device)
+            rec["valid"] = {k: v for k, v in val.items() if isinstance(v, float)}
+            if val[metric] > state["best"]:
+                state.update(best=val[metric], best_epoch=epoch + 1, bad=0)
+                if out is not None and rank == 0:
+                    save_weights(model, out / "model.safetensors")
+                elif out is None:
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                state["bad"] += 1
+            log(f"epoch {epoch + 1}: loss {rec['loss']:.4f}  valid {metric} {val[metric]:.4f}  best {state['best']:.4f}@{state['best_epoch']}  {secs:.1f}s")
+        state["history"].append(rec)
+        state["epoch"] = epoch + 1
+        if out is not None and rank == 0:
+            save_train_state(out, model, opt, state)
+
+    if out is not None:
+        if world > 1:
+            dist.barrier()
+        load_weights(model, out / "model.safetensors")
+    else:
+        model.load_state_dict(best_state)
+    test = evaluate(model, split, "test", cfg.eval, device, breakdown=True)
+    valid = evaluate(model, split, "valid", cfg.eval, device)
+    epochs_run = len(state["history"])
+    result = {
+        "model": cfg.model["name"],
+        "dataset": data.name,
+        "seed": tc.seed,
+        "best_epoch": state["best_epoch"],
+        "epochs": state["epoch"],
+        "valid": valid,
+        "test": test,
+        "epoch_seconds": state["train_seconds"] / max(epochs_run, 1) if epochs_run else None,
+        "n_train_targets": windows.n_targets,
+        "hardware": _hardware(device),
+        "world_size": world,
+        "history": state["history"],
+    }
+    if out is not None and rank == 0:
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+    result["model_obj"] = model
+    return result

@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perseq.losses import LossConfig, _ChunkedSoftmaxCE, bce, gbce, get_loss, sampled_softmax, softmax_ce
+
+
+def _data(N=37, D=8, I=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=g, requires_grad=True)
+    emb = torch.randn(I + 1, D, generator=g, requires_grad=True)
+    y = torch.randint(1, I + 1, (N,), generator=g)
+    return h, emb, y
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 1000])
+def test_chunked_ce_equals_reference_value_and_gradient(chunk):
+    h, emb, y = _data()
+    ref = F.cross_entropy(h @ emb[1:].T, y - 1, reduction="sum")
+    gh, ge = torch.autograd.grad(ref, [h, emb])
+    out = _ChunkedSoftmaxCE.apply(h, emb[1:], y - 1, chunk)
+    gh2, ge2 = torch.autograd.grad(out * 1.0, [h, emb])
+    assert torch.allclose(out, ref, atol=1e-4)
+    assert torch.allclose(gh, gh2, atol=1e-5) and torch.allclose(ge, ge2, atol=1e-5)
+
+
+def test_ce_hand_computed():
+    h = torch.tensor([[1.0, 0.0]])
+    emb = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # row 0 = padding, not a candidate
+    loss = softmax_ce(h, torch.tensor([1]), emb)
+    expected = -2.0 + math.log(math.exp(2) + math.exp(0) + math.exp(1))
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6)
+
+
+def test_sampled_softmax_with_all_items_as_negatives_approaches_full_ce():
+    """Uniform negatives = every item once: the target appears among the negatives and is
+    masked, so the loss equals full CE exactly."""
+    h, emb, y = _data(N=5, I=6)
+    torch.manual_seed(0)
+    import perseq.losses as L
+
+    orig = L._sample
+    L._sample = lambda n, n_items, q, device, generator=None: torch.arange(1, n_items + 1)
+    try:
+        s = sampled_softmax(h, y, emb, n_neg=6)
+    finally:
+        L._sample = orig
+    assert torch.allclose(s, softmax_ce(h, y, emb), atol=1e-5)
+
+
+def test_logq_correction_subtracts_log_probability():
+    h = torch.tensor([[1.0, 0.0]])
+    emb = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    q = torch.tensor([0.0, 0.8, 0.2])
+    import perseq.losses as L
+
+    orig = L._sample
+    L._sample = lambda n, n_items, q, device, generator=None: torch.tensor([2])
+    try:
+        s = sampled_softmax(h, torch.tensor([1]), emb, n_neg=1, q=q)
+    finally:
+        L._sample = orig
+    pos, neg = 1.0 - math.log(0.8), 0.0 - math.log(0.2)
+    assert math.isclose(s.item(), -pos + math.log(math.exp(pos) + math.exp(neg)), rel_tol=1e-6)
+
+
+def test_bce_hand_computed():
+    h = torch.tensor([[1.0, 0.0]])
+    emb = torch.tensor([[0.0, 0.0], [2.0, 0.0], [-1.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    neg = torch.randint(1, 3, (1,), generator=torch.Generator().manual_seed(0)).item()
+    loss = bce(h, torch.tensor([1]), emb, generator=g)
+    s_neg = emb[neg, 0].item()
+    expected = -math.log(1 / (1 + math.exp(-2.0))) - math.log(1 - 1 / (1 + math.exp(-s_neg)))
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5)
+
+
+def test_gbce_reduces_to_bce_when_t_is_zero_and_alpha_is_one():
+    """t=0 gives beta = alpha*(1/alpha) = 1: plain BCE with k negatives."""
+    h, emb, y = _data(N=4, I=5)
+    g1 = torch.Generator().manual_seed(1)
+    loss = gbce(h, y, emb, n_neg=3, t=0.0, generator=g1)
+    neg = torch.randint(1, 6, (4, 3), generator=torch.Generator().manual_seed(1))
+    pos = (h * emb[y]).sum(-1)
+    negs = torch.einsum("nd,nkd->nk", h, emb[neg]).masked_fill(neg == y[:, None], float("-inf"))
+    ref = -(F.logsigmoid(pos) + F.logsigmoid(-negs).sum(-1)).sum()
+    assert torch.allclose(loss, ref, atol=1e-5)
+
+
+def test_get_loss_rejects_unknown():
+    with pytest.raises(ValueError, match="valid"):
+        get_loss(LossConfig(name="hinge"))

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from perseq.models import MODELS, build_model
+
+CAUSAL = [n for n, c in MODELS.items() if c.objective == "causal"]
+
+
+def _model(name, **kw):
+    torch.manual_seed(0)
+    m = build_model(name, n_items=50, max_len=16, d=16, dropout=0.0, **kw)
+    return m.eval()
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_causal_models_do_not_see_the_future(name):
+    m = _model(name)
+    x = torch.randint(1, 51, (3, 12))
+    h = m.encode(x)
+    for t in range(11):
+        y = x.clone()
+        y[:, t + 1 :] = torch.randint(1, 51, y[:, t + 1 :].shape)
+        h2 = m.encode(y)
+        assert torch.allclose(h[:, : t + 1], h2[:, : t + 1], atol=1e-5), f"position <= {t} changed"
+        assert not torch.allclose(h[:, t + 1 :], h2[:, t + 1 :], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_right_padding_does_not_change_real_positions(name):
+    m = _model(name)
+    x = torch.randint(1, 51, (2, 7))
+    padded = torch.cat([x, torch.zeros(2, 5, dtype=torch.long)], 1)
+    assert torch.allclose(m.encode(x), m.encode(padded)[:, :7], atol=1e-5)
+
+
+def test_bert4rec_is_bidirectional_and_ignores_padding():
+    m = _model("bert4rec")
+    x = torch.randint(1, 51, (2, 8))
+    y = x.clone()
+    y[:, -1] = (x[:, -1] % 50) + 1
+    assert not torch.allclose(m.encode(x)[:, 0], m.encode(y)[:, 0])
+    padded = torch.cat([x, torch.zeros(2, 4, dtype=torch.long)], 1)
+    assert torch.allclose(m.encode(x), m.encode(padded)[:, :8], atol=1e-5)
+
+
+def test_bert4rec_scores_from_appended_mask():
+    m = _model("bert4rec")
+    x = torch.tensor([[3, 4, 5, 0], [7, 8, 0, 0]])
+    lengths = torch.tensor([3, 2])
+    h = m.predict_hidden(x, lengths)
+    direct = m.encode(torch.tensor([[3, 4, 5, m.mask_id]]))[0, 3]
+    assert torch.allclose(h[0], direct, atol=1e-5)
+
+
+def test_cloze_mask_masks_only_real_tokens_and_at_least_one():
+    m = _model("bert4rec", mask_prob=0.0)
+    x = torch.tensor([[3, 4, 5, 0], [7, 8, 0, 0]])
+    inp, tgt = m.cloze_mask(x)
+    assert tgt.tolist() == [[0, 0, 5, 0], [0, 8, 0, 0]]
+    assert inp.tolist() == [[3, 4, m.mask_id, 0], [7, m.mask_id, 0, 0]]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_scores_never_recommend_padding(name):
+    m = _model(name)
+    s = m.scores(torch.randint(1, 51, (2, 5)), torch.tensor([5, 3]))
+    assert s.shape == (2, 51) and torch.isinf(s[:, 0]).all()
+
+
+def test_unknown_model_and_parameter_errors_list_valid_names():
+    with pytest.raises(ValueError, match="sasrec"):
+        build_model("nope", n_items=5)
+    with pytest.raises(ValueError, match="n_blocks"):
+        build_model("sasrec", n_items=5, n_block=2)
+
+
+def test_sasrec_rejects_too_long_input():
+    m = _model("sasrec")
+    with pytest.raises(ValueError, match="max_len"):
+        m.encode(torch.ones(1, 17, dtype=torch.long))
