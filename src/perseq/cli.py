@@ -119,7 +119,12 @@ def cmd_data(args) -> int:
     kw = {"dataset": args.dataset}
     if args.path:
         kw.update(dataset="file", path=args.path, format=args.format, times_path=args.times)
-    cfg = DataConfig(**kw, min_user=args.min_user, min_item=args.min_item)
+        if args.columns:
+            try:
+                kw["columns"] = dict(part.split("=", 1) for part in args.columns.split(","))
+            except ValueError:
+                raise SystemExit(f"error: --columns expects role=column pairs, e.g. user=userId,item=movieId; got {args.columns!r}")
+    cfg = DataConfig(**kw, min_user=args.min_user, min_item=args.min_item, download=args.download)
     t0 = time.perf_counter()
     data, _ = load_data(cfg)
     secs = time.perf_counter() - t0
@@ -177,13 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="prepare a dataset or print its statistics")
     p.add_argument("action", choices=["prepare", "stats"])
-    p.add_argument("dataset", nargs="?", default="synthetic", help="registry name (see 'perseq data list' in docs) or 'synthetic'")
+    p.add_argument("dataset", nargs="?", default="synthetic", help="registry name (ml-1m, ml-20m, ml-100k, amazon-beauty, amazon-sports, steam, yelp, ...) or 'synthetic'")
     p.add_argument("--path", help="read this file instead of a registry dataset")
     p.add_argument("--format", help="reader for --path (user-per-line, pairs, movielens, recbole, table, amazon-json)")
     p.add_argument("--times", help="timestamps file aligned with a user-per-line --path")
+    p.add_argument("--columns", help="column mapping for --format table, e.g. user=userId,item=movieId,time=timestamp")
     p.add_argument("--min-user", type=int, default=0, help="k-core: minimum events per user")
     p.add_argument("--min-item", type=int, default=0, help="k-core: minimum events per item")
     p.add_argument("--out", help="output folder for 'prepare' (default: the cache dir)")
+    p.add_argument("--download", action="store_true", help="download a registry dataset missing from the cache")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("quickstart", help="train on embedded synthetic data and compare with the Bayes-optimal ceiling")

@@ -28,6 +28,7 @@ class DataConfig:
     min_user: int = 0  # k-core thresholds (0 = keep everything)
     min_item: int = 0
     dedup: bool = False
+    download: bool = False  # fetch a registry dataset that is neither shared nor cached
     split: str = "leave_one_out"  # or "temporal"
     max_len: int = 200
     windows: str = "all"  # "all": every training position is a target; "last": most recent max_len only
@@ -88,9 +89,7 @@ def from_dict(d: dict) -> RunConfig:
     if unknown:
         raise ValueError(f"unknown section(s) {sorted(unknown)}; valid: {sorted(set(_SECTIONS) | {'model', 'name'})}")
     kw: dict[str, Any] = {s: _build(cls, d.get(s) or {}, s) for s, cls in _SECTIONS.items()}
-    model = dict(d.get("model") or {"name": "sasrec"})
-    if "name" not in model:
-        raise ValueError("the 'model' section needs a 'name' (a model registry name)")
+    model = {"name": "sasrec", **(d.get("model") or {})}
     return RunConfig(model=model, name=d.get("name"), **kw)
 
 

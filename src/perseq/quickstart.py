@@ -20,7 +20,7 @@ def run_quickstart(epochs: int = 40, out: str | None = "runs/quickstart", log=pr
         f"(clusters, long-term mixtures, short-term transitions, per-user quirks)")
     # the synthetic users revisit items (quirks, transitions), so seen items stay rankable
     base = {"data": {"max_len": 100}, "eval": {"exclude_seen": False},
-            "train": {"epochs": epochs, "patience": 5, "lr": 2e-3}}
+            "train": {"epochs": epochs, "patience": 8, "lr": 2e-3}}
     rows = []
     for name in MODELS:
         cfg = from_dict({**base, "model": {"name": name}})

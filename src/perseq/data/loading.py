@@ -32,7 +32,7 @@ def load_data(cfg, log=print):
         raw = read_any(cfg.path, cfg.format, **kw)
         name = Path(cfg.path).stem
     else:
-        raw = read_dataset(cfg.dataset)
+        raw = read_dataset(cfg.dataset, download=cfg.download)
         name = cfg.dataset
     if raw.skipped:
         log(f"note: {raw.skipped} malformed line(s) skipped while reading {raw.source}")

@@ -1001,6 +1001,9 @@ def read_any(path, fmt: str | None = None, **kw) -> RawInteractions:
         fmt = sniff_format(path, **kw)
     if fmt not in READERS:
         raise ValueError(f"unknown data format {fmt!r}; valid formats: {sorted(READERS)}")
+    if fmt == "table" and not kw.get("columns"):
+        raise ValueError(f"{path}: the 'table' format needs a column mapping, e.g. "
+                         "columns={user: userId, item: movieId, time: timestamp} (CLI: --columns user=userId,item=movieId,time=timestamp)")
     return READERS[fmt](path, **kw)
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from .base import SeqRecModel
-from .sasrec import _init
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,17 @@ class GRU4Rec(SeqRecModel):
         self.drop = nn.Dropout(cfg.dropout)
         self.gru = nn.GRU(cfg.d, cfg.hidden, cfg.n_layers, batch_first=True)
         self.out = nn.Linear(cfg.hidden, cfg.d)
-        self.apply(_init)
+        # Xavier init as in RecBole's GRU4Rec: the tiny N(0, 0.02) init used for the
+        # transformers (which rescale by sqrt(d)) leaves the GRU's scores near zero and it
+        # barely moves from there
+        nn.init.xavier_uniform_(self.item_emb.weight)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        nn.init.xavier_uniform_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        for name, w in self.gru.named_parameters():
+            if "weight" in name:
+                nn.init.xavier_uniform_(w)
 
     def encode(self, items, times=None):
         x = self.drop(self.item_emb(items))  # (B, T, d)

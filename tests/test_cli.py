@@ -1,0 +1,97 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from perseq.cli import main
+
+SMALL = ["--set", "data.synthetic={n_users: 150, n_items: 40, n_clusters: 4, mean_len: 12, max_len: 40}",
+         "--set", "data.max_len=20", "--set", "model.d=16", "--set", "train.epochs=2", "--set", "eval.exclude_seen=false"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["train", *SMALL, "--out", str(out), "--no-progress", "--seeds", "0,1"]) == 0
+    return out
+
+
+def test_train_writes_runs_for_each_seed(run_dir):
+    for s in (0, 1):
+        d = run_dir / f"synthetic-sasrec-s{s}"
+        res = json.loads((d / "results.json").read_text())
+        assert res["seed"] == s and 0 <= res["test"]["ndcg@10"] <= 1
+        assert (d / "model.safetensors").exists() and (d / "vocab" / "items.parquet").exists()
+
+
+def test_evaluate_reproduces_training_metrics(run_dir, capsys):
+    d = run_dir / "synthetic-sasrec-s0"
+    capsys.readouterr()
+    assert main(["evaluate", str(d), "--breakdown"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    res = json.loads((d / "results.json").read_text())
+    assert out["ndcg@10"] == res["test"]["ndcg@10"]
+    assert "head" in out["breakdown"] and sum(v["n_users"] for k, v in out["breakdown"].items() if k.startswith("len")) == out["n_users"]
+
+
+def test_predict_writes_ranked_raw_ids(run_dir, tmp_path):
+    d = run_dir / "synthetic-sasrec-s0"
+    out = tmp_path / "top.csv"
+    assert main(["predict", str(d), "--out", str(out), "--k", "5"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["user_id", "rank", "item_id", "score"]
+    by_user = {}
+    for r in rows:
+        by_user.setdefault(r["user_id"], []).append(r)
+    for user, rs in by_user.items():
+        assert [int(r["rank"]) for r in rs] == [1, 2, 3, 4, 5]
+        scores = [float(r["score"]) for r in rs]
+        assert scores == sorted(scores, reverse=True)
+        assert user.startswith("u") and all(r["item_id"].startswith("i") for r in rs)
+        assert len({r["item_id"] for r in rs}) == 5
+    # default excludes seen items: no recommendation may already be in the user's test input
+    from perseq.checkpoint import load_model
+    from perseq.cli import _rebuild_split
+
+    _, meta, _ = load_model(d)
+    _, split = _rebuild_split(meta)
+    data = split.data
+    uid = {u: i for i, u in enumerate(data.user_ids)}
+    for user, rs in list(by_user.items())[:30]:
+        u = uid[user]
+        seen = set(data.item_ids[data.seq(u)[: split.test_pos[u]]])
+        assert not seen & {r["item_id"] for r in rs}
+
+
+def test_bad_config_is_one_clear_line(capsys, tmp_path):
+    assert main(["train", "--set", "train.lerning_rate=1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown key(s) ['lerning_rate']") and "Traceback" not in err
+
+
+def test_unknown_dataset_lists_names(capsys, tmp_path):
+    assert main(["train", "--set", "data.dataset=nope", "--out", str(tmp_path)]) == 2
+    assert "ml-1m" in capsys.readouterr().err
+
+
+def test_data_stats_on_shared_beauty(shared_datasets, capsys):
+    capsys.readouterr()
+    assert main(["data", "stats", "amazon-beauty"]) == 0
+    out = capsys.readouterr().out
+    stats = json.loads(out[out.index("{"):])
+    assert (stats["users"], stats["items"], stats["interactions"]) == (22363, 12101, 198502)
+
+
+def test_data_prepare_roundtrip(tmp_path, capsys):
+    f = tmp_path / "log.csv"
+    f.write_text("u,i,t\na,x,3\na,y,1\nb,x,2\nb,z,5\nb,y,9\n")
+    out = tmp_path / "prep"
+    assert main(["data", "prepare", "--path", str(f), "--format", "table", "--out", str(out)]) == 2
+    assert "column mapping" in capsys.readouterr().err
+    assert main(["data", "prepare", "--path", str(f), "--format", "table", "--columns", "user=u,item=i,time=t", "--out", str(out)]) == 0
+    from perseq.data.sequences import SequenceData
+
+    d = SequenceData.load(out)
+    assert [d.item_ids[i] for i in d.seq(0)] == ["y", "x"]  # sorted by time
+    assert np.array_equal(d.lengths, [2, 3]) and list(d.user_ids) == ["a", "b"]
