@@ -62,7 +62,7 @@ class SyntheticGenerator:
         for i in range(I):
             same = np.flatnonzero(self.cluster == self.cluster[i])
             succ = list(rng.choice(same, size=min(c.n_successors - 1, len(same)), replace=False)) + [rng.integers(I)]
-            T[i, succ] += rng.dirichlet(np.ones(len(succ)))
+            np.add.at(T[i], succ, rng.dirichlet(np.ones(len(succ))))  # succ may repeat
         self.T = T  # (I, I), rows sum to 1
         self.pi = rng.dirichlet(np.full(C, c.alpha), size=c.n_users)  # (U, C)
         self.quirks = np.stack([rng.choice(I, c.quirk_size, replace=False) for _ in range(c.n_users)])  # (U, q)
