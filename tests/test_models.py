@@ -78,3 +78,14 @@ def test_sasrec_rejects_too_long_input():
     m = _model("sasrec")
     with pytest.raises(ValueError, match="max_len"):
         m.encode(torch.ones(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", [n for n, c in MODELS.items() if c.incremental])
+def test_step_over_a_sequence_equals_encode(name):
+    m = _model(name)
+    x = torch.randint(1, 51, (3, 10))
+    full = m.encode(x)
+    state = m.init_state(3)
+    for t in range(10):
+        state, h = m.step(state, x[:, t])
+        assert torch.allclose(h, full[:, t], atol=1e-5), t

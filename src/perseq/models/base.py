@@ -39,6 +39,19 @@ class SeqRecModel(nn.Module):
         h = self.encode(items, times)  # (B, T, D)
         return h[torch.arange(h.shape[0], device=h.device), lengths - 1]
 
+    # -- incremental serving (models that allow it override both) ----------------------
+    #: True when init_state/step are implemented
+    incremental: bool = False
+
+    def init_state(self, batch_size: int, device=None):
+        """Empty per-user state for ``step`` (recurrent state or KV cache)."""
+        raise NotImplementedError(f"{type(self).__name__} has no incremental step")
+
+    def step(self, state, item: torch.Tensor, time: torch.Tensor | None = None):
+        """Consume one new event per row: item (B,), time (B,) or None -> (new state,
+        hidden (B, D)). Running it over a sequence gives exactly ``encode``'s outputs."""
+        raise NotImplementedError(f"{type(self).__name__} has no incremental step")
+
     def scores(self, items, lengths, times=None, target_time=None) -> torch.Tensor:
         """(B, n_items + 1) next-item scores; column 0 (padding) is -inf."""
         s = self.predict_hidden(items, lengths, times, target_time) @ self.output_embeddings().T

@@ -22,6 +22,7 @@ class GRU4RecConfig:
 
 class GRU4Rec(SeqRecModel):
     Config = GRU4RecConfig
+    incremental = True
 
     def __init__(self, cfg: GRU4RecConfig):
         super().__init__(cfg.n_items, cfg.max_len)
@@ -46,3 +47,10 @@ class GRU4Rec(SeqRecModel):
         x = self.drop(self.item_emb(items))  # (B, T, d)
         h, _ = self.gru(x)  # (B, T, hidden); causal by construction, padding comes last
         return self.out(h)  # (B, T, d)
+
+    def init_state(self, batch_size: int, device=None):
+        return torch.zeros(self.cfg.n_layers, batch_size, self.cfg.hidden, device=device)  # (layers, B, hidden)
+
+    def step(self, state, item, time=None):
+        h, state = self.gru(self.item_emb(item)[:, None], state)  # (B, 1, hidden): O(1) per event
+        return state, self.out(h[:, 0])

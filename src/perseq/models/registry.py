@@ -7,11 +7,13 @@ from .base import SeqRecModel
 from .bert4rec import BERT4Rec
 from .gru4rec import GRU4Rec
 from .sasrec import SASRec
+from .ttt4rec import TTT4Rec
 
 MODELS: dict[str, type[SeqRecModel]] = {
     "sasrec": SASRec,
     "gru4rec": GRU4Rec,
     "bert4rec": BERT4Rec,
+    "ttt4rec": TTT4Rec,
 }
 
 

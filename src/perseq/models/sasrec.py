@@ -36,6 +36,15 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
 
+    def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One new position x (B, D) attending to the cached keys/values plus itself."""
+        B, D = x.shape
+        q, k, v = self.qkv(x).view(B, 3, self.n_heads, D // self.n_heads).unbind(1)  # 3 x (B, H, hs)
+        cache["k"] = torch.cat([cache["k"], k[:, :, None]], 2) if "k" in cache else k[:, :, None]  # (B, H, t, hs)
+        cache["v"] = torch.cat([cache["v"], v[:, :, None]], 2) if "v" in cache else v[:, :, None]
+        y = F.scaled_dot_product_attention(q[:, :, None], cache["k"], cache["v"])  # (B, H, 1, hs)
+        return self.proj(y.reshape(B, D))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hs)
@@ -60,9 +69,14 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.ln1(x)))
         return x + self.drop(self.ffn(self.ln2(x)))
 
+    def step(self, x, cache):
+        x = x + self.attn.step(self.ln1(x), cache)
+        return x + self.ffn(self.ln2(x))
+
 
 class SASRec(SeqRecModel):
     Config = SASRecConfig
+    incremental = True
 
     def __init__(self, cfg: SASRecConfig):
         super().__init__(cfg.n_items, cfg.max_len)
@@ -83,6 +97,21 @@ class SASRec(SeqRecModel):
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)  # (B, T, D)
+
+    # KV cache: per block the keys/values of every past position. Serving cost per event is
+    # O(history) for attention (not O(history²) as re-encoding), up to max_len events,
+    # since the learned absolute positions end there.
+    def init_state(self, batch_size: int, device=None):
+        return {"pos": 0, "blocks": [{} for _ in self.blocks]}
+
+    def step(self, state, item, time=None):
+        pos = state["pos"]
+        if pos >= self.max_len:
+            raise ValueError(f"SASRec's positions end at max_len={self.max_len}; re-encode the most recent window instead")
+        x = self.item_emb(item) * self.cfg.d**0.5 + self.pos_emb.weight[pos]  # (B, D)
+        for block, cache in zip(self.blocks, state["blocks"]):
+            x = block.step(x, cache)
+        return {"pos": pos + 1, "blocks": state["blocks"]}, self.ln_f(x)
 
 
 def _init(m: nn.Module):

@@ -1,0 +1,1 @@
+"""Benchmarks: they measure and write files; tests check correctness elsewhere."""
