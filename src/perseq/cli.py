@@ -145,6 +145,13 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import epoch, speed
+
+    {"speed": speed.main, "epoch": epoch.main}[args.kind](args.rest)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="perseq",
@@ -192,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder for 'prepare' (default: the cache dir)")
     p.add_argument("--download", action="store_true", help="download a registry dataset missing from the cache")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("bench", help="speed benchmarks: 'speed' (vs sequence length, all backbones) or 'epoch' (one training epoch)",
+                       description="perseq bench speed [--help] | perseq bench epoch [--help]")
+    p.add_argument("kind", choices=["speed", "epoch"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark (see its --help)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("quickstart", help="train on embedded synthetic data and compare with the Bayes-optimal ceiling")
     p.add_argument("--epochs", type=int, default=40)

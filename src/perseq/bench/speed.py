@@ -1,0 +1,193 @@
+"""Speed versus sequence length for every backbone: training-step time, inference latency
+(full re-encode of the history vs one incremental ``step``) and peak memory.
+
+    perseq bench speed --lengths 64,256,1024,2048,8192 --out benchmarks/results/speed
+
+Each (model, length) point runs in its own process so that peak memory (max RSS on CPU,
+max allocated on CUDA) belongs to that point alone. Writes ``<out>.json``, ``<out>.md``
+and ``<out>.png``; every row names the device that produced it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..losses import sampled_softmax
+from ..models import MODELS, build_model
+from ..train import select_device
+from .epoch import cpu_name
+
+N_ITEMS = 10_000
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU: {cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, dev, repeat: int) -> float:
+    fn()  # warm-up
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    _sync(dev)
+    return (time.perf_counter() - t) / repeat
+
+
+def measure_point(model_name: str, length: int, batch: int, history: int | None, device: str, repeat: int) -> dict:
+    """One (model, length) point, in this process."""
+    dev = select_device(device)
+    torch.manual_seed(0)
+    params = {"d": 64}
+    if model_name in ("hstu", "hstu-large"):
+        params = {"d": 50}
+    # room for the history plus the timed steps (SASRec's absolute positions end at max_len)
+    model = build_model(model_name, N_ITEMS, max_len=max(length, history or length) + repeat + 2, **params).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    items = torch.randint(1, N_ITEMS + 1, (batch, length), device=dev)
+    times = torch.cumsum(torch.randint(1, 1000, (batch, length), device=dev), 1)
+
+    def train_step():
+        model.train()
+        inp = items
+        if model.objective == "cloze":
+            inp, _ = model.cloze_mask(items)
+        h = model(inp, times)  # (B, L, D)
+        loss = sampled_softmax(h.reshape(-1, h.shape[-1]), items.reshape(-1), model.output_embeddings(), n_neg=128)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    out = {"model": model_name, "length": length, "batch": batch, "device": _device_name(dev)}
+    out["train_step_s"] = _timed(train_step, dev, repeat)
+    model.eval()
+    with torch.no_grad():
+        one = items[:1]
+        lengths = torch.tensor([length], device=dev)
+        out["reencode_latency_s"] = _timed(lambda: model.scores(one, lengths, times[:1]), dev, repeat)
+        if model.incremental:
+            hist = history or length
+            seq = torch.randint(1, N_ITEMS + 1, (1, hist + repeat), device=dev)
+            seq_t = torch.cumsum(torch.randint(1, 1000, (1, hist + repeat), device=dev), 1)
+            state = model.init_state(1, device=dev)
+            for t in range(hist):  # reach the history length the honest way: event by event
+                state, _ = model.step(state, seq[:, t], seq_t[:, t])
+            _sync(dev)
+            t0 = time.perf_counter()
+            for t in range(hist, hist + repeat):
+                state, h = model.step(state, seq[:, t], seq_t[:, t])
+                h @ model.output_embeddings().T  # score the catalogue, as serving does
+            _sync(dev)
+            out["step_latency_s"] = (time.perf_counter() - t0) / repeat
+            out["step_history"] = hist
+    if dev.type == "cuda":
+        out["peak_memory_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    else:
+        out["peak_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _run_point(args, model: str, length: int) -> dict:
+    cmd = [sys.executable, "-m", "perseq.bench.speed", "--worker", model, str(length), "--batch", str(args.batch),
+           "--device", args.device, "--repeat", str(args.repeat)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": model, "length": length, "error": f"timeout after {args.timeout}s"}
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["failed"])[-1]
+        return {"model": model, "length": length, "error": last[-300:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def write_outputs(rows: list[dict], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    lines = ["| model | length | device | train step (s) | re-encode (ms) | step (ms) | peak MiB |", "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['length']} | | {r['error']} | | | |")
+            continue
+        step = f"{1000 * r['step_latency_s']:.2f}" if "step_latency_s" in r else "n/a"
+        lines.append(f"| {r['model']} | {r['length']} | {r['device']} | {r['train_step_s']:.3f} | {1000 * r['reencode_latency_s']:.2f} | {step} | {r['peak_memory_mib']:.0f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        pts = [r for r in rows if r["model"] == name and "error" not in r]
+        if not pts:
+            continue
+        L = [r["length"] for r in pts]
+        axes[0].plot(L, [r["train_step_s"] for r in pts], marker="o", label=name)
+        axes[1].plot(L, [1000 * r["reencode_latency_s"] for r in pts], marker="o", label=f"{name} re-encode")
+        st = [r for r in pts if "step_latency_s" in r]
+        if st:
+            axes[1].plot([r["length"] for r in st], [1000 * r["step_latency_s"] for r in st], ls="--", marker="x", label=f"{name} step")
+        axes[2].plot(L, [r["peak_memory_mib"] for r in pts], marker="o", label=name)
+    for ax, title in zip(axes, ["training step (s)", "next-item latency (ms)", "peak memory (MiB)"]):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=6)
+    devices = sorted({r["device"] for r in rows if "device" in r})
+    fig.suptitle("perseq speed vs length — " + "; ".join(devices), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="perseq bench speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated registry names")
+    ap.add_argument("--lengths", default="64,256,1024,2048,8192")
+    ap.add_argument("--batch", type=int, default=4, help="sequences per training step (fixed across lengths)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per point")
+    ap.add_argument("--out", default="benchmarks/results/speed")
+    ap.add_argument("--worker", nargs=2, metavar=("MODEL", "LENGTH"), help=argparse.SUPPRESS)
+    ap.add_argument("--history", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(measure_point(args.worker[0], int(args.worker[1]), args.batch, args.history, args.device, args.repeat)))
+        return 0
+    rows = []
+    for model in args.models.split(","):
+        if model not in MODELS:
+            raise SystemExit(f"error: unknown model {model!r}; valid: {', '.join(MODELS)}")
+        for length in [int(x) for x in args.lengths.split(",")]:
+            r = _run_point(args, model, length)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    write_outputs(rows, Path(args.out))
+    print(f"wrote {args.out}.json, .md and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""HSTU: Hierarchical Sequential Transduction Units (Zhai et al., ICML 2024, "Actions Speak
+Louder than Words"), following the research code in meta-recsys/generative-recommenders
+(``modeling/sequential/hstu.py``).
+
+One block:
+    U, V, Q, K = split(SiLU(W_uvqk · LN(X)))
+    A = SiLU(Q Kᵀ + rab_pos + rab_time) / n  ⊙ causal
+    Y = W_o · dropout(U ⊙ LN(A V)) + X
+Pointwise SiLU attention instead of softmax (the paper: softmax normalisation dilutes the
+intensity of engagement signals). No absolute position table: order comes only from the
+learned relative biases. rab_time needs timestamps; without them the model falls back to the
+position bias alone.
+
+The ML-1M recipe of the paper scores L2-normalized hidden states against L2-normalized item
+embeddings (sampled softmax, 128 negatives, temperature 0.05): with ``normalize_output``
+both ``encode`` and ``output_embeddings`` are unit-norm, so scores are cosines in [-1, 1] and
+the training loss must divide them by a temperature.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import SeqRecModel
+from .sasrec import _init
+
+# the reference normalizes with eps 1e-6 everywhere (layer norms and the final L2 norm)
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class HSTUConfig:
+    n_items: int
+    max_len: int = 200
+    d: int = 50
+    n_blocks: int = 2
+    n_heads: int = 1
+    dropout: float = 0.2
+    attn_dim: int | None = None  # per-head Q/K width; None -> d // n_heads
+    linear_dim: int | None = None  # per-head U/V width; None -> d // n_heads
+    time_bias: bool = True  # rab_time, used only when encode/step get timestamps
+    num_time_buckets: int = 128
+    normalize_output: bool = True  # L2-normalize hidden states and output item rows
+
+
+# HSTU-large of the paper (and of the PCRec comparison): deeper and two heads, same width
+HSTU_LARGE = dict(n_blocks=8, n_heads=2)
+
+
+@dataclass(frozen=True)
+class HSTULargeConfig(HSTUConfig):
+    n_blocks: int = HSTU_LARGE["n_blocks"]
+    n_heads: int = HSTU_LARGE["n_heads"]
+
+
+def time_buckets(gaps: torch.Tensor, num_buckets: int = 128) -> torch.Tensor:
+    """Log-bucketed time gaps: ``floor(ln(max(1, |gap|)) / 0.301)`` clipped to
+    [0, num_buckets], exactly the reference's ``bucketization_fn``. Note the reference
+    divides the *natural* log by 0.301 (= log10 2), so buckets are ~3.3x finer than log2:
+    gap 10 -> 7, 1000 -> 22, one day (86400 s) -> 37. Sign is ignored."""
+    g = gaps.abs().clamp(min=1).to(torch.float32)  # float32 log as in the reference
+    return (torch.log(g) / 0.301).long().clamp(0, num_buckets)
+
+
+class HSTUBlock(nn.Module):
+    def __init__(self, cfg: HSTUConfig):
+        super().__init__()
+        H = cfg.n_heads
+        self.n_heads, self.max_len, self.d = H, cfg.max_len, cfg.d
+        self.dqk = cfg.attn_dim or cfg.d // H
+        self.dv = cfg.linear_dim or cfg.d // H
+        self.uvqk = nn.Linear(cfg.d, H * (2 * self.dv + 2 * self.dqk), bias=False)
+        self.o = nn.Linear(H * self.dv, cfg.d)
+        # one bias table per block, as in the reference (each layer owns its rel. bias)
+        self.pos_w = nn.Parameter(torch.empty(cfg.max_len).normal_(std=0.02))  # indexed by i - j >= 0
+        self.ts_w = nn.Parameter(torch.empty(cfg.num_time_buckets + 1).normal_(std=0.02)) if cfg.time_bias else None
+        self.drop = nn.Dropout(cfg.dropout)
+        nn.init.normal_(self.uvqk.weight, std=0.02)
+        nn.init.xavier_uniform_(self.o.weight)
+        nn.init.zeros_(self.o.bias)
+
+    def _uvqk(self, x):  # x (..., D)
+        # the reference's layer norms carry no affine parameters
+        h = F.silu(self.uvqk(F.layer_norm(x, (self.d,), eps=_EPS)))
+        H = self.n_heads
+        return h.split([H * self.dv, H * self.dv, H * self.dqk, H * self.dqk], dim=-1)
+
+    def _out(self, x, u, av):  # av (..., H * dv): attention output, heads concatenated
+        # one LN over all heads together, as in the reference (_norm_attn_output)
+        return x + self.o(self.drop(u * F.layer_norm(av, (av.shape[-1],), eps=_EPS)))
+
+    def _bias(self, rel, buckets):
+        # rel (..., Tk) relative distances; buckets (B, ..., Tk) or None -> broadcastable bias
+        bias = self.pos_w[rel]
+        if buckets is not None and self.ts_w is not None:
+            bias = bias + self.ts_w[buckets]
+        return bias
+
+    def forward(self, x, rel, causal, buckets):
+        # x (B, T, D); rel (T, T) long; causal (T, T) float 0/1; buckets (B, T, T) long | None
+        B, T, _ = x.shape
+        H = self.n_heads
+        u, v, q, k = self._uvqk(x)
+        q = q.view(B, T, H, self.dqk).transpose(1, 2)  # (B, H, T, dqk)
+        k = k.view(B, T, H, self.dqk).transpose(1, 2)  # (B, H, T, dqk)
+        v = v.view(B, T, H, self.dv).transpose(1, 2)  # (B, H, T, dv)
+        bias = self._bias(rel, buckets)  # (T, T) or (B, T, T)
+        if bias.dim() == 3:
+            bias = bias.unsqueeze(1)  # (B, 1, T, T), shared by the heads
+        # n = max_len, a constant (the reference divides by the padded length, which its data
+        # pipeline always pads to the max sequence length); a constant keeps a position's
+        # output independent of how much right padding its batch carries
+        a = F.silu(q @ k.transpose(-2, -1) + bias) / self.max_len * causal  # (B, H, T, T)
+        av = (a @ v).transpose(1, 2).reshape(B, T, H * self.dv)  # (B, T, H*dv)
+        return self._out(x, u, av)
+
+    def step(self, x, k_cache, v_cache, buckets):
+        # x (B, D) at position t = k_cache.shape[2]; caches (B, H, t, d*); buckets (B, t+1) | None
+        B = x.shape[0]
+        H, t = self.n_heads, k_cache.shape[2]
+        u, v, q, k = self._uvqk(x)
+        K = torch.cat([k_cache, k.view(B, H, 1, self.dqk)], 2)  # (B, H, t+1, dqk)
+        V = torch.cat([v_cache, v.view(B, H, 1, self.dv)], 2)  # (B, H, t+1, dv)
+        rel = torch.arange(t, -1, -1, device=x.device).clamp(max=self.max_len - 1)  # (t+1,) = t - j
+        bias = self._bias(rel, buckets)  # (t+1,) or (B, t+1)
+        if bias.dim() == 2:
+            bias = bias[:, None, None, :]  # (B, 1, 1, t+1)
+        a = F.silu(q.view(B, H, 1, self.dqk) @ K.transpose(-2, -1) + bias) / self.max_len  # (B, H, 1, t+1)
+        av = (a @ V).reshape(B, H * self.dv)  # (B, H*dv)
+        return self._out(x, u, av), K, V
+
+
+class HSTU(SeqRecModel):
+    Config = HSTUConfig
+    incremental = True
+
+    def __init__(self, cfg: HSTUConfig):
+        super().__init__(cfg.n_items, cfg.max_len)
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.d, padding_idx=0)
+        _init(self.item_emb)  # N(0, 0.02), zero padding row (the reference: truncated normal 0.02)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(HSTUBlock(cfg) for _ in range(cfg.n_blocks))
+
+    def _embed(self, items):
+        # sqrt(d) scaling as in the reference's input preprocessor
+        return self.drop(self.item_emb(items) * self.cfg.d**0.5)
+
+    def _finish(self, x):
+        return F.normalize(x, dim=-1, eps=_EPS) if self.cfg.normalize_output else x
+
+    def _use_time(self, times) -> bool:
+        return times is not None and self.cfg.time_bias
+
+    def encode(self, items, times=None):
+        B, T = items.shape
+        if T > self.max_len:
+            raise ValueError(f"sequence length {T} exceeds max_len {self.max_len}")
+        x = self._embed(items)  # (B, T, D)
+        pos = torch.arange(T, device=items.device)
+        rel = (pos[:, None] - pos[None, :]).clamp(0, self.max_len - 1)  # (T, T) = i - j
+        # right padding: real positions precede padding, so the causal mask alone keeps
+        # padding out of their view; padding rows see only finite values (no NaN)
+        causal = (pos[:, None] >= pos[None, :]).to(x.dtype)  # (T, T)
+        # gap of query i's own timestamp to key j's (the reference pairs key j with the
+        # *next* event's time, which a serving step does not know yet)
+        buckets = time_buckets(times[:, :, None] - times[:, None, :], self.cfg.num_time_buckets) if self._use_time(times) else None  # (B, T, T)
+        for block in self.blocks:
+            x = block(x, rel, causal, buckets)
+        return self._finish(x)  # (B, T, D)
+
+    def output_embeddings(self):
+        w = self.item_emb.weight[: self.n_items + 1]
+        # the zero padding row stays zero (F.normalize clamps the norm at eps)
+        return F.normalize(w, dim=-1, eps=_EPS) if self.cfg.normalize_output else w
+
+    # -- incremental serving ----------------------------------------------------------
+    def init_state(self, batch_size: int, device=None):
+        """Per-block KV cache: {"k": (n_blocks, B, H, t, dqk), "v": (n_blocks, B, H, t, dv),
+        "times": (B, t) int64}; t = events seen so far (starts at 0). U is not cached: a new
+        query only needs the keys, values and the keys' timestamps."""
+        p = self.item_emb.weight
+        device = device if device is not None else p.device
+        b0 = self.blocks[0]
+        nb, H = len(self.blocks), b0.n_heads
+        return {
+            "k": torch.zeros(nb, batch_size, H, 0, b0.dqk, device=device, dtype=p.dtype),
+            "v": torch.zeros(nb, batch_size, H, 0, b0.dv, device=device, dtype=p.dtype),
+            "times": torch.zeros(batch_size, 0, dtype=torch.long, device=device),
+        }
+
+    def step(self, state, item, time=None):
+        """One new event per row -> (new state, hidden (B, D)); the old state is not
+        modified. Pass ``time`` on every step or on none (as ``encode`` gets times for
+        all positions or none); without it the time bias is skipped, as in ``encode``."""
+        t = state["k"].shape[3]
+        if t >= self.max_len:
+            raise ValueError(f"state already holds max_len={self.max_len} events; re-encode the last {self.max_len - 1} and continue")
+        B = item.shape[0]
+        times = torch.cat([state["times"], (time if time is not None else torch.zeros_like(item)).view(B, 1).long()], 1)  # (B, t+1)
+        buckets = time_buckets(times[:, -1:] - times, self.cfg.num_time_buckets) if self._use_time(time) else None  # (B, t+1)
+        x = self._embed(item)  # (B, D)
+        ks, vs = [], []
+        for i, block in enumerate(self.blocks):
+            x, K, V = block.step(x, state["k"][i], state["v"][i], buckets)
+            ks.append(K)
+            vs.append(V)
+        return {"k": torch.stack(ks), "v": torch.stack(vs), "times": times}, self._finish(x)
+
+
+class HSTULarge(HSTU):
+    """HSTU with the paper's large preset (``HSTU_LARGE``) as its config defaults."""
+
+    Config = HSTULargeConfig
