@@ -95,3 +95,17 @@ def test_data_prepare_roundtrip(tmp_path, capsys):
     d = SequenceData.load(out)
     assert [d.item_ids[i] for i in d.seq(0)] == ["y", "x"]  # sorted by time
     assert np.array_equal(d.lengths, [2, 3]) and list(d.user_ids) == ["a", "b"]
+
+
+def test_bench_collect_writes_mean_and_std_over_seeds(run_dir, tmp_path):
+    runs = [str(run_dir / f"synthetic-sasrec-s{s}") for s in (0, 1)]
+    assert main(["bench", "collect", "--name", "syn", "--out-dir", str(tmp_path), *runs]) == 0
+    out = json.loads((tmp_path / "syn.json").read_text())
+    vals = [json.loads((run_dir / f"synthetic-sasrec-s{s}" / "results.json").read_text())["test"]["ndcg@10"] for s in (0, 1)]
+    assert out["seeds"] == [0, 1] and out["dataset"] == "synthetic" and out["model"] == "sasrec"
+    assert out["protocol"] == {**out["protocol"], "split": "leave_one_out", "ranking": "full", "exclude_seen": False}
+    assert abs(out["metrics"]["ndcg@10"]["mean"] - np.mean(vals)) < 1e-12
+    assert abs(out["metrics"]["ndcg@10"]["std"] - np.std(vals, ddof=1)) < 1e-12
+    for key in ("hr@10", "ndcg@50", "hr@50", "mrr"):
+        assert key in out["metrics"]
+    assert out["epoch_seconds"] > 0 and out["hardware"] and out["commit"]

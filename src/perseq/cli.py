@@ -146,9 +146,9 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import epoch, speed
+    from .bench import collect, epoch, speed
 
-    {"speed": speed.main, "epoch": epoch.main}[args.kind](args.rest)
+    {"speed": speed.main, "epoch": epoch.main, "collect": collect.main}[args.kind](args.rest)
     return 0
 
 
@@ -200,9 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download a registry dataset missing from the cache")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("bench", help="speed benchmarks: 'speed' (vs sequence length, all backbones) or 'epoch' (one training epoch)",
-                       description="perseq bench speed [--help] | perseq bench epoch [--help]")
-    p.add_argument("kind", choices=["speed", "epoch"])
+    p = sub.add_parser("bench", help="benchmarks: 'speed' (vs sequence length, all backbones), 'epoch' (one training epoch), "
+                       "'collect' (runs of several seeds -> benchmarks/results/<name>.json)",
+                       description="perseq bench speed|epoch|collect [--help]")
+    p.add_argument("kind", choices=["speed", "epoch", "collect"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark (see its --help)")
     p.set_defaults(func=cmd_bench)
 

@@ -1,0 +1,214 @@
+import math
+
+import pytest
+import torch
+
+from perseq.models.hstu import HSTU, HSTU_LARGE, HSTUConfig, HSTULarge, time_buckets
+from perseq.models.llama import LlamaRec, LlamaRecConfig, RMSNorm, Rotary, swiglu_hidden
+
+N_ITEMS, L = 40, 12
+
+
+def _hstu(**kw):
+    torch.manual_seed(0)
+    kw = {"max_len": 16, "d": 16, "dropout": 0.0, **kw}
+    return HSTU(HSTUConfig(n_items=N_ITEMS, **kw)).eval()
+
+
+def _llama(**kw):
+    torch.manual_seed(0)
+    kw = {"max_len": 16, "d": 16, "n_heads": 2, "dropout": 0.0, **kw}
+    return LlamaRec(LlamaRecConfig(n_items=N_ITEMS, **kw)).eval()
+
+
+def _times(B, T, seed=1):
+    # increasing timestamps with gaps from seconds to weeks, so many buckets are used
+    g = torch.Generator().manual_seed(seed)
+    gaps = (10 ** (torch.rand(B, T, generator=g) * 6.5)).long()
+    return 1_000_000_000 + gaps.cumsum(1)
+
+
+def _items(B=3, T=L, seed=0):
+    return torch.randint(1, N_ITEMS + 1, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+MODELS = {
+    "hstu": lambda: _hstu(),
+    "hstu-2heads": lambda: _hstu(n_heads=2, attn_dim=6, linear_dim=10),
+    "hstu-raw": lambda: _hstu(normalize_output=False),
+    "llama": lambda: _llama(),
+}
+
+
+# -- both models -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("with_times", [False, True])
+def test_future_items_do_not_change_the_past(name, with_times):
+    m = MODELS[name]()
+    x, ts = _items(), (_times(3, L) if with_times else None)
+    h = m.encode(x, ts)
+    for t in (0, 5, L - 2):
+        y = x.clone()
+        y[:, t + 1 :] = (x[:, t + 1 :] % N_ITEMS) + 1  # every later item differs
+        ts2 = None
+        if with_times:
+            ts2 = ts.clone()
+            ts2[:, t + 1 :] += 12345
+        h2 = m.encode(y, ts2)
+        assert torch.allclose(h[:, : t + 1], h2[:, : t + 1], atol=1e-6)
+        assert (h[:, t + 1 :] - h2[:, t + 1 :]).abs().amax() > 1e-4  # and the future does change
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("with_times", [False, True])
+def test_step_loop_equals_encode_at_every_position(name, with_times):
+    m = MODELS[name]()
+    x = _items()
+    ts = _times(3, L) if with_times else None
+    ref = m.encode(x, ts)
+    state = m.init_state(3)
+    with torch.no_grad():
+        for t in range(L):
+            state, h = m.step(state, x[:, t], None if ts is None else ts[:, t])
+            assert torch.allclose(h, ref[:, t], atol=1e-5), f"position {t}: {(h - ref[:, t]).abs().max()}"
+    assert state["k"].shape[3] == L
+    with pytest.raises(ValueError, match="max_len"):
+        for _ in range(16 - L + 1):
+            state, _ = m.step(state, x[:, 0], None if ts is None else ts[:, -1])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_right_padding_does_not_change_real_positions_and_pad_rows_are_finite(name):
+    m = MODELS[name]()
+    x, ts = _items(2, 7), _times(2, 7)
+    pad = torch.cat([x, torch.zeros(2, 5, dtype=torch.long)], 1)
+    pad_ts = torch.cat([ts, torch.zeros(2, 5, dtype=torch.long)], 1)
+    for a, b in [(m.encode(x), m.encode(pad)), (m.encode(x, ts), m.encode(pad, pad_ts))]:
+        assert torch.allclose(a, b[:, :7], atol=1e-6)
+        assert torch.isfinite(b).all()
+    # a row that is all padding is finite too
+    assert torch.isfinite(m.encode(torch.zeros(1, 6, dtype=torch.long))).all()
+
+
+@pytest.mark.parametrize("cls", [HSTU, LlamaRec])
+def test_too_long_input_is_rejected(cls):
+    m = cls(cls.Config(n_items=N_ITEMS, max_len=8, d=16, n_heads=2))
+    with pytest.raises(ValueError, match="max_len"):
+        m.encode(torch.ones(1, 9, dtype=torch.long))
+
+
+# -- HSTU --------------------------------------------------------------------------------
+def test_time_buckets_on_hand_computed_gaps():
+    # floor(ln(max(1, |gap|)) / 0.301), the reference's natural-log bucketization:
+    # ln 10 / .301 = 7.65, ln 1000 / .301 = 22.95, ln 86400 / .301 = 37.8, ln 2 / .301 = 2.30
+    # (the brief's "10 -> 3, 1000 -> 9" would be log2; the reference code uses ln / 0.301)
+    gaps = torch.tensor([0, 1, 2, 10, 1000, 86400, -10, -1000, 10**15])
+    assert time_buckets(gaps).tolist() == [0, 0, 2, 7, 22, 37, 7, 22, 114]
+    assert time_buckets(torch.tensor([10**15]), num_buckets=64).item() == 64  # clipped
+    assert time_buckets(torch.tensor([10**18])).item() == 128  # ln(1e18) / .301 = 137.7
+
+
+def test_time_bias_is_off_without_times_or_when_disabled():
+    x = _items()
+    ts, ts2 = _times(3, L, seed=1), _times(3, L, seed=2)
+    m = _hstu()
+    # on: the timestamps matter ...
+    assert (m.encode(x, ts) - m.encode(x, ts2)).abs().amax() > 1e-4
+    # ... and times=None is the position-only model
+    m_off = _hstu(time_bias=False)
+    m_off.load_state_dict({k: v for k, v in m.state_dict().items() if "ts_w" not in k})
+    assert torch.allclose(m.encode(x), m_off.encode(x), atol=1e-7)
+    # off: outputs independent of the timestamps
+    assert torch.allclose(m_off.encode(x, ts), m_off.encode(x, ts2), atol=1e-7)
+    assert torch.allclose(m_off.encode(x, ts), m_off.encode(x), atol=1e-7)
+    assert not any("ts_w" in k for k in m_off.state_dict())
+
+
+def test_time_bias_uses_gap_buckets_of_the_events_own_timestamps():
+    # shifting all timestamps or changing gaps within a bucket leaves outputs unchanged
+    m = _hstu()
+    x, ts = _items(), _times(3, L)
+    h = m.encode(x, ts)
+    assert torch.allclose(h, m.encode(x, ts + 7_777_777), atol=1e-7)
+    same = torch.tensor([[0, 10, 20]]), torch.tensor([[0, 11, 20]])  # gaps 10/20/10 vs 11/20/9: buckets 7/9/7
+    assert time_buckets(same[0][:, :, None] - same[0][:, None]).equal(time_buckets(same[1][:, :, None] - same[1][:, None]))
+    assert torch.allclose(m.encode(x[:1, :3], same[0]), m.encode(x[:1, :3], same[1]), atol=1e-7)
+
+
+def test_hstu_outputs_and_item_rows_are_l2_normalized():
+    m = _hstu()
+    h = m.encode(_items(), _times(3, L))
+    assert torch.allclose(h.norm(dim=-1), torch.ones(3, L), atol=1e-5)
+    e = m.output_embeddings()
+    assert e.shape == (N_ITEMS + 1, 16)
+    assert torch.allclose(e[1:].norm(dim=-1), torch.ones(N_ITEMS), atol=1e-5)
+    assert e[0].abs().sum() == 0  # the padding row stays the zero row
+    s = m.scores(_items(2, 5), torch.tensor([5, 3]))
+    assert torch.isinf(s[:, 0]).all() and s[:, 1:].abs().max() <= 1 + 1e-5  # cosines
+    raw = _hstu(normalize_output=False)
+    assert raw.output_embeddings().equal(raw.item_emb.weight)
+    assert not torch.allclose(raw.encode(_items()).norm(dim=-1), torch.ones(3, L), atol=1e-3)
+
+
+def test_hstu_block_matches_the_formula():
+    # one block, one head, by hand: U,V,Q,K = split(SiLU(W LN(X))); A = SiLU(QKᵀ + rab)/n ⊙ causal
+    torch.manual_seed(0)
+    m = _hstu(n_blocks=1, normalize_output=False)
+    blk = m.blocks[0]
+    x, ts = _items(1, 5), _times(1, 5)
+    X = m.item_emb(x)[0] * 16**0.5  # (T, D)
+    ln = lambda z: (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + 1e-6)  # noqa: E731
+    U, V, Q, K = torch.nn.functional.silu(ln(X) @ blk.uvqk.weight.T).split(16, -1)
+    T = 5
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    gaps = ts[0][:, None] - ts[0][None, :]
+    rab = blk.pos_w[(i - j).clamp(min=0)] + blk.ts_w[(torch.log(gaps.abs().clamp(min=1).float()) / 0.301).long()]
+    A = torch.nn.functional.silu(Q @ K.T + rab) / 16 * (i >= j)  # n = max_len = 16
+    Y = (U * ln(A @ V)) @ blk.o.weight.T + blk.o.bias + X
+    assert torch.allclose(m.encode(x, ts)[0], Y, atol=1e-5)
+
+
+def test_hstu_large_preset():
+    assert HSTU_LARGE == {"n_blocks": 8, "n_heads": 2}
+    cfg = HSTULarge.Config(n_items=10)
+    assert (cfg.n_blocks, cfg.n_heads, cfg.d, cfg.max_len) == (8, 2, 50, 200)
+    m = HSTULarge(HSTULarge.Config(n_items=10, max_len=8, d=8))
+    assert isinstance(m, HSTU) and len(m.blocks) == 8 and m.blocks[0].n_heads == 2
+    assert HSTU.Config(n_items=10).n_blocks == 2 and HSTU.Config(n_items=10).n_heads == 1
+
+
+# -- LLaMA -------------------------------------------------------------------------------
+def test_rope_dot_product_depends_only_on_relative_position():
+    torch.manual_seed(0)
+    rope = Rotary(8, 64, 10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+    rot = lambda x, p: rope(x[None], torch.tensor([p]))[0]  # noqa: E731
+    for i, j, s in [(5, 2, 10), (3, 3, 40), (0, 7, 20), (9, 1, 50)]:
+        assert torch.allclose(rot(q, i) @ rot(k, j), rot(q, i + s) @ rot(k, j + s), atol=1e-5)
+    assert not torch.allclose(rot(q, 5) @ rot(k, 2), rot(q, 6) @ rot(k, 2), atol=1e-3)
+    # a rotation: norms are kept, position 0 is the identity
+    assert torch.allclose(rot(q, 17).norm(), q.norm(), atol=1e-5) and torch.allclose(rot(q, 0), q)
+    # frequency of pair 0 is 1 rad / position: (q0, q4) rotates by angle p
+    e = torch.zeros(8)
+    e[0] = 1.0
+    assert torch.allclose(rot(e, 2)[[0, 4]], torch.tensor([math.cos(2), math.sin(2)]), atol=1e-6)
+
+
+def test_rmsnorm_against_hand_computation():
+    n = RMSNorm(3, eps=1e-6)
+    with torch.no_grad():
+        n.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+    x = torch.tensor([[3.0, -4.0, 0.0]])  # mean square = 25/3
+    r = math.sqrt(25 / 3 + 1e-6)
+    assert torch.allclose(n(x), torch.tensor([[3 / r, -8 / r, 0.0]]), atol=1e-6)
+
+
+def test_llama_shapes_and_tied_output():
+    assert swiglu_hidden(64) == 176 and swiglu_hidden(16) == 48 and swiglu_hidden(50) == 136
+    m = _llama()
+    assert m.blocks[0].ffn.gate.out_features == 48
+    assert m.output_embeddings().data_ptr() == m.item_emb.weight.data_ptr()  # tied
+    assert not any("pos" in k for k in m.state_dict())  # no position table
+    assert not any(k.startswith("rope") for k in m.state_dict())  # RoPE tables are derived
+    h = m.encode(_items(), _times(3, L))
+    assert torch.allclose(h, m.encode(_items()))  # times are ignored
