@@ -167,7 +167,9 @@ class HSTU(SeqRecModel):
         causal = (pos[:, None] >= pos[None, :]).to(x.dtype)  # (T, T)
         # gap of query i's own timestamp to key j's (the reference pairs key j with the
         # *next* event's time, which a serving step does not know yet)
-        buckets = time_buckets(times[:, :, None] - times[:, None, :], self.cfg.num_time_buckets) if self._use_time(times) else None  # (B, T, T)
+        buckets = None
+        if self._use_time(times):
+            buckets = time_buckets(times[:, :, None] - times[:, None, :], self.cfg.num_time_buckets)  # (B, T, T)
         for block in self.blocks:
             x = block(x, rel, causal, buckets)
         return self._finish(x)  # (B, T, D)

@@ -6,6 +6,8 @@ import dataclasses
 from .base import SeqRecModel
 from .bert4rec import BERT4Rec
 from .gru4rec import GRU4Rec
+from .hstu import HSTU, HSTULarge
+from .llama import LlamaRec
 from .sasrec import SASRec
 from .ttt4rec import TTT4Rec
 
@@ -14,6 +16,9 @@ MODELS: dict[str, type[SeqRecModel]] = {
     "gru4rec": GRU4Rec,
     "bert4rec": BERT4Rec,
     "ttt4rec": TTT4Rec,
+    "hstu": HSTU,
+    "hstu-large": HSTULarge,
+    "llama": LlamaRec,
 }
 
 
