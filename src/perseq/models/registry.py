@@ -8,6 +8,7 @@ from .bert4rec import BERT4Rec
 from .gru4rec import GRU4Rec
 from .hstu import HSTU, HSTULarge
 from .llama import LlamaRec
+from .mamba4rec import Mamba4Rec
 from .sasrec import SASRec
 from .ttt4rec import TTT4Rec
 
@@ -19,6 +20,7 @@ MODELS: dict[str, type[SeqRecModel]] = {
     "hstu": HSTU,
     "hstu-large": HSTULarge,
     "llama": LlamaRec,
+    "mamba4rec": Mamba4Rec,
 }
 
 

@@ -12,24 +12,30 @@ exp(Δ A) is ≤ 1.
 Three implementations that agree (tests/test_mamba.py checks values and gradients):
 
 * ``selective_scan_ref``: the sequential loop, the definition; used by tests only.
-* ``selective_scan_chunked``: the CPU/training path. Why not the quadratic "SSD" form of
-  Mamba-2 (masked K×K decay matrix per chunk, then matmuls)? There A is one scalar per
-  head, so the decay matrix is (K, K) per head. Here the decay exp(A[e, n] ΣΔ[e]) differs
-  for every (e, n), so that matrix is (B, K, K, E, N) per chunk: K/2 times the work of
-  the states themselves (B, L, E, N), all of it in exp(), and more memory than the
-  recurrence. Measured on this CPU at B=128, L=200, E=128, N=32: 0.34 s for the
-  recurrence, 3.2 s for the SSD form at K=16 (forward only). So the chunks are used
-  the other way round:
-    1. inside every chunk, the recurrence from a zero state, run for all chunks at once
-       (K steps over (B, L/K, E, N) tensors);
-    2. a carry loop over chunks (L/K steps over (B, E, N)): start_{c+1} = exp(A ΣΔ_c) ⊙
-       start_c + end_c, the whole-chunk decay taken from the cumulative sum of the
-       log-decays Δ A, which is ≤ 0, so no exp() ever sees a positive number;
-    3. the recurrence again from the true chunk-start states, reading y out.
-  Work is linear in L at a fixed chunk size; the Python loop has 2K + L/K steps instead
-  of L. A custom backward keeps only the inputs and the chunk-start states (1/K of the
-  (B, L, E, N) states) and recomputes the rest, as the CUDA kernel does, so autograd
-  does not hold L copies of the (B, E, N) state.
+* ``selective_scan_chunked``: the CPU/training path, a two-level (chunked) scan:
+    1. the sequence is cut into chunks of K steps; inside every chunk the recurrence runs
+       from a zero state, all chunks side by side (K loop steps over (B, L/K, E, N));
+    2. a short carry loop over the L/K chunks: start_{c+1} = exp(A ΣΔ_c) ⊙ start_c +
+       end_c, the whole-chunk decay from the summed log-decays Δ A ≤ 0; no exp() in this
+       file ever sees a positive number, however large Δ|A| gets;
+    3. every chunk runs again from its true start and reads y out.
+  Work is linear in L at a fixed chunk size, with 2K + L/K Python steps instead of L. A
+  custom backward runs the same two-level scan backwards for the adjoint and keeps only
+  the inputs plus the state every SEGMENT steps (a quarter of the (B, L, E, N) states,
+  vs. several full copies under autograd of the loop), recomputing the rest.
+
+  Why not the quadratic "SSD" chunk form of Mamba-2 (masked K×K decay matrix from segment
+  sums of the log-decays, then matmuls)? There A is one scalar per head, so the decay
+  matrix is (K, K) per head. Here (Mamba-1, A of shape (E, N)) the decay exp(A[e, n]
+  ΣΔ[e]) differs for every (e, n): the matrix is (B, K, K, E, N) per chunk, K/2 times the
+  exp() work of the states themselves. Measured forward at B=128, L=192, E=128, N=32 on one
+  CPU thread: 9.2 s (K=8) and 19.4 s (K=16) for that form, 0.16 s for the recurrence.
+
+  The chunk size trades Python steps against cache: one step touches a (B, L/K, E, N)
+  slice, and once that is larger than about 2^17 elements it streams through memory.
+  A training batch (B=128, E=128, N=32) is 2^19 elements per chunk already, so the auto
+  size (``chunk=None``) runs it as one chunk; small batches of long sequences get several
+  chunks side by side (numbers in ``_auto_chunk``).
 * ``selective_scan_step``: one step of the recurrence, for O(1)-per-event serving.
 
 ``selective_scan(..., backend=)`` picks between the chunked path and ``mamba_ssm``'s CUDA
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 try:  # optional fused CUDA kernels (pip install mamba-ssm causal-conv1d; they build with nvcc)
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
@@ -49,11 +56,18 @@ try:
 except ImportError:
     _causal_conv1d_fn = None
 
-#: Chunk length of ``selective_scan_chunked``. Measured forward+backward of the scan alone
-#: at B=128, L=200, E=128, N=32 (float32, one CPU thread), chunk 8/16/32/64:
-#: 1.80/1.79/1.90/2.44 s; with L=200 the loop has 2K + L/K steps, best near √(L/2). 16 is
-#: also where long sequences stop improving (B=4, L=8192: 16 → 0.61 s, 32 → 0.60 s).
-DEFAULT_CHUNK = 16
+#: Auto chunk size: chunks run side by side, so one loop step touches a (B, L/K, E, N)
+#: slice; it should hold about this many elements. Larger slices stream through memory
+#: instead of staying in cache, smaller ones leave the step to Python/dispatch overhead.
+#: CPU value measured (see ``_auto_chunk``); the GPU value is a guess (no GPU measured).
+CPU_TARGET_STEP_ELEMENTS = 2**17
+GPU_TARGET_STEP_ELEMENTS = 2**22
+
+#: Steps between the states the forward keeps for the backward. Fewer kept states cost
+#: longer recomputed segments that fall out of cache; scan forward+backward at B=128,
+#: L=200 (one chunk): segment 2/4/8/16/64/200 -> 0.61/0.61/0.69/0.73/0.85/1.10 s;
+#: peak memory of forward+backward there: 265 MiB, vs 2.1 GiB through the reference loop.
+SEGMENT = 4
 
 BACKENDS = ("auto", "torch", "cuda")
 
@@ -85,9 +99,11 @@ def selective_scan_step(h, x_t, delta_t, A, B_t, C_t, D=None):
     return h, y
 
 
-def selective_scan_chunked(x, delta, A, B, C, D=None, chunk: int = DEFAULT_CHUNK):
+def selective_scan_chunked(x, delta, A, B, C, D=None, chunk: int | None = None):
     """Chunked parallel scan (see the module docstring): same signature and result as
-    ``selective_scan_ref``, differentiable in every input."""
+    ``selective_scan_ref``, differentiable in every input. ``chunk`` None: ``_auto_chunk``."""
+    if chunk is None:
+        chunk = _auto_chunk(x.shape[0], x.shape[1], A.shape[0], A.shape[1], x.device.type)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     dtype = x.dtype
@@ -98,7 +114,7 @@ def selective_scan_chunked(x, delta, A, B, C, D=None, chunk: int = DEFAULT_CHUNK
     return y.to(dtype)
 
 
-def selective_scan(x, delta, A, B, C, D=None, backend: str = "auto", chunk: int = DEFAULT_CHUNK):
+def selective_scan(x, delta, A, B, C, D=None, backend: str = "auto", chunk: int | None = None):
     """Dispatch: ``"cuda"`` = mamba_ssm's fused kernel (CUDA tensors, package installed),
     ``"torch"`` = ``selective_scan_chunked``, ``"auto"`` = cuda when it can run, else torch."""
     if backend not in BACKENDS:
@@ -122,106 +138,151 @@ def _scan_cuda(x, delta, A, B, C, D):
     return y.transpose(1, 2)  # (B, L, E)
 
 
+def _auto_chunk(batch: int, length: int, E: int, N: int, device_type: str = "cpu") -> int:
+    """Chunk length whose per-step slice (batch, L/K, E, N) is near the target size.
+
+    Measured forward+backward of the scan alone, one CPU thread, E=128, N=32, fp32 (CPU
+    seconds on a shared 2-core Xeon): B=128, L=200 (2^19 elements per chunk): K=200 (one
+    chunk) 0.65 s, K=100 0.95 s, K=64 1.33 s, K=32 1.32 s, K=16 1.61 s (autograd through
+    the reference loop: 3.25 s). B=4, L=2048 (2^14 per chunk): K=32 0.33 s, K=64 0.28 s,
+    K=128 0.24 s, K=256 (8 chunks, 2^17) 0.22 s, K=512 0.24 s, K=2048 0.31 s."""
+    target = CPU_TARGET_STEP_ELEMENTS if device_type == "cpu" else GPU_TARGET_STEP_ELEMENTS
+    n_chunks = max(1, target // max(1, batch * E * N))
+    return max(1, -(-length // n_chunks))
+
+
 def _compute_dtype(dtype):
     # half-precision decays underflow and their products lose the tail; scan in fp32 at least
     return torch.promote_types(dtype, torch.float32)
 
 
 def _to_chunks(t, K, nc):
-    """(B, L, F) -> (B, nc, K, F), zero-padded at the end; Δ = 0 there makes the padded
-    steps identities (decay 1, input 0), so they change neither states nor gradients."""
+    """(B, L, F) -> (K, B, nc, F): zero-padded at the end, position-in-chunk first so that
+    the loops below read contiguous (B, nc, F) slices. Δ = 0 in the padding makes the
+    padded steps identities (decay 1, input 0): they change neither states nor gradients."""
     pad = nc * K - t.shape[1]
     if pad:
         t = F.pad(t, (0, 0, 0, pad))
-    return t.reshape(t.shape[0], nc, K, t.shape[2])
+    return t.reshape(t.shape[0], nc, K, t.shape[2]).permute(2, 0, 1, 3).contiguous()
+
+
+def _from_chunks(t, L):
+    """(K, B, nc, F) -> (B, L, F), dropping the padding."""
+    K, Bsz, nc, Fdim = t.shape
+    return t.permute(1, 2, 0, 3).reshape(Bsz, nc * K, Fdim)[:, :L]
 
 
 class _ChunkedScan(torch.autograd.Function):
-    """y_t = h_t · C_t without the D term. Saves inputs and chunk-start states only."""
+    """y_t = h_t · C_t without the D term; x, delta (B, L, E), A (E, N), B, C (B, L, N).
+
+    Saves the inputs and the state every SEGMENT steps of every chunk; the backward
+    recomputes one segment at a time. Decays exp(Δ_k A) are recomputed, never stored for
+    the whole sequence: one step's (B, nc, E, N) slice stays in cache, while a (B, L, E, N)
+    tensor streams through memory, and on CPU that costs more than the exp(). Work goes
+    into preallocated buffers (``out=``, in-place): a fresh multi-MB tensor per step costs
+    page faults (about 10% of the scan's time, measured)."""
 
     @staticmethod
     def forward(ctx, x, delta, A, B, C, chunk):
         Bsz, L, E = x.shape
-        K = min(chunk, L)
+        K = max(1, min(chunk, L))
         nc = -(-L // K)
-        xc, dc, Bc, Cc = (_to_chunks(t, K, nc) for t in (x, delta, B, C))  # (B, nc, K, E|N)
-        dx = dc * xc  # (B, nc, K, E)
+        xc, dc, Bc, Cc = (_to_chunks(t, K, nc) for t in (x, delta, B, C))  # (K, B, nc, E|N)
+        dx = (dc * xc)[..., None]  # (K, B, nc, E, 1)
+        Bc = Bc[..., None, :]  # (K, B, nc, 1, N)
+        dA = dc[..., None]  # (K, B, nc, E, 1); Δ A is the log-decay, ≤ 0
+        a = xc.new_empty(Bsz, nc, E, A.shape[1])  # (B, nc, E, N) decay buffer
 
-        # 1. per-chunk end states from a zero start, all chunks at once
-        h = xc.new_zeros(Bsz, nc, E, A.shape[1])  # (B, nc, E, N)
-        for k in range(K):
-            h.mul_(torch.exp(dc[:, :, k, :, None] * A)).addcmul_(dx[:, :, k, :, None], Bc[:, :, k, None, :])
+        # 1. chunk-end states from a zero start, all chunks at once; 2. the carry over the
+        # chunks, with the whole-chunk decay exp(A ΣΔ) from the summed log-decays
+        decay = torch.exp(dc.sum(0)[..., None] * A)  # (B, nc, E, N), ≤ 1
+        if nc > 1:
+            h = torch.zeros_like(a)
+            for k in range(K):
+                h.mul_(torch.mul(dA[k], A, out=a).exp_()).addcmul_(dx[k], Bc[k])
+            starts = _carry(decay, h)  # (B, nc, E, N): state before each chunk's first step
+        else:
+            starts = torch.zeros_like(a)
 
-        # 2. carry across chunks; whole-chunk decay exp(A ΣΔ) from the summed log-decays
-        decay = torch.exp(A * dc.sum(2)[..., None])  # (B, nc, E, N), ≤ 1
-        starts = _carry(decay, h)  # (B, nc, E, N): state before each chunk's first step
-
-        # 3. rerun every chunk from its true start and read the outputs out
+        # 3. rerun every chunk from its true start, read the outputs out, and keep the
+        # state every SEGMENT steps for the backward
         h = starts.clone()
-        ys = []
+        y = xc.new_empty(K, Bsz, nc, E)
+        ckpt = [starts]
         for k in range(K):
-            h.mul_(torch.exp(dc[:, :, k, :, None] * A)).addcmul_(dx[:, :, k, :, None], Bc[:, :, k, None, :])
-            ys.append((h @ Cc[:, :, k, :, None]).squeeze(-1))  # (B, nc, E)
-        y = torch.stack(ys, 2).reshape(Bsz, nc * K, E)[:, :L]  # (B, L, E)
+            if k and k % SEGMENT == 0:
+                ckpt.append(h.clone())
+            h.mul_(torch.mul(dA[k], A, out=a).exp_()).addcmul_(dx[k], Bc[k])
+            torch.matmul(h, Cc[k, ..., None], out=y[k, ..., None])  # (B, nc, E, 1)
 
-        ctx.save_for_backward(x, delta, A, B, C, starts, decay)
+        ctx.save_for_backward(x, delta, A, B, C, decay, *ckpt)
         ctx.K, ctx.nc = K, nc
-        return y
+        return _from_chunks(y, L)  # (B, L, E)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
-        x, delta, A, B, C, starts, decay = ctx.saved_tensors
+        x, delta, A, B, C, decay, *ckpt = ctx.saved_tensors
         K, nc = ctx.K, ctx.nc
-        Bsz, L, E = x.shape
-        xc, dc, Bc, Cc, gyc = (_to_chunks(t, K, nc) for t in (x, delta, B, C, gy))
-        dx = dc * xc
+        L = x.shape[1]
+        xc, dc, Bc, Cc, gyc = (_to_chunks(t, K, nc) for t in (x, delta, B, C, gy))  # (K, B, nc, ·)
+        dx = dc * xc  # (K, B, nc, E)
+        dA = dc[..., None]
+        outer_B = lambda k: (dx[k, ..., None], Bc[k, ..., None, :])  # noqa: E731  Δx ⊗ B, (B, nc, E, N)
+        outer_C = lambda k: (gyc[k, ..., None], Cc[k, ..., None, :])  # noqa: E731  gy ⊗ C
 
-        # recompute the forward states: hs[k + 1] = h_k, hs[0] = chunk start; a[k] = exp(Δ_k A)
-        hs, a = [starts], []
-        for k in range(K):
-            a.append(torch.exp(dc[:, :, k, :, None] * A))  # (B, nc, E, N)
-            hs.append(torch.addcmul(a[k] * hs[k], dx[:, :, k, :, None], Bc[:, :, k, None, :]))
+        # adjoint of the states, g_k = C_k ⊗ gy_k + a_{k+1} ⊙ g_{k+1}: the same two-level
+        # scan, backwards. First inside each chunk from a zero end, then what each chunk
+        # hands to the end of the chunk before it
+        tmp = torch.empty_like(ckpt[0])  # (B, nc, E, N)
+        g = torch.zeros_like(tmp)
+        if nc > 1:
+            for k in reversed(range(K)):
+                g.addcmul_(*outer_C(k)).mul_(torch.mul(dA[k], A, out=tmp).exp_())
+            g = _carry(decay, g, reverse=True)
 
-        # adjoint of the states, g_t = C_t ⊗ gy_t + a_{t+1} g_{t+1}: the same two-level scan
-        # run backwards. First inside each chunk from a zero end ...
-        g = torch.zeros_like(starts)
-        for k in reversed(range(K)):
-            if k < K - 1:
-                g.mul_(a[k + 1])
-            g.addcmul_(gyc[:, :, k, :, None], Cc[:, :, k, None, :])
-        # ... then what each chunk hands to the end of the one before it
-        g_in = _carry(decay, a[0] * g, reverse=True)  # (B, nc, E, N)
+        g_dx, gdelta_decay = torch.empty_like(xc), torch.empty_like(xc)  # (K, B, nc, E)
+        gB, gC = torch.empty_like(Cc), torch.empty_like(Cc)  # (K, B, nc, N)
+        gA = torch.zeros_like(tmp)  # summed over (B, nc) at the end
+        S = min(SEGMENT, K)
+        a, ah, hs = (tmp.new_empty((S,) + tmp.shape) for _ in range(3))  # per segment step
+        q = torch.empty_like(tmp)
+        for seg in reversed(range(len(ckpt))):
+            # recompute this segment from its checkpoint: decay a_k, decayed previous state
+            # a_k ⊙ h_{k-1} and state h_k for its steps k = k0 + i
+            k0, k1 = seg * SEGMENT, min(K, (seg + 1) * SEGMENT)
+            for i, k in enumerate(range(k0, k1)):
+                torch.mul(dA[k], A, out=a[i]).exp_()
+                torch.mul(a[i], hs[i - 1] if i else ckpt[seg], out=ah[i])
+                torch.addcmul(ah[i], *outer_B(k), out=hs[i])
+            for i, k in reversed(list(enumerate(range(k0, k1)))):
+                g.addcmul_(*outer_C(k))  # total adjoint of h_k
+                torch.mul(g, ah[i], out=q)  # ∂loss/∂(Δ_k A), (B, nc, E, N)
+                torch.matmul(g, Bc[k, ..., None], out=g_dx[k, ..., None])  # (B, nc, E, 1)
+                torch.matmul(dx[k, ..., None, :], g, out=gB[k, ..., None, :])  # (B, nc, 1, N)
+                torch.matmul(gyc[k, ..., None, :], hs[i], out=gC[k, ..., None, :])
+                gA.addcmul_(q, dA[k])
+                torch.sum(q.mul_(A), -1, out=gdelta_decay[k])
+                g.mul_(a[i])  # hand the adjoint back to step k - 1
 
-        gx, gdelta, gB, gC = [], [], [], []
-        gA = torch.zeros_like(starts)  # summed over (B, nc) at the end
-        g = g_in
-        for k in reversed(range(K)):
-            g = g * a[k + 1] if k < K - 1 else g.clone()
-            g.addcmul_(gyc[:, :, k, :, None], Cc[:, :, k, None, :])  # total adjoint of h_k
-            q = g * a[k] * hs[k]  # ∂loss/∂(Δ_k A), (B, nc, E, N)
-            g_dx = (g @ Bc[:, :, k, :, None]).squeeze(-1)  # (B, nc, E)
-            gx.append(g_dx * dc[:, :, k])
-            gdelta.append(g_dx * xc[:, :, k] + (q * A).sum(-1))
-            gB.append((dx[:, :, k, None, :] @ g).squeeze(-2))  # (B, nc, N)
-            gC.append((gyc[:, :, k, None, :] @ hs[k + 1]).squeeze(-2))
-            gA.addcmul_(q, dc[:, :, k, :, None])
-
-        def unchunk(parts):  # reversed list of (B, nc, F) -> (B, L, F)
-            return torch.stack(parts[::-1], 2).reshape(Bsz, nc * K, -1)[:, :L]
-
-        return unchunk(gx), unchunk(gdelta), gA.sum((0, 1)), unchunk(gB), unchunk(gC), None
+        gx = _from_chunks(g_dx * dc, L)
+        gdelta = _from_chunks(g_dx * xc + gdelta_decay, L)
+        return gx, gdelta, gA.sum((0, 1)), _from_chunks(gB, L), _from_chunks(gC, L), None
 
 
 def _carry(decay, local, reverse=False):
-    """Linear recurrence over the chunk axis: s_c = decay_c ⊙ s_{c-1} + local_c, returning
-    the state *before* each chunk (B, nc, E, N). Reverse: the adjoint handed to the end of
-    each chunk by the chunks after it, s_c = local_{c+1} + decay_{c+1} ⊙ s_{c+1}."""
-    out = torch.empty_like(local)
-    s = torch.zeros_like(local[:, 0])
-    order = range(local.shape[1] - 1, -1, -1) if reverse else range(local.shape[1])
-    for c in order:
-        out[:, c] = s
-        s = decay[:, c] * s + local[:, c]
+    """Linear recurrence over the chunk axis (dim 1). Forward: s_c = decay_c ⊙ s_{c-1} +
+    local_c, returning the state *before* each chunk. Reverse: the adjoint handed to the
+    end of each chunk by the chunks after it, s_c = decay_{c+1} ⊙ s_{c+1} + local_{c+1}
+    (``local`` is then already decayed through its own chunk)."""
+    out = torch.zeros_like(local)  # (B, nc, E, N)
+    nc = local.shape[1]
+    for c in range(nc - 1):
+        if reverse:
+            c = nc - 2 - c
+            torch.addcmul(local[:, c + 1], decay[:, c + 1], out[:, c + 1], out=out[:, c])
+        else:
+            torch.addcmul(local[:, c], decay[:, c], out[:, c], out=out[:, c + 1])
     return out
 
 
