@@ -48,7 +48,36 @@ def _timed(fn, dev, repeat: int) -> float:
     return (time.perf_counter() - t) / repeat
 
 
-def measure_point(model_name: str, length: int, batch: int, history: int | None, device: str, repeat: int) -> dict:
+@torch.no_grad()
+def _step_latency(model, history: int, repeat: int, dev) -> float:
+    """Median seconds per new event (step + scoring the catalogue) after ``history`` events."""
+    seq = torch.randint(1, N_ITEMS + 1, (1, history + repeat), device=dev)
+    seq_t = torch.cumsum(torch.randint(1, 1000, (1, history + repeat), device=dev), 1)
+    state = model.init_state(1, device=dev)
+    for t in range(history):  # reach the history length the honest way: event by event
+        state, _ = model.step(state, seq[:, t], seq_t[:, t])
+    per_event = []
+    for t in range(history, history + repeat):
+        _sync(dev)
+        t0 = time.perf_counter()
+        state, h = model.step(state, seq[:, t], seq_t[:, t])
+        h @ model.output_embeddings().T  # score the catalogue, as serving does
+        _sync(dev)
+        per_event.append(time.perf_counter() - t0)
+    # median: robust to the odd scheduler hiccup on a shared machine
+    return float(torch.tensor(per_event).median())
+
+
+def measure_step(model_name: str, history: int, device: str, repeat: int) -> dict:
+    """Per-event serving latency after a long history (recurrent models: O(1) per event)."""
+    dev = select_device(device)
+    torch.manual_seed(0)
+    model = build_model(model_name, N_ITEMS, max_len=history + repeat + 2, d=64).to(dev).eval()
+    return {"model": model_name, "history": history, "device": _device_name(dev), "repeat": repeat,
+            "step_latency_s": _step_latency(model, history, repeat, dev)}
+
+
+def measure_point(model_name: str, length: int, batch: int, device: str, repeat: int) -> dict:
     """One (model, length) point, in this process."""
     dev = select_device(device)
     torch.manual_seed(0)
@@ -56,7 +85,7 @@ def measure_point(model_name: str, length: int, batch: int, history: int | None,
     if model_name in ("hstu", "hstu-large"):
         params = {"d": 50}
     # room for the history plus the timed steps (SASRec's absolute positions end at max_len)
-    model = build_model(model_name, N_ITEMS, max_len=max(length, history or length) + repeat + 2, **params).to(dev)
+    model = build_model(model_name, N_ITEMS, max_len=length + repeat + 2, **params).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     items = torch.randint(1, N_ITEMS + 1, (batch, length), device=dev)
     times = torch.cumsum(torch.randint(1, 1000, (batch, length), device=dev), 1)
@@ -80,20 +109,7 @@ def measure_point(model_name: str, length: int, batch: int, history: int | None,
         lengths = torch.tensor([length], device=dev)
         out["reencode_latency_s"] = _timed(lambda: model.scores(one, lengths, times[:1]), dev, repeat)
         if model.incremental:
-            hist = history or length
-            seq = torch.randint(1, N_ITEMS + 1, (1, hist + repeat), device=dev)
-            seq_t = torch.cumsum(torch.randint(1, 1000, (1, hist + repeat), device=dev), 1)
-            state = model.init_state(1, device=dev)
-            for t in range(hist):  # reach the history length the honest way: event by event
-                state, _ = model.step(state, seq[:, t], seq_t[:, t])
-            _sync(dev)
-            t0 = time.perf_counter()
-            for t in range(hist, hist + repeat):
-                state, h = model.step(state, seq[:, t], seq_t[:, t])
-                h @ model.output_embeddings().T  # score the catalogue, as serving does
-            _sync(dev)
-            out["step_latency_s"] = (time.perf_counter() - t0) / repeat
-            out["step_history"] = hist
+            out["step_latency_s"] = _step_latency(model, length, repeat, dev)
     if dev.type == "cuda":
         out["peak_memory_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
     else:
@@ -101,24 +117,25 @@ def measure_point(model_name: str, length: int, batch: int, history: int | None,
     return out
 
 
-def _run_point(args, model: str, length: int) -> dict:
-    cmd = [sys.executable, "-m", "perseq.bench.speed", "--worker", model, str(length), "--batch", str(args.batch),
+def _run_point(args, model: str, length: int, step: bool = False) -> dict:
+    cmd = [sys.executable, "-m", "perseq.bench.speed", "--worker-step" if step else "--worker", model, str(length), "--batch", str(args.batch),
            "--device", args.device, "--repeat", str(args.repeat)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    key = "history" if step else "length"
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return {"model": model, "length": length, "error": f"timeout after {args.timeout}s"}
+        return {"model": model, key: length, "error": f"timeout after {args.timeout}s"}
     if p.returncode != 0:
         last = (p.stderr.strip().splitlines() or ["failed"])[-1]
-        return {"model": model, "length": length, "error": last[-300:]}
+        return {"model": model, key: length, "error": last[-300:]}
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def write_outputs(rows: list[dict], out: Path) -> None:
+def write_outputs(rows: list[dict], out: Path, steps: list[dict] = ()) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"points": rows, "step_vs_history": list(steps)}, indent=1))
     lines = ["| model | length | device | train step (s) | re-encode (ms) | step (ms) | peak MiB |", "|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
@@ -126,6 +143,11 @@ def write_outputs(rows: list[dict], out: Path) -> None:
             continue
         step = f"{1000 * r['step_latency_s']:.2f}" if "step_latency_s" in r else "n/a"
         lines.append(f"| {r['model']} | {r['length']} | {r['device']} | {r['train_step_s']:.3f} | {1000 * r['reencode_latency_s']:.2f} | {step} | {r['peak_memory_mib']:.0f} |")
+    if steps:
+        lines += ["", "| model | history | device | step + scoring (ms) |", "|---|---:|---|---:|"]
+        for r in steps:
+            cell = r["error"] if "error" in r else f"{1000 * r['step_latency_s']:.3f}"
+            lines.append(f"| {r['model']} | {r['history']} | {r.get('device', '')} | {cell} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -168,13 +190,20 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--timeout", type=int, default=600, help="seconds per point")
     ap.add_argument("--out", default="benchmarks/results/speed")
+    ap.add_argument("--step-histories", default="100,10000",
+                    help="also time one incremental step after these history lengths ('' to skip)")
+    ap.add_argument("--step-models", default="mamba4rec,gru4rec,ttt4rec",
+                    help="models for --step-histories (KV-cache models grow O(history) per step by design)")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "LENGTH"), help=argparse.SUPPRESS)
-    ap.add_argument("--history", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-step", nargs=2, metavar=("MODEL", "HISTORY"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(measure_point(args.worker[0], int(args.worker[1]), args.batch, args.history, args.device, args.repeat)))
+        print(json.dumps(measure_point(args.worker[0], int(args.worker[1]), args.batch, args.device, args.repeat)))
+        return 0
+    if args.worker_step:
+        print(json.dumps(measure_step(args.worker_step[0], int(args.worker_step[1]), args.device, max(args.repeat, 200))))
         return 0
     rows = []
     for model in args.models.split(","):
@@ -184,7 +213,13 @@ def main(argv=None) -> int:
             r = _run_point(args, model, length)
             rows.append(r)
             print(json.dumps(r), flush=True)
-    write_outputs(rows, Path(args.out))
+    steps = []
+    for model in filter(None, args.step_models.split(",")):
+        for hist in [int(x) for x in args.step_histories.split(",") if x]:
+            r = _run_point(args, model, hist, step=True)
+            steps.append(r)
+            print(json.dumps(r), flush=True)
+    write_outputs(rows, Path(args.out), steps)
     print(f"wrote {args.out}.json, .md and .png")
     return 0
 
