@@ -1,0 +1,28 @@
+import json
+
+from perseq.bench import epoch, speed
+
+
+def test_speed_point_and_outputs(tmp_path):
+    p = speed.measure_point("gru4rec", 8, batch=2, device="cpu", repeat=1)
+    assert p["train_step_s"] > 0 and p["reencode_latency_s"] > 0 and p["step_latency_s"] > 0 and p["peak_memory_mib"] > 0
+    s = speed.measure_step("mamba4rec", 5, device="cpu", repeat=3)
+    assert s["history"] == 5 and s["step_latency_s"] > 0
+    speed.write_outputs([p, {"model": "x", "length": 8, "error": "boom"}], tmp_path / "speed", [s])
+    out = json.loads((tmp_path / "speed.json").read_text())
+    assert out["points"][0]["model"] == "gru4rec" and out["step_vs_history"][0]["model"] == "mamba4rec"
+    md = (tmp_path / "speed.md").read_text()
+    assert "| gru4rec | 8 |" in md and "boom" in md and "| mamba4rec | 5 |" in md
+    assert (tmp_path / "speed.png").stat().st_size > 1000
+
+
+def test_epoch_benchmark_counts_every_training_target(tmp_path):
+    r = epoch.main(["--dataset", "synthetic", "--max-len", "20", "--d", "16", "--out", str(tmp_path / "e.json")])
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert saved == r
+    # synthetic: 2000 users, leave-one-out -> every user contributes len - 3 targets
+    from perseq.data.synthetic import make_synthetic
+
+    data, _ = make_synthetic()
+    assert r["train_targets"] == int((data.lengths - 3).sum())
+    assert r["epoch_seconds"] > 0 and r["sequences_per_second"] > 0
