@@ -109,3 +109,6 @@ def test_bench_collect_writes_mean_and_std_over_seeds(run_dir, tmp_path):
     for key in ("hr@10", "ndcg@50", "hr@50", "mrr"):
         assert key in out["metrics"]
     assert out["epoch_seconds"] > 0 and out["hardware"] and out["commit"]
+    assert set(out["breakdown"]) >= {"head", "tail"}
+    heads = [json.loads((run_dir / f"synthetic-sasrec-s{s}" / "results.json").read_text())["test"]["breakdown"]["head"]["ndcg@10"] for s in (0, 1)]
+    assert abs(out["breakdown"]["head"]["ndcg@10"] - np.mean(heads)) < 1e-12

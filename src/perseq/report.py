@@ -22,6 +22,16 @@ def summarize_seeds(results: list[dict], stage: str = "test") -> dict:
     return {"metrics": metrics, "seeds": [r["seed"] for r in results]}
 
 
+def _mean_breakdown(results: list[dict]) -> dict:
+    """Test metrics by head/tail target and history-length bucket, averaged over seeds."""
+    groups = results[0]["test"].get("breakdown", {})
+    out = {}
+    for g, first in groups.items():
+        runs = [r["test"]["breakdown"][g] for r in results if g in r["test"].get("breakdown", {})]
+        out[g] = {"n_users": first["n_users"], **{k: float(np.mean([x[k] for x in runs])) for k in first if k != "n_users"}}
+    return out
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
@@ -50,6 +60,7 @@ def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path
         "hardware": results[0]["hardware"],
         "commit": git_commit(),
         "date": datetime.date.today().isoformat(),
+        "breakdown": _mean_breakdown(results),
         "config": cfg.to_dict(),
         **(extra or {}),
     }
