@@ -89,3 +89,15 @@ def test_step_over_a_sequence_equals_encode(name):
     for t in range(10):
         state, h = m.step(state, x[:, t])
         assert torch.allclose(h, full[:, t], atol=1e-5), t
+
+
+def test_sasrec_cosine_scoring_option():
+    m = _model("sasrec", normalize_output=True)
+    x = torch.randint(1, 51, (2, 6))
+    h = m.encode(x)
+    assert torch.allclose(h.norm(dim=-1), torch.ones(2, 6), atol=1e-5)
+    assert torch.allclose(m.output_embeddings()[1:].norm(dim=-1), torch.ones(50), atol=1e-5)
+    state = m.init_state(2)
+    for t in range(6):
+        state, ht = m.step(state, x[:, t])
+        assert torch.allclose(ht, h[:, t], atol=1e-5)

@@ -26,6 +26,9 @@ class SASRecConfig:
     # materialized to drop them), about 2x slower on CPU; hidden dropout alone regularizes.
     attn_dropout: float = 0.0
     ffn_mult: int = 1  # the original uses a d -> d point-wise FFN
+    # Score by cosine (L2-normalized hidden states and item rows), as the HSTU codebase's
+    # SASRec does; train it with a temperature (loss.temperature, e.g. 0.05)
+    normalize_output: bool = False
 
 
 class CausalSelfAttention(nn.Module):
@@ -96,7 +99,14 @@ class SASRec(SeqRecModel):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
-        return self.ln_f(x)  # (B, T, D)
+        return self._out(self.ln_f(x))  # (B, T, D)
+
+    def _out(self, h):
+        return F.normalize(h, dim=-1) if self.cfg.normalize_output else h
+
+    def output_embeddings(self):
+        w = self.item_emb.weight[: self.n_items + 1]
+        return F.normalize(w, dim=-1) if self.cfg.normalize_output else w
 
     # KV cache: per block the keys/values of every past position. Serving cost per event is
     # O(history) for attention (not O(history²) as re-encoding), up to max_len events,
@@ -111,7 +121,7 @@ class SASRec(SeqRecModel):
         x = self.item_emb(item) * self.cfg.d**0.5 + self.pos_emb.weight[pos]  # (B, D)
         for block, cache in zip(self.blocks, state["blocks"]):
             x = block.step(x, cache)
-        return {"pos": pos + 1, "blocks": state["blocks"]}, self.ln_f(x)
+        return {"pos": pos + 1, "blocks": state["blocks"]}, self._out(self.ln_f(x))
 
 
 def _init(m: nn.Module):
