@@ -108,3 +108,13 @@ def test_two_process_gloo_training_equals_one_process(tmp_path):
     for x, y in zip(ja["history"], jb["history"]):
         assert abs(x["loss"] - y["loss"]) < 1e-5
     assert abs(ja["test"]["ndcg@10"] - jb["test"]["ndcg@10"]) < 1e-6
+
+
+def test_resume_refuses_a_folder_trained_with_another_config(small, tmp_path):
+    _, _, split = small
+    fit(_cfg(epochs=1), split, out_dir=tmp_path / "run", progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match="train.lr"):
+        fit(_cfg(epochs=2, lr=1e-2), split, out_dir=tmp_path / "run", resume=True, progress=False, log=lambda s: None)
+    # more epochs is a legitimate continuation
+    r = fit(_cfg(epochs=2), split, out_dir=tmp_path / "run", resume=True, progress=False, log=lambda s: None)
+    assert r["epochs"] == 2

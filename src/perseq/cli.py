@@ -47,7 +47,8 @@ def cmd_train(args) -> int:
     print(f"data {data.name}: {data.n_users} users, {data.n_items} items, {data.n_interactions} events "
           f"({time.perf_counter() - t0:.1f}s); split {split.kind}; model {cfg.model['name']}")
     seeds = _parse_seeds(args.seeds) or [cfg.train.seed]
-    name = cfg.name or f"{data.name}-{cfg.model['name']}"
+    # a config file names its runs (two configs of one model must never share a folder)
+    name = cfg.name or (f"{data.name}-{Path(args.config).stem}" if args.config else f"{data.name}-{cfg.model['name']}")
     results = []
     for seed in seeds:
         run_cfg = load_config(args.config, list(args.overrides) + [f"train.seed={seed}"])

@@ -105,6 +105,26 @@ def _hardware(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
 
+# settings that may differ between an interrupted run and its resumption
+_RESUMABLE_CHANGES = {("train", "threads"), ("train", "device"), ("train", "epochs"), ("train", "patience")}
+
+
+def _check_same_run(out: Path, cfg: RunConfig) -> None:
+    """Refuse to resume a folder trained under another configuration: continuing someone
+    else's weights under new settings would silently mix two experiments."""
+    saved = json.loads((out / "config.json").read_text())["run"]
+    now = json.loads(cfg.to_json())
+    diffs = [
+        f"{sec}.{k}: {saved.get(sec, {}).get(k)!r} -> {v!r}"
+        for sec, vals in now.items() if isinstance(vals, dict)
+        for k, v in vals.items()
+        if (sec, k) not in _RESUMABLE_CHANGES and saved.get(sec, {}).get(k) != v
+    ]
+    if diffs:
+        raise ValueError(f"cannot resume {out}: it was trained with a different config ({'; '.join(diffs)}); "
+                         "use another --out or drop --resume")
+
+
 def fit(
     cfg: RunConfig,
     split: Split,
@@ -132,6 +152,8 @@ def fit(
     windows = TrainWindows(split, model.max_len if model.objective == "causal" else model.max_len - 1, cfg.data.windows, cloze=model.objective == "cloze")
     loss_fn = get_loss(cfg.loss, train_item_counts(split))
     out = Path(out_dir) if out_dir is not None else None
+    if resume and out is not None and (out / "config.json").exists():
+        _check_same_run(out, cfg)
     if out is not None and rank == 0:
         write_run_files(out, cfg, model, data)
 

@@ -1,0 +1,26 @@
+"""Render the quality table of BENCHMARKS.md from benchmarks/results/*.json.
+
+    python benchmarks/render.py > /tmp/quality.md
+"""
+import json
+import sys
+from pathlib import Path
+
+KEYS = ("ndcg@10", "hr@10", "ndcg@50", "hr@50", "mrr")
+
+
+def main(paths):
+    rows = ["| result | dataset | model | seeds | exclude_seen | " + " | ".join(KEYS) + " | epoch s | best epochs |",
+            "|---|---|---|---|---|" + "---:|" * len(KEYS) + "---:|---|"]
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        if "metrics" not in r:
+            continue
+        cells = [f"{r['metrics'][k]['mean']:.4f} ± {r['metrics'][k]['std']:.4f}" for k in KEYS]
+        rows.append(f"| `{Path(p).stem}` | {r['dataset']} | {r['model']} | {','.join(map(str, r['seeds']))} | "
+                    f"{r['protocol']['exclude_seen']} | " + " | ".join(cells) + f" | {r['epoch_seconds']:.1f} | {r['best_epochs']} |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or sorted(Path(__file__).parent.glob("results/*.json")))
