@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.batching import _gather
+from .data.batching import history_items, recent_inputs
 from .data.sequences import Split
 
 
@@ -17,16 +17,11 @@ def topk_for_positions(model, data, users: np.ndarray, positions: np.ndarray, k:
     model.eval()
     for s in range(0, len(users), batch_size):
         u, p = users[s : s + batch_size], positions[s : s + batch_size]
-        n_in = np.minimum(p, model.max_input_len)
-        base = data.offsets[u] + p - n_in
-        width = int(n_in.max())
-        items = torch.from_numpy(_gather(data.items, base, n_in, width)).long()
-        times = None if data.times is None else torch.from_numpy(_gather(data.times, base, n_in, width))
+        items, times, n_in = recent_inputs(data, u, p, model.max_input_len)
         scores = model.scores(items, torch.from_numpy(n_in), times).float()
         if exclude_seen:
-            within = np.arange(int(p.sum())) - np.repeat(np.cumsum(p) - p, p)
-            seen = data.items[np.repeat(data.offsets[u], p) + within]
-            scores[torch.from_numpy(np.repeat(np.arange(len(u)), p)), torch.from_numpy(seen.astype(np.int64))] = float("-inf")
+            rows, seen = history_items(data, u, p)
+            scores[rows, seen] = float("-inf")
         top = scores.topk(min(k, data.n_items), dim=1)
         yield u, top.indices.numpy(), top.values.numpy()
 

@@ -111,6 +111,26 @@ class EvalBatch:
     history_len: np.ndarray  # (B,) full history length (for length-bucket breakdowns)
 
 
+def recent_inputs(data, users: np.ndarray, positions: np.ndarray, max_len: int):
+    """The last ``max_len`` events before ``positions`` per user, right-padded:
+    (items (B, T) long, times (B, T) or None, lengths (B,) numpy)."""
+    n_in = np.minimum(positions, max_len)
+    base = data.offsets[users] + positions - n_in
+    width = int(n_in.max())
+    items = torch.from_numpy(_gather(data.items, base, n_in, width)).long()
+    times = None if data.times is None else torch.from_numpy(_gather(data.times, base, n_in, width))
+    return items, times, n_in
+
+
+def history_items(data, users: np.ndarray, positions: np.ndarray):
+    """Every event before ``positions`` (not only the model's window), as (row in batch,
+    item id) long tensors: what exclude_seen masks."""
+    rows = np.repeat(np.arange(len(users)), positions)
+    within = np.arange(int(positions.sum())) - np.repeat(np.cumsum(positions) - positions, positions)
+    items = data.items[np.repeat(data.offsets[users], positions) + within]
+    return torch.from_numpy(rows), torch.from_numpy(items.astype(np.int64))
+
+
 def eval_batches(split: Split, stage: str, max_len: int, batch_size: int, users: np.ndarray | None = None):
     """Yield EvalBatch over the users evaluated at ``stage``: input = the last ``max_len``
     events before the target, ``seen`` = every event before it (for exclude_seen)."""
@@ -122,15 +142,9 @@ def eval_batches(split: Split, stage: str, max_len: int, batch_size: int, users:
     for s in range(0, len(users), batch_size):
         u = users[s : s + batch_size]
         p = pos[u]
-        n_in = np.minimum(p, max_len)
-        base = d.offsets[u] + p - n_in
-        width = int(n_in.max())
-        inputs = torch.from_numpy(_gather(d.items, base, n_in, width)).long()
-        times = None if d.times is None else torch.from_numpy(_gather(d.times, base, n_in, width))
+        inputs, times, n_in = recent_inputs(d, u, p, max_len)
         tgt_idx = d.offsets[u] + p
-        rows = np.repeat(np.arange(len(u)), p)
-        within = np.arange(int(p.sum())) - np.repeat(np.cumsum(p) - p, p)
-        hist = d.items[np.repeat(d.offsets[u], p) + within]
+        rows, hist = history_items(d, u, p)
         yield EvalBatch(
             users=u,
             inputs=inputs,
@@ -138,7 +152,7 @@ def eval_batches(split: Split, stage: str, max_len: int, batch_size: int, users:
             lengths=torch.from_numpy(n_in),
             target=torch.from_numpy(d.items[tgt_idx].astype(np.int64)),
             target_time=None if d.times is None else torch.from_numpy(d.times[tgt_idx]),
-            seen_rows=torch.from_numpy(rows),
-            seen_items=torch.from_numpy(hist.astype(np.int64)),
+            seen_rows=rows,
+            seen_items=hist,
             history_len=p,
         )
