@@ -147,15 +147,76 @@ def test_causal_conv_full_step_and_hand_computed():
         torch.testing.assert_close(y_t, y[:, t])
 
 
-def test_backend_switch():
+def test_backend_switch(monkeypatch):
     inputs = [t.detach().float() for t in _scan_inputs(L=10)]
     y = selective_scan_chunked(*inputs)
     torch.testing.assert_close(selective_scan(*inputs, backend="torch"), y)
-    torch.testing.assert_close(selective_scan(*inputs, backend="auto"), y)  # CPU tensors: torch path
-    with pytest.raises(ValueError, match="auto, torch, cuda"):
+    torch.testing.assert_close(selective_scan(*inputs, backend="auto"), y)  # numba or torch, same numbers
+    # float32 CPU tensors go to the numba kernel under auto; float64 never does
+    calls = []
+    real = ss.selective_scan_numba
+    monkeypatch.setattr(ss, "selective_scan_numba", lambda *a: calls.append(a[0].dtype) or real(*a))
+    selective_scan(*inputs, backend="auto")
+    selective_scan(*[t.double() for t in inputs], backend="auto")
+    assert calls == [torch.float32]
+    monkeypatch.setattr(ss, "selective_scan_numba", None)  # numba not installed
+    torch.testing.assert_close(selective_scan(*inputs, backend="auto"), y)
+    with pytest.raises(RuntimeError, match="numba.*backend='torch'"):
+        selective_scan(*inputs, backend="numba")
+    with pytest.raises(ValueError, match="auto, torch, numba, cuda"):
         selective_scan(*inputs, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         Mamba4RecConfig(n_items=5, backend="fast")
+
+
+# L below, at, across and far across the kernel's checkpoint segment; batch 1 and 3
+@pytest.mark.parametrize("L,batch", [(1, 2), (31, 3), (32, 1), (33, 2), (100, 2)])
+def test_numba_kernel_matches_reference_in_value_and_every_gradient(L, batch):
+    from perseq.ops.scan_numba import SEGMENT, selective_scan_numba
+
+    assert SEGMENT == 32  # the lengths above are chosen around it
+    inputs = _scan_inputs(batch=batch, L=L, E=5, N=6)
+    y_ref, g_ref = _value_and_grads(selective_scan_ref, inputs)
+    y, g = _value_and_grads(selective_scan_numba, [t.detach().float().requires_grad_() for t in inputs])
+    assert y.dtype == torch.float32
+    # float32 against the float64 reference: errors of float32 rounding, relative to scale
+    tol = lambda ref: dict(rtol=1e-4, atol=1e-5 * ref.abs().max().item())  # noqa: E731
+    torch.testing.assert_close(y.double(), y_ref, **tol(y_ref))
+    for name, a, b in zip(["x", "delta", "A", "B", "C", "D"], g, g_ref):
+        torch.testing.assert_close(a.double(), b, **tol(b), msg=f"d/d{name}")
+
+
+def test_numba_kernel_exp_is_float32_accurate_and_never_denormal():
+    import numpy as np
+    from numba import njit
+
+    from perseq.ops.scan_numba import _exp_nonpos
+
+    @njit
+    def apply(a, out):
+        for i in range(a.size):
+            out[i] = _exp_nonpos(a[i])
+
+    x = -np.linspace(0, 120, 200_001).astype(np.float32)
+    out = np.empty_like(x)
+    apply(x, out)
+    exact = np.exp(x.astype(np.float64))
+    ok = x >= -80
+    assert np.max(np.abs(out[ok] - exact[ok]) / exact[ok]) < 1e-6
+    assert out[0] == 1.0 and (np.diff(out) <= 0).all()  # monotone
+    assert out.min() >= np.finfo(np.float32).tiny and out.min() < 1e-37  # clamped, not denormal
+
+
+def test_numba_kernel_scans_half_precision_in_float32():
+    from perseq.ops.scan_numba import selective_scan_numba
+
+    inputs = [t.detach() for t in _scan_inputs(L=9)]
+    y = selective_scan_numba(*[t.bfloat16() for t in inputs])
+    assert y.dtype == torch.bfloat16
+    y32 = selective_scan_numba(*[t.bfloat16().float() for t in inputs])
+    torch.testing.assert_close(y, y32.bfloat16())
+    with pytest.raises(ValueError, match="float32"):
+        selective_scan_numba(*inputs)  # float64 is the torch path's
 
 
 def test_auto_never_sends_cpu_tensors_to_the_cuda_kernel(monkeypatch):

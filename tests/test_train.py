@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -118,3 +119,48 @@ def test_resume_refuses_a_folder_trained_with_another_config(small, tmp_path):
     # more epochs is a legitimate continuation
     r = fit(_cfg(epochs=2), split, out_dir=tmp_path / "run", resume=True, progress=False, log=lambda s: None)
     assert r["epochs"] == 2
+
+
+def test_refit_split_moves_validation_into_training_and_never_the_test(small):
+    from perseq.data.batching import TrainWindows
+    from perseq.train import refit_split
+
+    data, _, split = small
+    r = refit_split(split)
+    ev = split.valid_pos >= 0
+    assert (r.train_len[ev] == split.test_pos[ev]).all()
+    assert (r.train_len[~ev] == split.train_len[~ev]).all()
+    assert (r.test_pos == split.test_pos).all()
+    # the targets of the refit windows: the old training targets plus every validation event
+    # (target counts per item), and none of the test events
+    def target_counts(s):
+        w = TrainWindows(s, 30)
+        b = w.make_batch(np.arange(len(w)))
+        t = b.targets[b.targets > 0]
+        return torch.bincount(t, minlength=data.n_items + 1)
+    start = data.offsets[:-1]
+    valid_items = torch.from_numpy(data.items[(start + split.valid_pos)[ev]].astype("int64"))
+    expected = target_counts(split) + torch.bincount(valid_items, minlength=data.n_items + 1)
+    assert torch.equal(target_counts(r), expected)
+
+
+def test_refit_retrains_for_the_best_epoch_count_and_can_be_added_to_a_finished_run(small, tmp_path):
+    _, _, split = small
+    first = fit(_cfg(epochs=3), split, out_dir=tmp_path / "run", progress=False, log=lambda s: None)
+    assert "refit" not in first
+    again = fit(_cfg(epochs=3, refit=True), split, out_dir=tmp_path / "run", resume=True, progress=False, log=lambda s: None)
+    # the early-stopped phase is not retrained: same history and test metrics
+    assert again["history"] == first["history"] and again["test"] == first["test"]
+    refit = json.loads((tmp_path / "run" / "refit" / "results.json").read_text())
+    assert again["refit"]["epochs"] == first["best_epoch"] == len(refit["history"])
+    assert again["refit"]["test"] == refit["test"]
+    assert refit["n_train_targets"] == first["n_train_targets"] + int((split.valid_pos >= 0).sum())
+
+
+def test_refit_refuses_a_temporal_split(small):
+    from perseq.data.sequences import Split
+    from perseq.train import refit_split
+
+    _, _, split = small
+    with pytest.raises(ValueError, match="leave_one_out"):
+        refit_split(Split(split.data, split.train_len, split.valid_pos, split.test_pos, kind="temporal"))

@@ -48,6 +48,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int | None = None  # torch CPU threads (None = torch default)
+    # after early stopping, train a fresh model (same seed) on training + validation events
+    # for the best epoch count and test that one (leave-one-out only; see fit)
+    refit: bool = False
 
 
 @dataclass(frozen=True)

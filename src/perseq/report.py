@@ -40,7 +40,14 @@ def git_commit() -> str:
 
 
 def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path = "benchmarks/results", extra: dict | None = None) -> Path:
-    s = summarize_seeds(results)
+    """With ``train.refit`` the headline metrics are the refitted models' (protocol
+    ``refit: true``) and the early-stopped models' test metrics stay under
+    ``metrics_before_refit``."""
+    refit = bool(getattr(cfg.train, "refit", False))
+    if refit and not all("refit" in r for r in results):
+        raise ValueError("train.refit is on but some runs have no refit results (unfinished?)")
+    headline = [{**r, "test": r["refit"]["test"]} for r in results] if refit else results
+    s = summarize_seeds(headline)
     payload = {
         "run": run,
         "dataset": cfg.data.dataset,
@@ -52,15 +59,17 @@ def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path
             "max_len": cfg.data.max_len,
             "train_windows": cfg.data.windows,
             "loss": cfg.loss.name,
+            "refit": refit,
         },
         "seeds": s["seeds"],
         "metrics": s["metrics"],
+        **({"metrics_before_refit": summarize_seeds(results)["metrics"]} if refit else {}),
         "best_epochs": [r["best_epoch"] for r in results],
         "epoch_seconds": float(np.mean([r["epoch_seconds"] for r in results if r.get("epoch_seconds")])),
         "hardware": results[0]["hardware"],
         "commit": git_commit(),
         "date": datetime.date.today().isoformat(),
-        "breakdown": _mean_breakdown(results),
+        "breakdown": _mean_breakdown(headline),
         "config": cfg.to_dict(),
         **(extra or {}),
     }

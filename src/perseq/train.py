@@ -2,6 +2,7 @@
 stopping, PCRec-simple, the federated client) and ``fit``."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -106,7 +107,8 @@ def _hardware(device: torch.device) -> str:
 
 
 # settings that may differ between an interrupted run and its resumption
-_RESUMABLE_CHANGES = {("train", "threads"), ("train", "device"), ("train", "epochs"), ("train", "patience")}
+# (refit only adds a phase after early stopping, so it can be switched on for a finished run)
+_RESUMABLE_CHANGES = {("train", "threads"), ("train", "device"), ("train", "epochs"), ("train", "patience"), ("train", "refit")}
 
 
 def _check_same_run(out: Path, cfg: RunConfig) -> None:
@@ -229,7 +231,34 @@ def fit(
         "world_size": world,
         "history": state["history"],
     }
+    if tc.refit and state["best_epoch"] > 0:
+        refit = _refit(cfg, split, state["best_epoch"], None if out is None else out / "refit", resume, progress, log)
+        result["refit"] = {"epochs": state["best_epoch"], "test": refit["test"], "epoch_seconds": refit["epoch_seconds"]}
+        model = refit["model_obj"]
     if out is not None and rank == 0:
         (out / "results.json").write_text(json.dumps(result, indent=1))
     result["model_obj"] = model
     return result
+
+
+def refit_split(split: Split) -> Split:
+    """The leave-one-out split with every validation event moved into training: inputs and
+    targets up to, not including, the test event. Its validation positions are training
+    data now, so metrics on them mean nothing."""
+    if split.kind != "leave_one_out":
+        raise ValueError(f"refit needs the leave_one_out split (got {split.kind!r}): only there does "
+                         "'training + validation' have one meaning per user")
+    train_len = np.where(split.valid_pos >= 0, split.valid_pos + 1, split.train_len)
+    return dataclasses.replace(split, train_len=train_len, kind="leave_one_out+refit")
+
+
+def _refit(cfg: RunConfig, split: Split, epochs: int, out: Path | None, resume: bool, progress, log) -> dict:
+    """Retrain from scratch, same seed and settings, on training + validation events for the
+    epoch count that early stopping chose, with no selection on the (now seen) validation
+    events, and test once. Why: the validation event is every user's most recent known
+    behaviour; leaving it out of training costs the test on short-history data (Amazon),
+    and the production model would be trained on it anyway. The epoch count is the only
+    thing carried over, so the test event still influences nothing."""
+    log(f"refit: training on training + validation events for {epochs} epochs")
+    tc = dataclasses.replace(cfg.train, epochs=epochs, eval_every=epochs, patience=epochs + 1, refit=False)
+    return fit(dataclasses.replace(cfg, train=tc), refit_split(split), out, resume=resume, progress=progress, log=lambda s: log("  refit " + s))

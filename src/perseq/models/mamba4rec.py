@@ -49,7 +49,7 @@ class Mamba4RecConfig:
     expand: int = 2  # inner width E = expand * d
     n_layers: int = 1
     dropout: float = 0.2
-    backend: str = "auto"  # selective scan: "auto" | "torch" | "cuda" (mamba_ssm)
+    backend: str = "auto"  # selective scan: "auto" | "torch" | "numba" (fused CPU kernels) | "cuda" (mamba_ssm)
     # chunk of the torch scan; None sizes it to the CPU cache (see ops/selective_scan.py)
     chunk: int | None = None
     # residual around the Mamba block; None = as Mamba4Rec's code: only when n_layers > 1
