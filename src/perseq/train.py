@@ -203,6 +203,8 @@ def fit(
             else:
                 state["bad"] += 1
             log(f"epoch {epoch + 1}: loss {rec['loss']:.4f}  valid {metric} {val[metric]:.4f}  best {state['best']:.4f}@{state['best_epoch']}  {secs:.1f}s")
+        else:
+            log(f"epoch {epoch + 1}: loss {rec['loss']:.4f}  {secs:.1f}s")
         state["history"].append(rec)
         state["epoch"] = epoch + 1
         if out is not None and rank == 0:
