@@ -314,3 +314,16 @@ def test_tiny_model_learns_a_deterministic_successor():
     with torch.no_grad():
         acc = ((m.encode(seqs[:, :-1]) @ m.output_embeddings().T).argmax(-1) == seqs[:, 1:]).float().mean()
     assert acc > 0.95, acc
+
+
+def test_numba_kernels_use_the_workqueue_pool_not_a_second_openmp(monkeypatch):
+    # a second OpenMP runtime's spinning workers slowed a training step ~2.7x (scan_numba.py)
+    import os
+
+    import numba
+
+    from perseq.ops.scan_numba import selective_scan_numba
+
+    selective_scan_numba(*[t.detach().float() for t in _scan_inputs(L=3)][:5])
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        assert numba.threading_layer() == "workqueue"

@@ -263,4 +263,4 @@ def _refit(cfg: RunConfig, split: Split, epochs: int, out: Path | None, resume: 
     thing carried over, so the test event still influences nothing."""
     log(f"refit: training on training + validation events for {epochs} epochs")
     tc = dataclasses.replace(cfg.train, epochs=epochs, eval_every=epochs, patience=epochs + 1, refit=False)
-    return fit(dataclasses.replace(cfg, train=tc), refit_split(split), out, resume=resume, progress=progress, log=lambda s: log("  refit " + s))
+    return fit(dataclasses.replace(cfg, train=tc), refit_split(split), out, resume=resume, progress=progress, log=lambda s: log("  refit " + s.replace("valid ", "valid (trained on) ")))

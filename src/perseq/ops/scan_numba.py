@@ -32,13 +32,22 @@ Compilation happens on first use and is cached on disk (``cache=True``).
 from __future__ import annotations
 
 import math
+import os
 
+import numba
 import numpy as np
 import torch
 from llvmlite import ir
 from numba import get_num_threads, njit, prange, set_num_threads, types
 from numba.extending import intrinsic
 from torch.autograd.function import once_differentiable
+
+# numba's default OpenMP threading layer brings a second OpenMP runtime next to torch's, and
+# its idle workers spin after every parallel region while torch's threads work: a Mamba4Rec
+# training step at B=128, L=10 took 1.15 s under it against 0.43 s with the plain
+# "workqueue" pool (1 torch thread, busy machine). An explicit NUMBA_THREADING_LAYER wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 #: steps between kept states (forward) = steps rerun at once (backward). The rerun buffers
 #: (SEGMENT+1 states and SEGMENT decays of (N, E)) stay in L2 at E=128, N=32 up to about
