@@ -10,15 +10,20 @@ KEYS = ("ndcg@10", "hr@10", "ndcg@50", "hr@50", "mrr")
 
 
 def main(paths):
-    rows = ["| result | dataset | model | seeds | exclude_seen | " + " | ".join(KEYS) + " | epoch s | best epochs |",
-            "|---|---|---|---|---|" + "---:|" * len(KEYS) + "---:|---|"]
+    rows = ["| result | dataset | model | seeds | exclude_seen | refit | " + " | ".join(KEYS) + " | epoch s | best epochs |",
+            "|---|---|---|---|---|---|" + "---:|" * len(KEYS) + "---:|---|"]
     for p in paths:
         r = json.loads(Path(p).read_text())
         if "metrics" not in r:
             continue
-        cells = [f"{r['metrics'][k]['mean']:.4f} ± {r['metrics'][k]['std']:.4f}" for k in KEYS]
-        rows.append(f"| `{Path(p).stem}` | {r['dataset']} | {r['model']} | {','.join(map(str, r['seeds']))} | "
-                    f"{r['protocol']['exclude_seen']} | " + " | ".join(cells) + f" | {r['epoch_seconds']:.1f} | {r['best_epochs']} |")
+        # a refit result is two rows: the early-stopped models, then the refitted ones
+        variants = [("no", r.get("metrics_before_refit", r["metrics"]))]
+        if r["protocol"].get("refit"):
+            variants.append(("yes", r["metrics"]))
+        for refit, metrics in variants:
+            cells = [f"{metrics[k]['mean']:.4f} ± {metrics[k]['std']:.4f}" for k in KEYS]
+            rows.append(f"| `{Path(p).stem}` | {r['dataset']} | {r['model']} | {','.join(map(str, r['seeds']))} | "
+                        f"{r['protocol']['exclude_seen']} | {refit} | " + " | ".join(cells) + f" | {r['epoch_seconds']:.1f} | {r['best_epochs']} |")
     print("\n".join(rows))
 
 

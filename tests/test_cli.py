@@ -112,3 +112,16 @@ def test_bench_collect_writes_mean_and_std_over_seeds(run_dir, tmp_path):
     assert set(out["breakdown"]) >= {"head", "tail"}
     heads = [json.loads((run_dir / f"synthetic-sasrec-s{s}" / "results.json").read_text())["test"]["breakdown"]["head"]["ndcg@10"] for s in (0, 1)]
     assert abs(out["breakdown"]["head"]["ndcg@10"] - np.mean(heads)) < 1e-12
+
+
+def test_refit_via_resume_then_collect_reports_both_protocols(run_dir, tmp_path):
+    # switch refit on for the finished runs: only the refit phase trains
+    assert main(["train", *SMALL, "--set", "train.refit=true", "--out", str(run_dir), "--no-progress", "--seeds", "0,1", "--resume"]) == 0
+    runs = [run_dir / f"synthetic-sasrec-s{s}" for s in (0, 1)]
+    res = [json.loads((d / "results.json").read_text()) for d in runs]
+    assert all((d / "refit" / "model.safetensors").exists() for d in runs)
+    assert main(["bench", "collect", "--name", "syn-refit", "--out-dir", str(tmp_path), *map(str, runs)]) == 0
+    out = json.loads((tmp_path / "syn-refit.json").read_text())
+    assert out["protocol"]["refit"] is True
+    assert out["metrics"]["ndcg@10"]["values"] == [r["refit"]["test"]["ndcg@10"] for r in res]
+    assert out["metrics_before_refit"]["ndcg@10"]["values"] == [r["test"]["ndcg@10"] for r in res]
