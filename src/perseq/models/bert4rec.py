@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.dropout import Dropout
 from .base import SeqRecModel
 from .sasrec import _init
 
@@ -29,8 +30,8 @@ class BidirectionalBlock(nn.Module):
         self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
         self.ln1, self.ln2 = nn.LayerNorm(cfg.d), nn.LayerNorm(cfg.d)
         self.qkv, self.proj = nn.Linear(cfg.d, 3 * cfg.d), nn.Linear(cfg.d, cfg.d)
-        self.ffn = nn.Sequential(nn.Linear(cfg.d, 4 * cfg.d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(4 * cfg.d, cfg.d))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.ffn = nn.Sequential(nn.Linear(cfg.d, 4 * cfg.d), nn.GELU(), Dropout(cfg.dropout), nn.Linear(4 * cfg.d, cfg.d))
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x, key_mask):  # key_mask: (B, 1, 1, T) True = real token
         B, T, D = x.shape
@@ -50,7 +51,7 @@ class BERT4Rec(SeqRecModel):
         self.mask_id = cfg.n_items + 1
         self.item_emb = nn.Embedding(cfg.n_items + 2, cfg.d, padding_idx=0)  # + [MASK]
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(BidirectionalBlock(cfg) for _ in range(cfg.n_blocks))
         self.ln_f = nn.LayerNorm(cfg.d)
         self.apply(_init)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..ops.dropout import Dropout
 from .base import SeqRecModel
 
 
@@ -28,7 +29,7 @@ class GRU4Rec(SeqRecModel):
         super().__init__(cfg.n_items, cfg.max_len)
         self.cfg = cfg
         self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.d, padding_idx=0)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.gru = nn.GRU(cfg.d, cfg.hidden, cfg.n_layers, batch_first=True)
         self.out = nn.Linear(cfg.hidden, cfg.d)
         # Xavier init as in RecBole's GRU4Rec: the tiny N(0, 0.02) init used for the

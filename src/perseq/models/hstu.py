@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.dropout import Dropout
 from .base import SeqRecModel
 from .sasrec import _init
 
@@ -77,7 +78,7 @@ class HSTUBlock(nn.Module):
         # one bias table per block, as in the reference (each layer owns its rel. bias)
         self.pos_w = nn.Parameter(torch.empty(cfg.max_len).normal_(std=0.02))  # indexed by i - j >= 0
         self.ts_w = nn.Parameter(torch.empty(cfg.num_time_buckets + 1).normal_(std=0.02)) if cfg.time_bias else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         nn.init.normal_(self.uvqk.weight, std=0.02)
         nn.init.xavier_uniform_(self.o.weight)
         nn.init.zeros_(self.o.bias)
@@ -142,7 +143,7 @@ class HSTU(SeqRecModel):
         self.cfg = cfg
         self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.d, padding_idx=0)
         _init(self.item_emb)  # N(0, 0.02), zero padding row (the reference: truncated normal 0.02)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(HSTUBlock(cfg) for _ in range(cfg.n_blocks))
 
     def _embed(self, items):

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.dropout import Dropout
 from .base import SeqRecModel
 from .sasrec import _init
 
@@ -114,7 +115,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.attn = RMSNorm(cfg.d), Attention(cfg)
         self.norm2, self.ffn = RMSNorm(cfg.d), SwiGLU(cfg.d)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x, rope):
         x = x + self.drop(self.attn(self.norm1(x), rope))
@@ -142,7 +143,7 @@ class LlamaRec(SeqRecModel):
         self.cfg = cfg
         self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.d, padding_idx=0)
         self.rope = Rotary(cfg.d // cfg.n_heads, cfg.max_len, cfg.rope_base)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
         self.norm_f = RMSNorm(cfg.d)
         self.apply(_init_weights)

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.dropout import Dropout
 from ..ops.selective_scan import (
     BACKENDS,
     causal_conv1d,
@@ -122,7 +123,7 @@ class FeedForward(nn.Module):
     def __init__(self, d: int, dropout: float):
         super().__init__()
         self.w_1, self.w_2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.ln = nn.LayerNorm(d, eps=1e-12)
 
     def forward(self, x):
@@ -134,7 +135,7 @@ class MambaLayer(nn.Module):
     def __init__(self, cfg: Mamba4RecConfig):
         super().__init__()
         self.mamba = Mamba(cfg.d, cfg.d_state, cfg.d_conv, cfg.expand, cfg.backend, cfg.chunk)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.ln = nn.LayerNorm(cfg.d, eps=1e-12)
         self.ffn = FeedForward(cfg.d, cfg.dropout)
         self.residual = cfg.n_layers > 1 if cfg.residual is None else cfg.residual
@@ -159,7 +160,7 @@ class Mamba4Rec(SeqRecModel):
         super().__init__(cfg.n_items, cfg.max_len)
         self.cfg = cfg
         self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.d, padding_idx=0)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.ln = nn.LayerNorm(cfg.d, eps=1e-12)
         self.layers = nn.ModuleList(MambaLayer(cfg) for _ in range(cfg.n_layers))
         nn.init.normal_(self.item_emb.weight, std=0.02)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.dropout import Dropout
 from .base import SeqRecModel
 
 
@@ -64,9 +65,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg.d, cfg.n_heads, cfg.attn_dropout)
         self.ln2 = nn.LayerNorm(cfg.d)
         self.ffn = nn.Sequential(
-            nn.Linear(cfg.d, cfg.ffn_mult * cfg.d), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.ffn_mult * cfg.d, cfg.d)
+            nn.Linear(cfg.d, cfg.ffn_mult * cfg.d), nn.ReLU(), Dropout(cfg.dropout), nn.Linear(cfg.ffn_mult * cfg.d, cfg.d)
         )
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x):
         x = x + self.drop(self.attn(self.ln1(x)))
@@ -86,7 +87,7 @@ class SASRec(SeqRecModel):
         self.cfg = cfg
         self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.d, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
         self.ln_f = nn.LayerNorm(cfg.d)
         self.apply(_init)

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.dropout import Dropout
 from .base import SeqRecModel
 from .sasrec import _init
 
@@ -94,8 +95,8 @@ class TTTBlock(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(cfg.d), nn.LayerNorm(cfg.d)
         self.ttt = TTTLinear(cfg)
-        self.ffn = nn.Sequential(nn.Linear(cfg.d, 4 * cfg.d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(4 * cfg.d, cfg.d))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.ffn = nn.Sequential(nn.Linear(cfg.d, 4 * cfg.d), nn.GELU(), Dropout(cfg.dropout), nn.Linear(4 * cfg.d, cfg.d))
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x):
         x = x + self.drop(self.ttt(self.ln1(x)))
@@ -115,7 +116,7 @@ class TTT4Rec(SeqRecModel):
         super().__init__(cfg.n_items, cfg.max_len)
         self.cfg = cfg
         self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.d, padding_idx=0)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(TTTBlock(cfg) for _ in range(cfg.n_blocks))
         self.ln_f = nn.LayerNorm(cfg.d)
         self.apply(_init)

@@ -1,0 +1,104 @@
+"""Dropout with a counter-based mask: the drop-in ``Dropout`` every perseq model uses.
+
+Why: on CPU, ``torch.nn.Dropout`` draws one Mersenne-Twister number per element
+(``bernoulli_``) at about 14 ns each; with the dropouts of a SASRec or Mamba4Rec block that
+was 15-30% of a training step (torch profiler, ML-1M batch of 128 × 200). Here element i of
+a call keeps its value when hash(seed, i) ≥ p · 2^32, where hash is two rounds of
+MurmurHash3's 32-bit finalizer, one 64-bit seed per call drawn from torch's generator, so:
+
+* runs stay reproducible under ``torch.manual_seed`` and resumable (the trainer restores
+  torch's RNG state), like nn.Dropout;
+* the mask is never stored: the backward recomputes it from the seed (same kernel on the
+  gradient), which also saves the mask's memory;
+* one vectorizable integer loop, about 7x faster than ``F.dropout`` on 6.5 M floats.
+
+It applies to float32 CPU tensors with numba installed; anything else (CUDA, other dtypes,
+no numba) goes through ``F.dropout`` unchanged. Same semantics as nn.Dropout: identity in
+eval mode, kept values scaled by 1 / (1 - p).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    from numba import njit, prange
+
+    from . import scan_numba as _pool_setup  # noqa: F401  (sets numba's threading layer first)
+    from .scan_numba import _threads
+except ImportError:  # pragma: no cover - numba is a dependency; this is the fallback
+    njit = None
+
+_BLOCK = 1 << 14  # elements per parallel work item
+
+if njit is not None:
+
+    @njit(inline="always")
+    def _fmix32(z):
+        m = np.uint64(0xFFFFFFFF)
+        z = ((z ^ (z >> np.uint64(16))) * np.uint64(0x85EBCA6B)) & m
+        z = ((z ^ (z >> np.uint64(13))) * np.uint64(0xC2B2AE35)) & m
+        return z ^ (z >> np.uint64(16))
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _masked_scale(x, out, seed, threshold, scale):
+        """out[i] = x[i] * scale if hash(seed, i) >= threshold else 0 (flat float32 arrays)."""
+        n = x.size
+        lo_seed = seed & np.uint64(0xFFFFFFFF)
+        hi_seed = seed >> np.uint64(32)
+        for blk in prange((n + _BLOCK - 1) // _BLOCK):
+            for i in range(blk * _BLOCK, min(n, (blk + 1) * _BLOCK)):
+                z = _fmix32((np.uint64(i) + lo_seed) & np.uint64(0xFFFFFFFF))
+                z = _fmix32(z ^ hi_seed)
+                out[i] = x[i] * scale if z >= threshold else np.float32(0)
+
+
+def _apply(t: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    t = t.contiguous()
+    out = torch.empty_like(t)
+    from numba import get_num_threads, set_num_threads
+
+    prev = get_num_threads()
+    set_num_threads(_threads())
+    try:
+        _masked_scale(t.view(-1).numpy(), out.view(-1).numpy(), np.uint64(seed), np.uint64(int(p * 2**32)), np.float32(1.0 / (1.0 - p)))
+    finally:
+        set_num_threads(prev)
+    return out
+
+
+class _HashDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p: float, seed: int):
+        ctx.p, ctx.seed = p, seed
+        return _apply(x, seed, p)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _apply(g, ctx.seed, ctx.p), None, None  # d(x·mask·scale)/dx = mask·scale
+
+
+def hash_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``F.dropout(x, p, training)`` with the counter-based mask where it applies."""
+    if not training or p == 0.0:
+        return x
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    if p == 1.0:
+        return x * 0.0
+    if njit is None or x.device.type != "cpu" or x.dtype != torch.float32:
+        return F.dropout(x, p, True)
+    seed = int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64))  # from torch's generator
+    return _HashDropout.apply(x, p, seed)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with the counter-based mask of ``hash_dropout`` (same arguments, no
+    parameters, so checkpoints are unaffected)."""
+
+    def forward(self, x):
+        if self.inplace:
+            return super().forward(x)
+        return hash_dropout(x, self.p, self.training)
