@@ -327,3 +327,16 @@ def test_numba_kernels_use_the_workqueue_pool_not_a_second_openmp(monkeypatch):
     selective_scan_numba(*[t.detach().float() for t in _scan_inputs(L=3)][:5])
     if "NUMBA_THREADING_LAYER" not in os.environ:
         assert numba.threading_layer() == "workqueue"
+
+
+def test_init_option_reproduces_the_authors_code_or_mamba_ssm():
+    # authors' code: every Linear N(0, 0.02), zero bias -> Δ starts at softplus(0) = ln 2
+    m = Mamba4Rec(Mamba4RecConfig(n_items=10, d=16, init="mamba4rec_code"))
+    mamba = m.layers[0].mamba
+    torch.testing.assert_close(F.softplus(mamba.dt_proj.bias), torch.full((32,), 0.6931471805599453))
+    assert abs(mamba.in_proj.weight.std().item() - 0.02) < 0.003
+    # mamba_ssm: Δ log-uniform in [1e-3, 0.1]
+    d = F.softplus(Mamba4Rec(Mamba4RecConfig(n_items=10, d=16)).layers[0].mamba.dt_proj.bias)
+    assert d.min() >= 1e-4 and d.max() <= 0.1 + 1e-6
+    with pytest.raises(ValueError, match="init"):
+        Mamba4RecConfig(n_items=10, init="xavier")

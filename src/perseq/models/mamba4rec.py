@@ -11,10 +11,10 @@ Of that code's choices two are kept and one is not:
 * kept: with a single layer the Mamba output is *not* added back to its input (its
   ``MambaLayer``: residual only for stacked layers); ``residual`` overrides that;
 * kept: N(0, 0.02) init for the item table and the FFN, LayerNorm eps 1e-12;
-* not kept: its ``_init_weights`` re-initializes every nn.Linear inside the Mamba block
-  too, which zeroes the dt bias (Δ ≈ softplus(0) = 0.69 in every channel at the start).
-  Here the Mamba block keeps mamba_ssm's own init (Δ log-uniform in [1e-3, 0.1] through
-  the dt bias, S4D-real A).
+* optional (``init="mamba4rec_code"``): its ``_init_weights`` re-initializes every
+  nn.Linear inside the Mamba block too, which zeroes the dt bias (Δ ≈ softplus(0) = 0.69
+  in every channel at the start). The default keeps mamba_ssm's own init (Δ log-uniform in
+  [1e-3, 0.1] through the dt bias, S4D-real A).
 
 Padding is on the right, after the real items, so the causal scan never lets it reach a
 real position and ``encode`` needs no mask. ``step`` runs the same block on one event with
@@ -55,10 +55,16 @@ class Mamba4RecConfig:
     chunk: int | None = None
     # residual around the Mamba block; None = as Mamba4Rec's code: only when n_layers > 1
     residual: bool | None = None
+    # "mamba_ssm": the Mamba block keeps mamba_ssm's init (Δ starts in [1e-3, 0.1]: slow
+    # decays, long memory); "mamba4rec_code": as the authors' code, every Linear re-drawn
+    # N(0, 0.02) with zero bias, so Δ starts near softplus(0) = 0.69 (fast decays)
+    init: str = "mamba_ssm"
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
+        if self.init not in ("mamba_ssm", "mamba4rec_code"):
+            raise ValueError(f"unknown init {self.init!r}; valid: mamba_ssm, mamba4rec_code")
 
 
 class Mamba(nn.Module):
@@ -167,9 +173,11 @@ class Mamba4Rec(SeqRecModel):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
         for layer in self.layers:
-            for lin in (layer.ffn.w_1, layer.ffn.w_2):
+            lins = [m for m in layer.modules() if isinstance(m, nn.Linear)] if cfg.init == "mamba4rec_code" else [layer.ffn.w_1, layer.ffn.w_2]
+            for lin in lins:
                 nn.init.normal_(lin.weight, std=0.02)
-                nn.init.zeros_(lin.bias)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
 
     def encode(self, items, times=None):
         # no length check: nothing here is tied to max_len, which only sets the window the
