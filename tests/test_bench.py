@@ -26,3 +26,13 @@ def test_epoch_benchmark_counts_every_training_target(tmp_path):
     data, _ = make_synthetic()
     assert r["train_targets"] == int((data.lengths - 3).sum())
     assert r["epoch_seconds"] > 0 and r["sequences_per_second"] > 0
+
+
+def test_a_point_killed_by_the_oom_killer_says_so(monkeypatch):
+    import subprocess
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: SimpleNamespace(returncode=-9, stdout="", stderr=""))
+    args = SimpleNamespace(batch=4, device="cpu", repeat=1, threads=1, timeout=10)
+    r = speed._run_point(args, "hstu-large", 8192)
+    assert r == {"model": "hstu-large", "length": 8192, "error": "killed by signal 9 (SIGKILL: most likely the kernel's out-of-memory killer)"}

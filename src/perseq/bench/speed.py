@@ -128,7 +128,11 @@ def _run_point(args, model: str, length: int, step: bool = False) -> dict:
     except subprocess.TimeoutExpired:
         return {"model": model, key: length, "error": f"timeout after {args.timeout}s"}
     if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or ["failed"])[-1]
+        if p.returncode < 0:  # killed by a signal, with nothing on stderr: say which
+            sig = -p.returncode
+            last = f"killed by signal {sig}" + (" (SIGKILL: most likely the kernel's out-of-memory killer)" if sig == 9 else "")
+        else:
+            last = (p.stderr.strip().splitlines() or [f"failed with exit code {p.returncode}"])[-1]
         return {"model": model, key: length, "error": last[-300:]}
     return json.loads(p.stdout.strip().splitlines()[-1])
 
