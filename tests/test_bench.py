@@ -14,6 +14,9 @@ def test_speed_point_and_outputs(tmp_path):
     md = (tmp_path / "speed.md").read_text()
     assert "| gru4rec | 8 |" in md and "boom" in md and "| mamba4rec | 5 |" in md
     assert (tmp_path / "speed.png").stat().st_size > 1000
+    # --render redraws the table and plot from the JSON alone
+    assert speed.main(["--render", str(tmp_path / "speed.json"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again.md").read_text() == md and json.loads((tmp_path / "again.json").read_text()) == out
 
 
 def test_epoch_benchmark_counts_every_training_target(tmp_path):

@@ -159,17 +159,19 @@ def write_outputs(rows: list[dict], out: Path, steps: list[dict] = ()) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name in dict.fromkeys(r["model"] for r in rows):
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, name in enumerate(dict.fromkeys(r["model"] for r in rows)):
+        c = colors[i % len(colors)]  # one colour per model on every panel
         pts = [r for r in rows if r["model"] == name and "error" not in r]
         if not pts:
             continue
         L = [r["length"] for r in pts]
-        axes[0].plot(L, [r["train_step_s"] for r in pts], marker="o", label=name)
-        axes[1].plot(L, [1000 * r["reencode_latency_s"] for r in pts], marker="o", label=f"{name} re-encode")
+        axes[0].plot(L, [r["train_step_s"] for r in pts], marker="o", color=c, label=name)
+        axes[1].plot(L, [1000 * r["reencode_latency_s"] for r in pts], marker="o", color=c, label=f"{name} re-encode")
         st = [r for r in pts if "step_latency_s" in r]
         if st:
-            axes[1].plot([r["length"] for r in st], [1000 * r["step_latency_s"] for r in st], ls="--", marker="x", label=f"{name} step")
-        axes[2].plot(L, [r["peak_memory_mib"] for r in pts], marker="o", label=name)
+            axes[1].plot([r["length"] for r in st], [1000 * r["step_latency_s"] for r in st], ls="--", marker="x", color=c, label=f"{name} step")
+        axes[2].plot(L, [r["peak_memory_mib"] for r in pts], marker="o", color=c, label=name)
     for ax, title in zip(axes, ["training step (s)", "next-item latency (ms)", "peak memory (MiB)"]):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -198,6 +200,7 @@ def main(argv=None) -> int:
                     help="also time one incremental step after these history lengths ('' to skip)")
     ap.add_argument("--step-models", default="mamba4rec,gru4rec,ttt4rec",
                     help="models for --step-histories (KV-cache models grow O(history) per step by design)")
+    ap.add_argument("--render", metavar="JSON", help="only redraw the markdown table and plot of an earlier run's JSON into --out")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "LENGTH"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-step", nargs=2, metavar=("MODEL", "HISTORY"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -208,6 +211,11 @@ def main(argv=None) -> int:
         return 0
     if args.worker_step:
         print(json.dumps(measure_step(args.worker_step[0], int(args.worker_step[1]), args.device, max(args.repeat, 200))))
+        return 0
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        write_outputs(saved["points"], Path(args.out), saved.get("step_vs_history", []))
+        print(f"wrote {args.out}.json, .md and .png from {args.render}")
         return 0
     rows = []
     for model in args.models.split(","):
