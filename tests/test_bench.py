@@ -39,3 +39,14 @@ def test_a_point_killed_by_the_oom_killer_says_so(monkeypatch):
     args = SimpleNamespace(batch=4, device="cpu", repeat=1, threads=1, timeout=10)
     r = speed._run_point(args, "hstu-large", 8192)
     assert r == {"model": "hstu-large", "length": 8192, "error": "killed by signal 9 (SIGKILL: most likely the kernel's out-of-memory killer)"}
+
+
+def test_scan_benchmark_times_every_implementation(tmp_path):
+    from perseq.bench import scan
+
+    out = tmp_path / "scan.json"
+    assert scan.main(["--batch", "2", "--length", "40", "--inner", "8", "--state", "4", "--impls", "torch,numba,reference",
+                      "--repeat", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["impls"]) == {"torch", "numba", "reference"} and r["length"] == 40
+    assert all(v["forward_s"] > 0 and v["backward_s"] > 0 for v in r["impls"].values())

@@ -147,9 +147,9 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import collect, epoch, speed
+    from .bench import collect, epoch, scan, speed
 
-    {"speed": speed.main, "epoch": epoch.main, "collect": collect.main}[args.kind](args.rest)
+    {"speed": speed.main, "epoch": epoch.main, "scan": scan.main, "collect": collect.main}[args.kind](args.rest)
     return 0
 
 
@@ -202,9 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("bench", help="benchmarks: 'speed' (vs sequence length, all backbones), 'epoch' (one training epoch), "
-                       "'collect' (runs of several seeds -> benchmarks/results/<name>.json)",
-                       description="perseq bench speed|epoch|collect [--help]")
-    p.add_argument("kind", choices=["speed", "epoch", "collect"])
+                       "'scan' (Mamba's selective scan alone), 'collect' (runs of several seeds -> benchmarks/results/<name>.json)",
+                       description="perseq bench speed|epoch|scan|collect [--help]")
+    p.add_argument("kind", choices=["speed", "epoch", "scan", "collect"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark (see its --help)")
     p.set_defaults(func=cmd_bench)
 
