@@ -115,9 +115,13 @@ def test_bench_collect_writes_mean_and_std_over_seeds(run_dir, tmp_path):
 
 
 def test_refit_via_resume_then_collect_reports_both_protocols(run_dir, tmp_path):
+    import shutil
+
+    work = tmp_path / "runs"  # a copy: the module's run folders stay as the other tests expect
+    shutil.copytree(run_dir, work)
     # switch refit on for the finished runs: only the refit phase trains
-    assert main(["train", *SMALL, "--set", "train.refit=true", "--out", str(run_dir), "--no-progress", "--seeds", "0,1", "--resume"]) == 0
-    runs = [run_dir / f"synthetic-sasrec-s{s}" for s in (0, 1)]
+    assert main(["train", *SMALL, "--set", "train.refit=true", "--out", str(work), "--no-progress", "--seeds", "0,1", "--resume"]) == 0
+    runs = [work / f"synthetic-sasrec-s{s}" for s in (0, 1)]
     res = [json.loads((d / "results.json").read_text()) for d in runs]
     assert all((d / "refit" / "model.safetensors").exists() for d in runs)
     assert main(["bench", "collect", "--name", "syn-refit", "--out-dir", str(tmp_path), *map(str, runs)]) == 0

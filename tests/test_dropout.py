@@ -60,3 +60,8 @@ def test_module_semantics_match_nn_dropout():
     y = hash_dropout(torch.ones(100_000, dtype=torch.float64), 0.25)
     assert abs((y != 0).double().mean().item() - 0.75) < 0.01 and y.dtype == torch.float64
     assert d.state_dict() == {} and repr(d) == repr(torch.nn.Dropout(0.4))
+    # a dropped NaN stays NaN (x * 0), as with nn.Dropout, so divergence is not hidden
+    torch.manual_seed(0)
+    assert torch.isnan(hash_dropout(torch.full((1000,), float("nan")), 0.5)).all()
+    with pytest.raises(ValueError, match="probability"):
+        hash_dropout(x, -0.1, training=False)

@@ -169,13 +169,14 @@ def test_backend_switch(monkeypatch):
         Mamba4RecConfig(n_items=5, backend="fast")
 
 
-# L below, at, across and far across the kernel's checkpoint segment; batch 1 and 3
-@pytest.mark.parametrize("L,batch", [(1, 2), (31, 3), (32, 1), (33, 2), (100, 2)])
-def test_numba_kernel_matches_reference_in_value_and_every_gradient(L, batch):
+# L below, at, across and far across the kernel's checkpoint segment; batch 1 and 3; E = 37
+# runs the vectorized channel loop (8/16 lanes) plus a remainder, as E = 128 does in training
+@pytest.mark.parametrize("L,batch,E", [(1, 2, 5), (31, 3, 5), (32, 1, 5), (33, 2, 5), (100, 2, 5), (70, 2, 37)])
+def test_numba_kernel_matches_reference_in_value_and_every_gradient(L, batch, E):
     from perseq.ops.scan_numba import SEGMENT, selective_scan_numba
 
     assert SEGMENT == 32  # the lengths above are chosen around it
-    inputs = _scan_inputs(batch=batch, L=L, E=5, N=6)
+    inputs = _scan_inputs(batch=batch, L=L, E=E, N=6)
     y_ref, g_ref = _value_and_grads(selective_scan_ref, inputs)
     y, g = _value_and_grads(selective_scan_numba, [t.detach().float().requires_grad_() for t in inputs])
     assert y.dtype == torch.float32
@@ -192,7 +193,7 @@ def test_numba_kernel_exp_is_float32_accurate_and_never_denormal():
 
     from perseq.ops.scan_numba import _exp_nonpos
 
-    @njit
+    @njit(fastmath=True)  # as the kernels compile it
     def apply(a, out):
         for i in range(a.size):
             out[i] = _exp_nonpos(a[i])
@@ -205,6 +206,43 @@ def test_numba_kernel_exp_is_float32_accurate_and_never_denormal():
     assert np.max(np.abs(out[ok] - exact[ok]) / exact[ok]) < 1e-6
     assert out[0] == 1.0 and (np.diff(out) <= 0).all()  # monotone
     assert out.min() >= np.finfo(np.float32).tiny and out.min() < 1e-37  # clamped, not denormal
+
+
+def test_numba_kernel_refuses_positive_A_and_auto_then_takes_the_torch_path():
+    from perseq.ops.scan_numba import selective_scan_numba
+
+    inputs = [t.detach().float() for t in _scan_inputs(L=6)]
+    inputs[2] = inputs[2].abs()  # A > 0: outside the kernel's exp domain
+    with pytest.raises(ValueError, match="A <= 0"):
+        selective_scan_numba(*inputs)
+    torch.testing.assert_close(selective_scan(*inputs, backend="auto"), selective_scan_chunked(*inputs))
+
+
+def test_numba_kernels_are_safe_to_call_from_several_threads():
+    # numba's workqueue pool aborts the whole process on concurrent entry; perseq serializes
+    import threading
+
+    from perseq.ops.dropout import hash_dropout
+    from perseq.ops.scan_numba import selective_scan_numba
+
+    inputs = [t.detach().float() for t in _scan_inputs(batch=8, L=64, E=16, N=8)]
+    ref = selective_scan_numba(*inputs)
+    errors, outs = [], []
+
+    def work():
+        try:
+            for _ in range(20):
+                outs.append(torch.equal(selective_scan_numba(*inputs), ref))
+                hash_dropout(torch.ones(200_000), 0.3)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(outs) == 80 and all(outs)
 
 
 def test_numba_kernel_scans_half_precision_in_float32():

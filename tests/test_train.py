@@ -157,10 +157,26 @@ def test_refit_retrains_for_the_best_epoch_count_and_can_be_added_to_a_finished_
     assert refit["n_train_targets"] == first["n_train_targets"] + int((split.valid_pos >= 0).sum())
 
 
-def test_refit_refuses_a_temporal_split(small):
+def test_refit_refuses_a_temporal_split_before_training(small):
     from perseq.data.sequences import Split
     from perseq.train import refit_split
 
     _, _, split = small
+    temporal = Split(split.data, split.train_len, split.valid_pos, split.test_pos, kind="temporal")
     with pytest.raises(ValueError, match="leave_one_out"):
-        refit_split(Split(split.data, split.train_len, split.valid_pos, split.test_pos, kind="temporal"))
+        refit_split(temporal)
+    logged = []
+    with pytest.raises(ValueError, match="leave_one_out"):
+        fit(_cfg(epochs=2, refit=True), temporal, progress=False, log=logged.append)
+    assert logged == []  # refused up front: not one epoch trained
+
+
+def test_refit_starts_over_when_the_best_epoch_moves(small, tmp_path):
+    _, _, split = small
+    first = fit(_cfg(epochs=1, refit=True), split, out_dir=tmp_path / "run", progress=False, log=lambda s: None)
+    assert first["refit"]["epochs"] == 1
+    # more epochs for the main phase: a later epoch wins, and the refit follows it
+    more = fit(_cfg(epochs=4, refit=True), split, out_dir=tmp_path / "run", resume=True, progress=False, log=lambda s: None)
+    assert more["best_epoch"] > 1
+    refit = json.loads((tmp_path / "run" / "refit" / "results.json").read_text())
+    assert more["refit"]["epochs"] == more["best_epoch"] == len(refit["history"])

@@ -57,8 +57,12 @@ def cmd_train(args) -> int:
         r.pop("model_obj")
         results.append(r)
         print(f"seed {seed}: test " + "  ".join(f"{k} {v:.4f}" for k, v in r["test"].items() if isinstance(v, float)) + f"  -> {out}")
-    summary = summarize_seeds(results)
-    print(json.dumps({"test": summary["metrics"]}, indent=1))
+        if "refit" in r:
+            print(f"seed {seed}: test after refit " + "  ".join(f"{k} {v:.4f}" for k, v in r["refit"]["test"].items() if isinstance(v, float)))
+    summary = {"test": summarize_seeds(results)["metrics"]}
+    if all("refit" in r for r in results):
+        summary["test_after_refit"] = summarize_seeds([{**r, "test": r["refit"]["test"]} for r in results])["metrics"]
+    print(json.dumps(summary, indent=1))
     if args.bench_name:
         path = write_benchmark_json(args.bench_name, cfg, results)
         print(f"wrote {path}")

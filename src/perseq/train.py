@@ -141,6 +141,8 @@ def fit(
     the same metrics as an uninterrupted one (batch order is a function of seed and epoch;
     RNG and optimizer state are restored)."""
     tc = cfg.train
+    if tc.refit:
+        refit_split(split)  # a split refit cannot use fails now, not after hours of training
     rank, world = _distributed()
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -194,7 +196,7 @@ def fit(
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
             val = evaluate(model, split, "valid", cfg.eval, device)
             rec["valid"] = {k: v for k, v in val.items() if isinstance(v, float)}
-            if val[metric] > state["best"]:
+            if val[metric] > state["best"] or state["best_epoch"] < 0:
                 state.update(best=val[metric], best_epoch=epoch + 1, bad=0)
                 if out is not None and rank == 0:
                     save_weights(model, out / "model.safetensors")
@@ -233,6 +235,8 @@ def fit(
         "world_size": world,
         "history": state["history"],
     }
+    if tc.refit and state["best_epoch"] <= 0:
+        log("refit skipped: no epoch was evaluated, so there is no epoch count to refit for")
     if tc.refit and state["best_epoch"] > 0:
         refit = _refit(cfg, split, state["best_epoch"], None if out is None else out / "refit", resume, progress, log)
         result["refit"] = {"epochs": state["best_epoch"], "test": refit["test"], "epoch_seconds": refit["epoch_seconds"]}
@@ -263,4 +267,9 @@ def _refit(cfg: RunConfig, split: Split, epochs: int, out: Path | None, resume: 
     thing carried over, so the test event still influences nothing."""
     log(f"refit: training on training + validation events for {epochs} epochs")
     tc = dataclasses.replace(cfg.train, epochs=epochs, eval_every=epochs, patience=epochs + 1, refit=False)
+    if resume and out is not None and (out / "config.json").exists():
+        done_for = json.loads((out / "config.json").read_text())["run"]["train"]["epochs"]
+        if done_for != epochs:  # the main phase went on and chose another epoch count
+            log(f"refit: {out} was refitted for {done_for} epochs; starting over for {epochs}")
+            resume = False
     return fit(dataclasses.replace(cfg, train=tc), refit_split(split), out, resume=resume, progress=progress, log=lambda s: log("  refit " + s.replace("valid ", "valid (trained on) ")))

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 try:
     from numba import njit, prange
 
-    from . import scan_numba as _pool_setup  # noqa: F401  (sets numba's threading layer first)
-    from .scan_numba import _threads
+    from .scan_numba import kernel_threads  # (importing it also sets numba's threading layer)
 except ImportError:  # pragma: no cover - numba is a dependency; this is the fallback
     njit = None
 
@@ -52,20 +51,14 @@ if njit is not None:
             for i in range(blk * _BLOCK, min(n, (blk + 1) * _BLOCK)):
                 z = _fmix32((np.uint64(i) + lo_seed) & np.uint64(0xFFFFFFFF))
                 z = _fmix32(z ^ hi_seed)
-                out[i] = x[i] * scale if z >= threshold else np.float32(0)
+                out[i] = x[i] * (scale if z >= threshold else np.float32(0))  # NaN stays NaN, like x * 0
 
 
 def _apply(t: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     t = t.contiguous()
     out = torch.empty_like(t)
-    from numba import get_num_threads, set_num_threads
-
-    prev = get_num_threads()
-    set_num_threads(_threads())
-    try:
+    with kernel_threads():
         _masked_scale(t.view(-1).numpy(), out.view(-1).numpy(), np.uint64(seed), np.uint64(int(p * 2**32)), np.float32(1.0 / (1.0 - p)))
-    finally:
-        set_num_threads(prev)
     return out
 
 
@@ -82,10 +75,10 @@ class _HashDropout(torch.autograd.Function):
 
 def hash_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)`` with the counter-based mask where it applies."""
-    if not training or p == 0.0:
-        return x
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return x
     if p == 1.0:
         return x * 0.0
     if njit is None or x.device.type != "cpu" or x.dtype != torch.float32:

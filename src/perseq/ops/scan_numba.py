@@ -20,8 +20,9 @@ threads, fwd / bwd): 0.031 / 0.093 s vs 0.117 / 0.268 s for the torch chunked sc
 * exp: LLVM does not vectorize libm's expf (numba has no SVML on these wheels), so
   ``_exp_nonpos`` computes exp(x) for x ≤ 0 by range reduction x = k ln2 + r, a degree-6
   polynomial for e^r on |r| ≤ ln2/2 and 2^k from the exponent bits; measured relative
-  error ≤ 2.5e-7 for x ≥ -87 (ln 2 split in two, Cody-Waite); inputs below -87 give
-  ≈ 1.6e-38 instead of underflowing to denormals. Decays exp(Δ A) are ≤ 1 since Δ ≥ 0 and A < 0.
+  error ≤ 5e-7 for -87 ≤ x ≤ 0 as compiled in the kernels (fastmath; 2.5e-7 without), with
+  ln 2 split in two (Cody-Waite); inputs below -87 give ≈ 1.6e-38 instead of underflowing
+  to denormals, and x > 0 is out of its domain (``applicable`` checks A ≤ 0). Decays exp(Δ A) are ≤ 1 since Δ ≥ 0 and A < 0.
 * gradients of B and C are sums over E and of A sums over the batch: rows run in parallel
   (prange over B) and each writes only its own slice, so there are no races; A's per-row
   partials (B, N, E) are summed afterwards by torch.
@@ -31,8 +32,10 @@ Compilation happens on first use and is cached on disk (``cache=True``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 
 import numba
 import numpy as np
@@ -46,8 +49,13 @@ from torch.autograd.function import once_differentiable
 # its idle workers spin after every parallel region while torch's threads work: a Mamba4Rec
 # training step at B=128, L=10 took 1.15 s under it against 0.43 s with the plain
 # "workqueue" pool (1 torch thread, busy machine). An explicit NUMBA_THREADING_LAYER wins.
+# That pool aborts the process when two Python threads enter it at once, so every perseq
+# kernel call holds ``_POOL_LOCK`` (the work inside is parallel already). This is a
+# process-wide numba setting: other numba code in the same process that runs parallel
+# kernels from several threads should set NUMBA_THREADING_LAYER itself.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
+_POOL_LOCK = threading.Lock()
 
 #: steps between kept states (forward) = steps rerun at once (backward). The rerun buffers
 #: (SEGMENT+1 states and SEGMENT decays of (N, E)) stay in L2 at E=128, N=32 up to about
@@ -187,11 +195,16 @@ def _scan_bwd(x, dl, AT, Bm, Cm, gy, ck, S, gx, gdl, gAT, gB, gC):
                     gdl[b, t, e] = gdx[e] * xt[e] + gd[e]
 
 
-def _threads() -> int:
-    # follow torch's thread setting (train.threads), within numba's pool
-    from numba import config
-
-    return max(1, min(torch.get_num_threads(), config.NUMBA_NUM_THREADS))
+@contextlib.contextmanager
+def kernel_threads():
+    """Run numba kernels with torch's thread count (train.threads), one caller at a time."""
+    with _POOL_LOCK:
+        prev = get_num_threads()
+        set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        try:
+            yield
+        finally:
+            set_num_threads(prev)
 
 
 class NumbaScan(torch.autograd.Function):
@@ -204,14 +217,12 @@ class NumbaScan(torch.autograd.Function):
         AT = A.t().contiguous()  # (N, E)
         Bsz, L, E = x.shape
         y = x.new_empty(Bsz, L, E)
-        ck = x.new_empty(Bsz, -(-L // SEGMENT), AT.shape[0], E)
-        prev = get_num_threads()
-        set_num_threads(_threads())
-        try:
-            _scan_fwd(x.numpy(), delta.numpy(), AT.numpy(), B.numpy(), C.numpy(), SEGMENT, y.numpy(), ck.numpy())
-        finally:
-            set_num_threads(prev)
+        S = SEGMENT
+        ck = x.new_empty(Bsz, -(-L // S), AT.shape[0], E)
+        with kernel_threads():
+            _scan_fwd(x.numpy(), delta.numpy(), AT.numpy(), B.numpy(), C.numpy(), S, y.numpy(), ck.numpy())
         ctx.save_for_backward(x, delta, AT, B, C, ck)
+        ctx.S = S  # the backward must rerun segments of the length the states were kept at
         return y
 
     @staticmethod
@@ -222,13 +233,9 @@ class NumbaScan(torch.autograd.Function):
         gx, gdelta = torch.empty_like(x), torch.empty_like(x)
         gB, gC = torch.empty_like(B), torch.empty_like(C)
         gAT = x.new_zeros(x.shape[0], *AT.shape)  # (B, N, E)
-        prev = get_num_threads()
-        set_num_threads(_threads())
-        try:
-            _scan_bwd(x.numpy(), delta.numpy(), AT.numpy(), B.numpy(), C.numpy(), gy.numpy(), ck.numpy(), SEGMENT,
+        with kernel_threads():
+            _scan_bwd(x.numpy(), delta.numpy(), AT.numpy(), B.numpy(), C.numpy(), gy.numpy(), ck.numpy(), ctx.S,
                       gx.numpy(), gdelta.numpy(), gAT.numpy(), gB.numpy(), gC.numpy())
-        finally:
-            set_num_threads(prev)
         return gx, gdelta, gAT.sum(0).t(), gB, gC
 
 
@@ -236,6 +243,9 @@ def selective_scan_numba(x, delta, A, B, C, D=None):
     """Same signature and result as ``selective_scan_ref`` for float32 CPU tensors."""
     if x.device.type != "cpu" or x.dtype not in LOW_PRECISION:
         raise ValueError(f"the numba scan runs float32 (or half-precision, scanned in float32) CPU tensors, got {x.dtype} on {x.device}")
+    if not applicable(A):
+        raise ValueError("the numba scan needs A <= 0 (Mamba's A = -exp(A_log)); its exp() is only valid for "
+                         "non-positive arguments, with delta >= 0; use backend='torch' for other values")
     dtype = x.dtype
     x, delta, A, B, C = (t.to(torch.float32) for t in (x, delta, A, B, C))
     y = NumbaScan.apply(x, delta, A, B, C)
@@ -246,3 +256,9 @@ def selective_scan_numba(x, delta, A, B, C, D=None):
 
 #: dtypes the kernel takes (half precision is scanned in float32, as in the torch path)
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def applicable(A: torch.Tensor) -> bool:
+    """Whether the kernel's exp(Δ A) is valid: A ≤ 0 (Δ ≥ 0 is assumed, as softplus makes
+    it; checking A costs nothing, checking Δ would cost a pass over (B, L, E))."""
+    return bool((A <= 0).all())

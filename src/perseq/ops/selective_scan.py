@@ -57,9 +57,9 @@ try:
 except ImportError:
     _causal_conv1d_fn = None
 try:  # fused CPU kernels (numba, a regular dependency; the torch path covers its absence)
-    from .scan_numba import LOW_PRECISION as _NUMBA_DTYPES, selective_scan_numba
+    from .scan_numba import LOW_PRECISION as _NUMBA_DTYPES, applicable as _numba_applicable, selective_scan_numba
 except ImportError:
-    selective_scan_numba, _NUMBA_DTYPES = None, ()
+    selective_scan_numba, _NUMBA_DTYPES, _numba_applicable = None, (), None
 
 #: Auto chunk size: chunks run side by side, so one loop step touches a (B, L/K, E, N)
 #: slice; it should hold about this many elements. Larger slices stream through memory
@@ -121,7 +121,7 @@ def selective_scan_chunked(x, delta, A, B, C, D=None, chunk: int | None = None):
 
 def selective_scan(x, delta, A, B, C, D=None, backend: str = "auto", chunk: int | None = None):
     """Dispatch: ``"cuda"`` = mamba_ssm's fused kernel (CUDA tensors, package installed),
-    ``"numba"`` = the fused CPU kernels of ``scan_numba`` (CPU, float32 or half),
+    ``"numba"`` = the fused CPU kernels of ``scan_numba`` (CPU, float32 or half, A ≤ 0),
     ``"torch"`` = ``selective_scan_chunked`` (any device and dtype), ``"auto"`` = the first
     of cuda, numba, torch that can run these tensors."""
     if backend not in BACKENDS:
@@ -133,7 +133,8 @@ def selective_scan(x, delta, A, B, C, D=None, backend: str = "auto", chunk: int 
             raise RuntimeError("selective-scan backend 'numba' needs the numba package (pip install numba); "
                                "use backend='torch' or 'auto' to run without it")
         return selective_scan_numba(x, delta, A, B, C, D)
-    if backend == "auto" and selective_scan_numba is not None and x.device.type == "cpu" and x.dtype in _NUMBA_DTYPES:
+    if (backend == "auto" and selective_scan_numba is not None and x.device.type == "cpu" and x.dtype in _NUMBA_DTYPES
+            and _numba_applicable(A)):
         return selective_scan_numba(x, delta, A, B, C, D)
     return selective_scan_chunked(x, delta, A, B, C, D, chunk=chunk)
 
