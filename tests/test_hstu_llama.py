@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -212,3 +213,117 @@ def test_llama_shapes_and_tied_output():
     assert not any(k.startswith("rope") for k in m.state_dict())  # RoPE tables are derived
     h = m.encode(_items(), _times(3, L))
     assert torch.allclose(h, m.encode(_items()))  # times are ignored
+
+
+# -- HSTU's time bias measured from the next event (time_query="next") --------------------
+def _next_times(ts, request):
+    """Each position's query time: the next event's timestamp, the request time at the end."""
+    return torch.cat([ts[:, 1:], request[:, None]], 1)
+
+
+def test_next_event_time_query_changes_only_the_queries_timing():
+    m = _hstu(time_query="next")
+    x, ts = _items(), _times(3, L)
+    request = ts[:, -1] + 3600
+    qt = _next_times(ts, request)
+    h = m.encode(x, ts, qt)
+    with pytest.raises(ValueError, match="query_times"):
+        m.encode(x, ts)
+    # the same weights timed by each event's own time give other outputs
+    own = _hstu()
+    own.load_state_dict(m.state_dict())
+    assert (own.encode(x, ts) - h).abs().amax() > 1e-4
+    # a later request time changes the last position only; earlier ones are timed by events
+    h2 = m.encode(x, ts, _next_times(ts, request + 30 * 86400))
+    torch.testing.assert_close(h2[:, :-1], h[:, :-1])
+    assert (h2[:, -1] - h[:, -1]).abs().amax() > 1e-4
+    # scoring: predict_hidden builds the query times from times + target_time (the request)
+    lengths = torch.full((3,), L)
+    torch.testing.assert_close(m.predict_hidden(x, lengths, ts, request), h[:, -1])
+    with pytest.raises(ValueError, match="target_time"):
+        m.predict_hidden(x, lengths, ts)
+    # the "own" model ignores target_time
+    torch.testing.assert_close(own.predict_hidden(x, lengths, ts, request), own.predict_hidden(x, lengths, ts, request + 99))
+    with pytest.raises(ValueError, match="time_query"):
+        HSTUConfig(n_items=5, time_query="later")
+
+
+def test_next_event_time_query_step_equals_encode_and_future_stays_out():
+    m = _hstu(time_query="next")
+    x, ts = _items(), _times(3, L)
+    qt = _next_times(ts, ts[:, -1] + 60)
+    ref = m.encode(x, ts, qt)
+    state = m.init_state(3)
+    with torch.no_grad():
+        for t in range(L):
+            state, h = m.step(state, x[:, t], ts[:, t], qt[:, t])
+            torch.testing.assert_close(h, ref[:, t], atol=1e-5, rtol=1e-5)
+    # causality: items and times after position t+1 never reach positions <= t (position t
+    # legitimately reads t_{t+1}, its target's time, and nothing else of the future)
+    for t in (0, 5, L - 3):
+        y, ts2 = x.clone(), ts.clone()
+        y[:, t + 1 :] = (x[:, t + 1 :] % N_ITEMS) + 1
+        ts2[:, t + 2 :] += 12345
+        h2 = m.encode(y, ts2, _next_times(ts2, ts2[:, -1] + 60))
+        torch.testing.assert_close(h2[:, : t + 1], ref[:, : t + 1], atol=1e-6, rtol=1e-6)
+
+
+def test_training_batches_carry_target_times_and_train_step_passes_them():
+    from perseq.config import from_dict
+    from perseq.data.batching import TrainWindows
+    from perseq.data.sequences import SequenceData, leave_one_out
+    from perseq.losses import get_loss
+    from perseq.train import train_step
+
+    lens = np.array([6, 9, 4])
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    rng = np.random.default_rng(0)
+    items = rng.integers(1, N_ITEMS + 1, offsets[-1]).astype(np.int32)
+    times = np.concatenate([1_000_000 + np.cumsum(rng.integers(1, 10**5, n)) for n in lens]).astype(np.int64)
+    data = SequenceData(offsets=offsets, items=items, times=times, user_ids=np.array(["a", "b", "c"]),
+                        item_ids=np.array(["[PAD]"] + [str(i) for i in range(1, N_ITEMS + 1)]), name="t")
+    w = TrainWindows(leave_one_out(data), 16)
+    b = w.make_batch(np.arange(len(w)))
+    real = b.targets > 0
+    # target_times[b, i] is the timestamp of targets[b, i], i.e. of the input one step later
+    both = real[:, :-1] & (b.inputs[:, 1:] > 0)
+    assert both.sum() > 5
+    torch.testing.assert_close(b.target_times[:, :-1][both], b.times[:, 1:][both])
+    m = _hstu(time_query="next").train()
+    seen = []
+    encode = m.encode
+
+    def spy(items, t=None, q=None):
+        seen.append(q)
+        return encode(items, t, q)
+
+    m.encode = spy
+    loss_fn = get_loss(from_dict({"loss": {"name": "ce"}}).loss)
+    train_step(m, b, loss_fn, torch.optim.SGD(m.parameters(), lr=0.0))
+    assert len(seen) == 1 and seen[0] is b.target_times
+
+
+def test_predict_scores_time_query_models_at_the_held_out_events_time():
+    from perseq.data.sequences import SequenceData, leave_one_out
+    from perseq.predict import topk_for_positions
+
+    lens = np.array([5, 7])
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    items = np.arange(1, 13, dtype=np.int32)
+    times = np.concatenate([1_000_000 + np.cumsum(np.full(n, 5000)) for n in lens]).astype(np.int64)
+    data = SequenceData(offsets=offsets, items=items, times=times, user_ids=np.array(["a", "b"]),
+                        item_ids=np.array(["[PAD]"] + [str(i) for i in range(1, N_ITEMS + 1)]), name="t")
+    split = leave_one_out(data)
+    m = _hstu(time_query="next")
+    users = np.arange(2)
+    for positions, request in ((split.test_pos, times[offsets[:-1] + split.test_pos]),  # held-out event's time
+                               (lens, times[offsets[1:] - 1])):  # beyond the history: right after the last event
+        (_, top, val), = topk_for_positions(m, data, users, positions.astype(np.int64), k=3, exclude_seen=False)
+        x = torch.zeros(2, int(positions.max()), dtype=torch.long)
+        ts = torch.zeros_like(x)
+        for b in range(2):
+            x[b, : positions[b]] = torch.from_numpy(items[offsets[b] : offsets[b] + positions[b]]).long()
+            ts[b, : positions[b]] = torch.from_numpy(times[offsets[b] : offsets[b] + positions[b]])
+        with torch.no_grad():
+            want = m.scores(x, torch.from_numpy(positions.astype(np.int64)), ts, torch.from_numpy(request)).topk(3, dim=1)
+        np.testing.assert_allclose(val, want.values.numpy(), rtol=1e-6)

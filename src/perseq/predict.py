@@ -18,7 +18,14 @@ def topk_for_positions(model, data, users: np.ndarray, positions: np.ndarray, k:
     for s in range(0, len(users), batch_size):
         u, p = users[s : s + batch_size], positions[s : s + batch_size]
         items, times, n_in = recent_inputs(data, u, p, model.max_input_len)
-        scores = model.scores(items, torch.from_numpy(n_in), times).float()
+        request = None
+        if times is not None and getattr(model, "query_time_input", False):
+            # models that score for a request time: the held-out event's time (as the
+            # evaluation uses), or right after the last event when predicting beyond it
+            start = data.offsets[u]
+            has_target = p < data.lengths[u]
+            request = torch.from_numpy(np.where(has_target, data.times[np.where(has_target, start + p, start)], data.times[start + p - 1]))
+        scores = model.scores(items, torch.from_numpy(n_in), times, request).float()
         if exclude_seen:
             rows, seen = history_items(data, u, p)
             scores[rows, seen] = float("-inf")

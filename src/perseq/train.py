@@ -75,7 +75,10 @@ def train_step(model, batch: Batch, loss_fn, optimizer=None, *, grad_clip: float
     inputs, targets = batch.inputs, batch.targets
     if core.objective == "cloze":
         inputs, targets = core.cloze_mask(inputs)
-    h = model(inputs, batch.times)  # (B, T, D)
+    if core.query_time_input and batch.times is not None:
+        h = model(inputs, batch.times, batch.target_times)  # (B, T, D); queries timed at their targets
+    else:
+        h = model(inputs, batch.times)  # (B, T, D)
     sel = targets > 0
     n_local = sel.sum()
     rank, world = _distributed()

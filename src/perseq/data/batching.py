@@ -26,6 +26,7 @@ class Batch:
     targets: torch.Tensor  # (B, T) long, 0 = no target at this position
     times: torch.Tensor | None  # (B, T) long or None
     lengths: torch.Tensor  # (B,) long, number of real input positions
+    target_times: torch.Tensor | None = None  # (B, T) long: each target's timestamp (causal windows with times)
 
     def to(self, device) -> "Batch":
         return Batch(
@@ -33,6 +34,7 @@ class Batch:
             self.targets.to(device),
             None if self.times is None else self.times.to(device),
             self.lengths.to(device),
+            None if self.target_times is None else self.target_times.to(device),
         )
 
 
@@ -95,7 +97,8 @@ class TrainWindows:
         if self.cloze:
             return Batch(torch.from_numpy(seq).long(), torch.from_numpy(seq).long(), times, torch.from_numpy(lens))
         tgt = _gather(d.items, base + 1, lens, width)
-        return Batch(torch.from_numpy(seq).long(), torch.from_numpy(tgt).long(), times, torch.from_numpy(lens))
+        tgt_times = None if d.times is None else torch.from_numpy(_gather(d.times, base + 1, lens, width))
+        return Batch(torch.from_numpy(seq).long(), torch.from_numpy(tgt).long(), times, torch.from_numpy(lens), tgt_times)
 
 
 @dataclass

@@ -22,7 +22,14 @@ class SeqRecModel(nn.Module):
     def encode(self, items: torch.Tensor, times: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, items: torch.Tensor, times: torch.Tensor | None = None) -> torch.Tensor:
+    #: True when ``encode`` also takes ``query_times`` (B, T): the time each position's
+    #: prediction is for (HSTU's time bias measured from the next event); training then
+    #: passes the targets' timestamps
+    query_time_input: bool = False
+
+    def forward(self, items: torch.Tensor, times: torch.Tensor | None = None, query_times: torch.Tensor | None = None) -> torch.Tensor:
+        if query_times is not None:
+            return self.encode(items, times, query_times)
         return self.encode(items, times)
 
     def output_embeddings(self) -> torch.Tensor:

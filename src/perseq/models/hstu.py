@@ -43,7 +43,16 @@ class HSTUConfig:
     attn_dim: int | None = None  # per-head Q/K width; None -> d // n_heads
     linear_dim: int | None = None  # per-head U/V width; None -> d // n_heads
     time_bias: bool = True  # rab_time, used only when encode/step get timestamps
+    # which time query i measures gaps from: "own" = its own event's (t_i - t_j: a serving
+    # step needs nothing it does not have); "next" = the next event's, i.e. the time the
+    # prediction is asked for (t_{i+1} - t_j, as generative-recommenders: the target's
+    # timestamp in training, the request time when serving)
+    time_query: str = "own"
     num_time_buckets: int = 128
+
+    def __post_init__(self):
+        if self.time_query not in ("own", "next"):
+            raise ValueError(f"time_query must be 'own' or 'next', got {self.time_query!r}")
     normalize_output: bool = True  # L2-normalize hidden states and output item rows
 
 
@@ -156,7 +165,22 @@ class HSTU(SeqRecModel):
     def _use_time(self, times) -> bool:
         return times is not None and self.cfg.time_bias
 
-    def encode(self, items, times=None):
+    @property
+    def query_time_input(self) -> bool:
+        """Whether ``encode`` wants ``query_times`` (the next events' times) with ``times``."""
+        return self.cfg.time_bias and self.cfg.time_query == "next"
+
+    def _query_times(self, times, query_times):
+        if self.cfg.time_query == "own":
+            return times
+        if query_times is None:
+            raise ValueError("HSTU with time_query='next' needs query_times (each position's next-event or request "
+                             "time) whenever it gets times")
+        return query_times
+
+    def encode(self, items, times=None, query_times=None):
+        """items, times (B, T); query_times (B, T): with time_query="next", the time each
+        position's prediction is for (the target's timestamp; the request time at the last)."""
         B, T = items.shape
         if T > self.max_len:
             raise ValueError(f"sequence length {T} exceeds max_len {self.max_len}")
@@ -166,11 +190,11 @@ class HSTU(SeqRecModel):
         # right padding: real positions precede padding, so the causal mask alone keeps
         # padding out of their view; padding rows see only finite values (no NaN)
         causal = (pos[:, None] >= pos[None, :]).to(x.dtype)  # (T, T)
-        # gap of query i's own timestamp to key j's (the reference pairs key j with the
-        # *next* event's time, which a serving step does not know yet)
+        # gap of query i's time (its own event's, or the next one's) to key j's
         buckets = None
         if self._use_time(times):
-            buckets = time_buckets(times[:, :, None] - times[:, None, :], self.cfg.num_time_buckets)  # (B, T, T)
+            qt = self._query_times(times, query_times)  # (B, T)
+            buckets = time_buckets(qt[:, :, None] - times[:, None, :], self.cfg.num_time_buckets)  # (B, T, T)
         for block in self.blocks:
             x = block(x, rel, causal, buckets)
         return self._finish(x)  # (B, T, D)
@@ -195,16 +219,33 @@ class HSTU(SeqRecModel):
             "times": torch.zeros(batch_size, 0, dtype=torch.long, device=device),
         }
 
-    def step(self, state, item, time=None):
+    def predict_hidden(self, items, lengths, times=None, target_time=None):
+        if not (self.query_time_input and times is not None):
+            return super().predict_hidden(items, lengths, times, target_time)
+        if target_time is None:
+            raise ValueError("HSTU with time_query='next' scores for a request time: pass target_time")
+        # position i's query time is event i+1's time; the last real position's is the request's
+        qt = torch.cat([times[:, 1:], times[:, -1:]], 1).clone()  # (B, T)
+        rows = torch.arange(items.shape[0], device=items.device)
+        qt[rows, lengths - 1] = target_time.to(qt.dtype)
+        h = self.encode(items, times, qt)  # (B, T, D)
+        return h[rows, lengths - 1]
+
+    def step(self, state, item, time=None, query_time=None):
         """One new event per row -> (new state, hidden (B, D)); the old state is not
         modified. Pass ``time`` on every step or on none (as ``encode`` gets times for
-        all positions or none); without it the time bias is skipped, as in ``encode``."""
+        all positions or none); without it the time bias is skipped, as in ``encode``.
+        With time_query="next", ``query_time`` (B,) is the time the returned hidden state
+        will score for (the request time)."""
         t = state["k"].shape[3]
         if t >= self.max_len:
             raise ValueError(f"state already holds max_len={self.max_len} events; re-encode the last {self.max_len - 1} and continue")
         B = item.shape[0]
         times = torch.cat([state["times"], (time if time is not None else torch.zeros_like(item)).view(B, 1).long()], 1)  # (B, t+1)
-        buckets = time_buckets(times[:, -1:] - times, self.cfg.num_time_buckets) if self._use_time(time) else None  # (B, t+1)
+        buckets = None
+        if self._use_time(time):
+            q = self._query_times(times[:, -1:], None if query_time is None else query_time.view(B, 1).long())  # (B, 1)
+            buckets = time_buckets(q - times, self.cfg.num_time_buckets)  # (B, t+1)
         x = self._embed(item)  # (B, D)
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
