@@ -268,20 +268,27 @@ def test_next_event_time_query_step_equals_encode_and_future_stays_out():
         torch.testing.assert_close(h2[:, : t + 1], ref[:, : t + 1], atol=1e-6, rtol=1e-6)
 
 
+def _timed_data(items, times, lens):
+    """SequenceData from flat per-user-contiguous items and times with these lengths."""
+    from perseq.data.sequences import SequenceData
+
+    return SequenceData(offsets=np.concatenate([[0], np.cumsum(lens)]), items=items, times=times,
+                        user_ids=np.array([f"u{i}" for i in range(len(lens))]),
+                        item_ids=np.array(["[PAD]"] + [str(i) for i in range(1, N_ITEMS + 1)]), name="t")
+
+
 def test_training_batches_carry_target_times_and_train_step_passes_them():
     from perseq.config import from_dict
     from perseq.data.batching import TrainWindows
-    from perseq.data.sequences import SequenceData, leave_one_out
+    from perseq.data.sequences import leave_one_out
     from perseq.losses import get_loss
     from perseq.train import train_step
 
     lens = np.array([6, 9, 4])
-    offsets = np.concatenate([[0], np.cumsum(lens)])
     rng = np.random.default_rng(0)
-    items = rng.integers(1, N_ITEMS + 1, offsets[-1]).astype(np.int32)
+    items = rng.integers(1, N_ITEMS + 1, lens.sum()).astype(np.int32)
     times = np.concatenate([1_000_000 + np.cumsum(rng.integers(1, 10**5, n)) for n in lens]).astype(np.int64)
-    data = SequenceData(offsets=offsets, items=items, times=times, user_ids=np.array(["a", "b", "c"]),
-                        item_ids=np.array(["[PAD]"] + [str(i) for i in range(1, N_ITEMS + 1)]), name="t")
+    data = _timed_data(items, times, lens)
     w = TrainWindows(leave_one_out(data), 16)
     b = w.make_batch(np.arange(len(w)))
     real = b.targets > 0
@@ -304,15 +311,14 @@ def test_training_batches_carry_target_times_and_train_step_passes_them():
 
 
 def test_predict_scores_time_query_models_at_the_held_out_events_time():
-    from perseq.data.sequences import SequenceData, leave_one_out
+    from perseq.data.sequences import leave_one_out
     from perseq.predict import topk_for_positions
 
     lens = np.array([5, 7])
-    offsets = np.concatenate([[0], np.cumsum(lens)])
     items = np.arange(1, 13, dtype=np.int32)
     times = np.concatenate([1_000_000 + np.cumsum(np.full(n, 5000)) for n in lens]).astype(np.int64)
-    data = SequenceData(offsets=offsets, items=items, times=times, user_ids=np.array(["a", "b"]),
-                        item_ids=np.array(["[PAD]"] + [str(i) for i in range(1, N_ITEMS + 1)]), name="t")
+    data = _timed_data(items, times, lens)
+    offsets = data.offsets
     split = leave_one_out(data)
     m = _hstu(time_query="next")
     users = np.arange(2)

@@ -36,7 +36,7 @@ def cmd_train(args) -> int:
     from .config import load_config
     from .data.loading import load_data
     from .data.sequences import make_split
-    from .report import summarize_seeds, write_benchmark_json
+    from .report import after_refit, summarize_seeds, write_benchmark_json
     from .train import fit, init_distributed_from_env
 
     init_distributed_from_env()
@@ -56,17 +56,21 @@ def cmd_train(args) -> int:
         r = fit(run_cfg, split, out_dir=out, resume=args.resume, progress=None if not args.no_progress else False)
         r.pop("model_obj")
         results.append(r)
-        print(f"seed {seed}: test " + "  ".join(f"{k} {v:.4f}" for k, v in r["test"].items() if isinstance(v, float)) + f"  -> {out}")
+        print(f"seed {seed}: test {_metrics_line(r['test'])}  -> {out}")
         if "refit" in r:
-            print(f"seed {seed}: test after refit " + "  ".join(f"{k} {v:.4f}" for k, v in r["refit"]["test"].items() if isinstance(v, float)))
+            print(f"seed {seed}: test after refit {_metrics_line(r['refit']['test'])}")
     summary = {"test": summarize_seeds(results)["metrics"]}
     if all("refit" in r for r in results):
-        summary["test_after_refit"] = summarize_seeds([{**r, "test": r["refit"]["test"]} for r in results])["metrics"]
+        summary["test_after_refit"] = summarize_seeds(after_refit(results))["metrics"]
     print(json.dumps(summary, indent=1))
     if args.bench_name:
         path = write_benchmark_json(args.bench_name, cfg, results)
         print(f"wrote {path}")
     return 0
+
+
+def _metrics_line(metrics: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
 def _rebuild_split(meta: dict):

@@ -22,9 +22,7 @@ def topk_for_positions(model, data, users: np.ndarray, positions: np.ndarray, k:
         if times is not None and getattr(model, "query_time_input", False):
             # models that score for a request time: the held-out event's time (as the
             # evaluation uses), or right after the last event when predicting beyond it
-            start = data.offsets[u]
-            has_target = p < data.lengths[u]
-            request = torch.from_numpy(np.where(has_target, data.times[np.where(has_target, start + p, start)], data.times[start + p - 1]))
+            request = torch.from_numpy(data.times[data.offsets[u] + np.minimum(p, data.lengths[u] - 1)])
         scores = model.scores(items, torch.from_numpy(n_in), times, request).float()
         if exclude_seen:
             rows, seen = history_items(data, u, p)

@@ -12,6 +12,11 @@ import numpy as np
 METRIC_KEYS = ("ndcg@10", "hr@10", "ndcg@50", "hr@50", "mrr")
 
 
+def after_refit(results: list[dict]) -> list[dict]:
+    """The per-seed results with the refitted models' test metrics as ``test``."""
+    return [{**r, "test": r["refit"]["test"]} for r in results]
+
+
 def summarize_seeds(results: list[dict], stage: str = "test") -> dict:
     """Mean and sample standard deviation (ddof=1; 0 for one seed) of every metric."""
     keys = [k for k, v in results[0][stage].items() if isinstance(v, float)]
@@ -46,7 +51,7 @@ def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path
     refit = bool(getattr(cfg.train, "refit", False))
     if refit and not all("refit" in r for r in results):
         raise ValueError("train.refit is on but some runs have no refit results (unfinished?)")
-    headline = [{**r, "test": r["refit"]["test"]} for r in results] if refit else results
+    headline = after_refit(results) if refit else results
     s = summarize_seeds(headline)
     payload = {
         "run": run,

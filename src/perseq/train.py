@@ -75,10 +75,8 @@ def train_step(model, batch: Batch, loss_fn, optimizer=None, *, grad_clip: float
     inputs, targets = batch.inputs, batch.targets
     if core.objective == "cloze":
         inputs, targets = core.cloze_mask(inputs)
-    if core.query_time_input and batch.times is not None:
-        h = model(inputs, batch.times, batch.target_times)  # (B, T, D); queries timed at their targets
-    else:
-        h = model(inputs, batch.times)  # (B, T, D)
+    # models that time each query (HSTU, time_query="next") get the targets' timestamps
+    h = model(inputs, batch.times, batch.target_times if core.query_time_input else None)  # (B, T, D)
     sel = targets > 0
     n_local = sel.sum()
     rank, world = _distributed()
@@ -240,7 +238,7 @@ def fit(
     }
     if tc.refit and state["best_epoch"] <= 0:
         log("refit skipped: no epoch was evaluated, so there is no epoch count to refit for")
-    if tc.refit and state["best_epoch"] > 0:
+    elif tc.refit:
         refit = _refit(cfg, split, state["best_epoch"], None if out is None else out / "refit", resume, progress, log)
         result["refit"] = {"epochs": state["best_epoch"], "test": refit["test"], "epoch_seconds": refit["epoch_seconds"]}
         model = refit["model_obj"]

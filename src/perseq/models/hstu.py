@@ -49,11 +49,11 @@ class HSTUConfig:
     # timestamp in training, the request time when serving)
     time_query: str = "own"
     num_time_buckets: int = 128
+    normalize_output: bool = True  # L2-normalize hidden states and output item rows
 
     def __post_init__(self):
         if self.time_query not in ("own", "next"):
             raise ValueError(f"time_query must be 'own' or 'next', got {self.time_query!r}")
-    normalize_output: bool = True  # L2-normalize hidden states and output item rows
 
 
 # HSTU-large of the paper (and of the PCRec comparison): deeper and two heads, same width
@@ -225,7 +225,7 @@ class HSTU(SeqRecModel):
         if target_time is None:
             raise ValueError("HSTU with time_query='next' scores for a request time: pass target_time")
         # position i's query time is event i+1's time; the last real position's is the request's
-        qt = torch.cat([times[:, 1:], times[:, -1:]], 1).clone()  # (B, T)
+        qt = torch.cat([times[:, 1:], times[:, -1:]], 1)  # (B, T), a new tensor
         rows = torch.arange(items.shape[0], device=items.device)
         qt[rows, lengths - 1] = target_time.to(qt.dtype)
         h = self.encode(items, times, qt)  # (B, T, D)

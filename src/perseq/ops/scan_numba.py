@@ -239,9 +239,19 @@ class NumbaScan(torch.autograd.Function):
         return gx, gdelta, gAT.sum(0).t(), gB, gC
 
 
+#: dtypes the kernel takes (half precision is scanned in float32, as in the torch path)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def applicable(A: torch.Tensor) -> bool:
+    """Whether the kernel's exp(Δ A) is valid: A ≤ 0 (Δ ≥ 0 is assumed, as softplus makes
+    it; checking A costs nothing, checking Δ would cost a pass over (B, L, E))."""
+    return bool((A <= 0).all())
+
+
 def selective_scan_numba(x, delta, A, B, C, D=None):
     """Same signature and result as ``selective_scan_ref`` for float32 CPU tensors."""
-    if x.device.type != "cpu" or x.dtype not in LOW_PRECISION:
+    if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"the numba scan runs float32 (or half-precision, scanned in float32) CPU tensors, got {x.dtype} on {x.device}")
     if not applicable(A):
         raise ValueError("the numba scan needs A <= 0 (Mamba's A = -exp(A_log)); its exp() is only valid for "
@@ -252,13 +262,3 @@ def selective_scan_numba(x, delta, A, B, C, D=None):
     if D is not None:
         y = y + D * x
     return y.to(dtype)
-
-
-#: dtypes the kernel takes (half precision is scanned in float32, as in the torch path)
-LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def applicable(A: torch.Tensor) -> bool:
-    """Whether the kernel's exp(Δ A) is valid: A ≤ 0 (Δ ≥ 0 is assumed, as softplus makes
-    it; checking A costs nothing, checking Δ would cost a pass over (B, L, E))."""
-    return bool((A <= 0).all())

@@ -57,7 +57,7 @@ try:
 except ImportError:
     _causal_conv1d_fn = None
 try:  # fused CPU kernels (numba, a regular dependency; the torch path covers its absence)
-    from .scan_numba import LOW_PRECISION as _NUMBA_DTYPES, applicable as _numba_applicable, selective_scan_numba
+    from .scan_numba import KERNEL_DTYPES as _NUMBA_DTYPES, applicable as _numba_applicable, selective_scan_numba
 except ImportError:
     selective_scan_numba, _NUMBA_DTYPES, _numba_applicable = None, (), None
 
