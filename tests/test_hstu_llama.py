@@ -157,7 +157,7 @@ def test_hstu_block_matches_the_formula():
     m = _hstu(n_blocks=1, normalize_output=False)
     blk = m.blocks[0]
     x, ts = _items(1, 5), _times(1, 5)
-    X = m.item_emb(x)[0] * 16**0.5  # (T, D)
+    X = m.item_emb(x)[0] * 16**0.5 + m.pos_emb.weight[:5]  # (T, D): scaled items + absolute positions
     ln = lambda z: (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + 1e-6)  # noqa: E731
     U, V, Q, K = torch.nn.functional.silu(ln(X) @ blk.uvqk.weight.T).split(16, -1)
     T = 5

@@ -50,6 +50,37 @@ def test_sampled_softmax_with_all_items_as_negatives_approaches_full_ce():
     assert torch.allclose(s, softmax_ce(h, y, emb), atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [3, 2048])
+def test_per_row_negatives_equal_an_explicit_per_row_softmax_in_value_and_gradient(chunk):
+    """Each row its own negatives (generative-recommenders' sampler): loss and gradients,
+    chunked and checkpointed, equal a direct log-softmax over [target, that row's negatives]
+    with accidental hits masked and the logQ term subtracted."""
+    h, emb, y = _data(N=11, I=9)
+    q = torch.rand(10)
+    q[0] = 0
+    q = q / q.sum()
+    g = torch.Generator().manual_seed(3)
+    s = sampled_softmax(h, y, emb, n_neg=4, q=q, temperature=0.5, negatives="per_row", chunk=chunk, generator=g)
+    neg = torch.multinomial(q, 11 * 4, replacement=True, generator=torch.Generator().manual_seed(3)).view(11, 4)
+    assert (neg == y[:, None]).any(), "the draw should contain an accidental hit to exercise the mask"
+    logq = q.clamp_min(1e-12).log()
+    ref = 0
+    for i in range(11):
+        cand = torch.cat([y[i : i + 1], neg[i]])
+        logits = emb[cand] @ h[i] / 0.5 - logq[cand]
+        logits[1:][neg[i] == y[i]] = float("-inf")
+        ref = ref - logits.log_softmax(0)[0]
+    assert torch.allclose(s, ref, atol=1e-5)
+    g1 = torch.autograd.grad(s, [h, emb])
+    g2 = torch.autograd.grad(ref, [h, emb])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
+
+
+def test_unknown_negatives_mode_is_rejected():
+    with pytest.raises(ValueError, match="negatives"):
+        get_loss(LossConfig(name="sampled", negatives="batch"))
+
+
 def test_logq_correction_subtracts_log_probability():
     h = torch.tensor([[1.0, 0.0]])
     emb = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])

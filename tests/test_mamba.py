@@ -187,6 +187,23 @@ def test_numba_kernel_matches_reference_in_value_and_every_gradient(L, batch, E)
         torch.testing.assert_close(a.double(), b, **tol(b), msg=f"d/d{name}")
 
 
+@pytest.mark.parametrize("W,L", [(1, 9), (2, 9), (4, 9), (4, 2)])
+def test_numba_conv_silu_matches_torch_in_value_and_every_gradient(W, L):
+    from perseq.ops.scan_numba import causal_conv1d_silu_numba
+
+    g = torch.Generator().manual_seed(W)
+    x = torch.randn(3, L, 37, generator=g, requires_grad=True)  # L < W too; E = 37 covers the lane remainder
+    w = torch.randn(37, W, generator=g, requires_grad=True)
+    b = torch.randn(37, generator=g, requires_grad=True)
+    y_ref, g_ref = _value_and_grads(lambda *a: causal_conv1d(*a, activation="silu", backend="torch"), [x, w, b])
+    y, grads = _value_and_grads(causal_conv1d_silu_numba, [x, w, b])
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for name, a, r in zip(["x", "weight", "bias"], grads, g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4, msg=f"d/d{name}")
+    # the CPU default (auto) takes the kernel; other activations stay on torch
+    torch.testing.assert_close(causal_conv1d(x, w, b, activation="silu"), y)
+
+
 def test_numba_kernel_exp_is_float32_accurate_and_never_denormal():
     import numpy as np
     from numba import njit

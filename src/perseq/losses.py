@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class _ChunkedSoftmaxCE(torch.autograd.Function):
@@ -71,22 +72,53 @@ def _sample(n: int, n_items: int, q: torch.Tensor | None, device, generator=None
     return torch.multinomial(q, n, replacement=True, generator=generator)
 
 
-def sampled_softmax(h, y, emb, *, n_neg: int = 128, q: torch.Tensor | None = None, temperature: float = 1.0, generator=None, **_):
-    """Softmax over the target and ``n_neg`` negatives shared by the batch, with the logQ
-    correction (Yi et al., RecSys 2019): subtract log q(j) from every logit so the sampled
-    softmax is an unbiased-in-the-limit estimate of the full one under a non-uniform
-    sampler. ``q``: (n_items + 1,) sampling probabilities (q[0] = 0), None = uniform (then
-    the correction is a constant and cancels). Negatives equal to the target are masked."""
-    neg = _sample(n_neg, emb.shape[0] - 1, q, h.device, generator)  # (M,)
+def _sampled_logits_loss(h, y, emb, neg, logq, temperature):
+    """-log softmax of the target among [target, negatives]: h (N, D), y (N,), neg (M,)
+    shared by every row or (N, M) per row; logq (n_items + 1,) or None."""
     pos_logit = (h * emb[y]).sum(-1) / temperature  # (N,)
-    neg_logit = h @ emb[neg].T / temperature  # (N, M)
-    if q is not None:
-        logq = torch.log(q.clamp_min(1e-12))
+    if neg.dim() == 1:
+        neg_logit = h @ emb[neg].T / temperature  # (N, M)
+        neg_ids = neg[None, :]
+    else:
+        neg_logit = torch.einsum("nd,nmd->nm", h, emb[neg]) / temperature  # (N, M)
+        neg_ids = neg
+    if logq is not None:
         pos_logit = pos_logit - logq[y]
-        neg_logit = neg_logit - logq[neg][None, :]
-    neg_logit = neg_logit.masked_fill(neg[None, :] == y[:, None], float("-inf"))
+        neg_logit = neg_logit - logq[neg_ids]
+    neg_logit = neg_logit.masked_fill(neg_ids == y[:, None], float("-inf"))  # accidental hits
     logits = torch.cat([pos_logit[:, None], neg_logit], 1)  # (N, 1 + M)
     return -(logits.log_softmax(-1)[:, 0]).sum()
+
+
+def sampled_softmax(h, y, emb, *, n_neg: int = 128, q: torch.Tensor | None = None, temperature: float = 1.0,
+                    negatives: str = "shared", chunk: int = 2048, generator=None, **_):
+    """Softmax over the target and ``n_neg`` sampled negatives, with the logQ correction
+    (Yi et al., RecSys 2019): subtract log q(j) from every logit so the sampled softmax is
+    an unbiased-in-the-limit estimate of the full one under a non-uniform sampler. ``q``:
+    (n_items + 1,) sampling probabilities (q[0] = 0), None = uniform (then the correction is
+    a constant and cancels). Negatives equal to the target are masked.
+
+    ``negatives="shared"``: one set of ``n_neg`` for the whole batch (one matmul; a step
+    pushes down only n_neg items). ``"per_row"``: every target position draws its own, as
+    generative-recommenders' sampled softmax (HSTU's ML-1M recipe), so a step reaches
+    N·n_neg negatives; rows go in chunks, each recomputed in the backward (activation
+    checkpointing), because the gathered (N, n_neg, D) negatives of a 128 x 200 batch are
+    hundreds of MB."""
+    n_items = emb.shape[0] - 1
+    logq = torch.log(q.clamp_min(1e-12)) if q is not None else None
+    if negatives == "shared":
+        return _sampled_logits_loss(h, y, emb, _sample(n_neg, n_items, q, h.device, generator), logq, temperature)
+    if negatives != "per_row":
+        raise ValueError(f"negatives must be 'shared' or 'per_row', got {negatives!r}")
+    neg = _sample(h.shape[0] * n_neg, n_items, q, h.device, generator).view(h.shape[0], n_neg)  # (N, M)
+    total = h.new_zeros(())
+    for s in range(0, h.shape[0], chunk):
+        args = (h[s:s + chunk], y[s:s + chunk], emb, neg[s:s + chunk], logq, temperature)
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(_sampled_logits_loss, *args, use_reentrant=False)
+        else:
+            total = total + _sampled_logits_loss(*args)
+    return total
 
 
 def bce(h, y, emb, *, generator=None, **_):
@@ -120,6 +152,7 @@ class LossConfig:
     n_neg: int = 128  # sampled / gbce
     temperature: float = 1.0
     sampler: str = "uniform"  # sampled softmax: "uniform" or "popularity" (uses logQ)
+    negatives: str = "shared"  # sampled softmax: "shared" by the batch or "per_row" (each target its own)
     pop_alpha: float = 0.75  # popularity ** alpha for the popularity sampler
     gbce_t: float = 0.75
 
@@ -138,8 +171,11 @@ def get_loss(cfg: LossConfig, item_counts=None):
         q = (w / w.sum()).float()
     elif cfg.sampler not in ("uniform", "popularity"):
         raise ValueError(f"unknown sampler {cfg.sampler!r}; valid: ['popularity', 'uniform']")
+    if cfg.negatives not in ("shared", "per_row"):
+        raise ValueError(f"unknown negatives {cfg.negatives!r}; valid: ['per_row', 'shared']")
 
     def loss(h, y, emb):
-        return fn(h, y, emb, n_neg=cfg.n_neg, q=None if q is None else q.to(h.device), temperature=cfg.temperature, t=cfg.gbce_t)
+        return fn(h, y, emb, n_neg=cfg.n_neg, q=None if q is None else q.to(h.device), temperature=cfg.temperature,
+                  negatives=cfg.negatives, t=cfg.gbce_t)
 
     return loss

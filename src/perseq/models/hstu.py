@@ -7,9 +7,11 @@ One block:
     A = SiLU(Q Kᵀ + rab_pos + rab_time) / n  ⊙ causal
     Y = W_o · dropout(U ⊙ LN(A V)) + X
 Pointwise SiLU attention instead of softmax (the paper: softmax normalisation dilutes the
-intensity of engagement signals). No absolute position table: order comes only from the
-learned relative biases. rab_time needs timestamps; without them the model falls back to the
-position bias alone.
+intensity of engagement signals). Input: item embedding · sqrt(d) + a learned absolute
+position embedding, then dropout (the reference's
+``LearnablePositionalEmbeddingInputFeaturesPreprocessor``; ``abs_pos=False`` drops the
+position table and leaves order to the relative biases). rab_time needs timestamps; without
+them the model falls back to the position bias alone.
 
 The ML-1M recipe of the paper scores L2-normalized hidden states against L2-normalized item
 embeddings (sampled softmax, 128 negatives, temperature 0.05): with ``normalize_output``
@@ -50,6 +52,9 @@ class HSTUConfig:
     time_query: str = "own"
     num_time_buckets: int = 128
     normalize_output: bool = True  # L2-normalize hidden states and output item rows
+    # learned absolute position table added to the input, as the reference's input
+    # preprocessor (results in BENCHMARKS.md from before 2026-11-23 ran without it)
+    abs_pos: bool = True
 
     def __post_init__(self):
         if self.time_query not in ("own", "next"):
@@ -152,12 +157,22 @@ class HSTU(SeqRecModel):
         self.cfg = cfg
         self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.d, padding_idx=0)
         _init(self.item_emb)  # N(0, 0.02), zero padding row (the reference: truncated normal 0.02)
+        self.pos_emb = None
+        if cfg.abs_pos:
+            self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)
+            # the reference: truncated normal with std sqrt(1/d), cut at two std
+            std = cfg.d**-0.5
+            nn.init.trunc_normal_(self.pos_emb.weight, std=std, a=-2 * std, b=2 * std)
         self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(HSTUBlock(cfg) for _ in range(cfg.n_blocks))
 
-    def _embed(self, items):
-        # sqrt(d) scaling as in the reference's input preprocessor
-        return self.drop(self.item_emb(items) * self.cfg.d**0.5)
+    def _embed(self, items, pos):
+        # items (B, T) or (B,); pos: their positions, (T,) or a scalar tensor.
+        # sqrt(d) scaling and the position table as in the reference's input preprocessor
+        x = self.item_emb(items) * self.cfg.d**0.5
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)
+        return self.drop(x)
 
     def _finish(self, x):
         return F.normalize(x, dim=-1, eps=_EPS) if self.cfg.normalize_output else x
@@ -184,8 +199,8 @@ class HSTU(SeqRecModel):
         B, T = items.shape
         if T > self.max_len:
             raise ValueError(f"sequence length {T} exceeds max_len {self.max_len}")
-        x = self._embed(items)  # (B, T, D)
         pos = torch.arange(T, device=items.device)
+        x = self._embed(items, pos)  # (B, T, D)
         rel = (pos[:, None] - pos[None, :]).clamp(0, self.max_len - 1)  # (T, T) = i - j
         # right padding: real positions precede padding, so the causal mask alone keeps
         # padding out of their view; padding rows see only finite values (no NaN)
@@ -246,7 +261,7 @@ class HSTU(SeqRecModel):
         if self._use_time(time):
             q = self._query_times(times[:, -1:], None if query_time is None else query_time.view(B, 1).long())  # (B, 1)
             buckets = time_buckets(q - times, self.cfg.num_time_buckets)  # (B, t+1)
-        x = self._embed(item)  # (B, D)
+        x = self._embed(item, torch.tensor(t, device=item.device))  # (B, D)
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
             x, K, V = block.step(x, state["k"][i], state["v"][i], buckets)

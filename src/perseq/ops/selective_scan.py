@@ -57,9 +57,10 @@ try:
 except ImportError:
     _causal_conv1d_fn = None
 try:  # fused CPU kernels (numba, a regular dependency; the torch path covers its absence)
-    from .scan_numba import KERNEL_DTYPES as _NUMBA_DTYPES, applicable as _numba_applicable, selective_scan_numba
+    from .scan_numba import KERNEL_DTYPES as _NUMBA_DTYPES, applicable as _numba_applicable
+    from .scan_numba import causal_conv1d_silu_numba, selective_scan_numba
 except ImportError:
-    selective_scan_numba, _NUMBA_DTYPES, _numba_applicable = None, (), None
+    selective_scan_numba, causal_conv1d_silu_numba, _NUMBA_DTYPES, _numba_applicable = None, None, (), None
 
 #: Auto chunk size: chunks run side by side, so one loop step touches a (B, L/K, E, N)
 #: slice; it should hold about this many elements. Larger slices stream through memory
@@ -304,13 +305,18 @@ def _carry(decay, local, reverse=False):
 def causal_conv1d(x, weight, bias=None, activation: str | None = None, backend: str = "auto"):
     """Causal depthwise conv: x (B, L, E), weight (E, W), bias (E,) -> (B, L, E); output t
     reads inputs t-W+1..t. activation None or "silu". Uses the ``causal_conv1d`` package's
-    fused kernel for CUDA tensors when it is installed (backend "auto" or "cuda")."""
+    fused kernel for CUDA tensors when it is installed (backend "auto" or "cuda") and the
+    fused numba conv+SiLU for CPU tensors it takes (activation "silu"; backend "auto" or
+    "numba"), as the scan does."""
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown conv backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend != "torch" and _causal_conv1d_fn is not None and x.is_cuda:
         return _causal_conv1d_fn(x.transpose(1, 2), weight, bias, activation=activation).transpose(1, 2)
+    if activation == "silu" and causal_conv1d_silu_numba is not None and (
+            backend == "numba" or (backend == "auto" and x.device.type == "cpu" and x.dtype in _NUMBA_DTYPES)):
+        return causal_conv1d_silu_numba(x, weight, bias if bias is not None else x.new_zeros(weight.shape[0]))
     L, W = x.shape[1], weight.shape[1]
     y = F.conv1d(x.transpose(1, 2), weight[:, None], bias, padding=W - 1, groups=weight.shape[0])[..., :L]  # (B, E, L)
     y = y.transpose(1, 2)  # (B, L, E)
