@@ -61,6 +61,9 @@ def test_per_row_negatives_equal_an_explicit_per_row_softmax_in_value_and_gradie
     q = q / q.sum()
     g = torch.Generator().manual_seed(3)
     s = sampled_softmax(h, y, emb, n_neg=4, q=q, temperature=0.5, negatives="per_row", chunk=chunk, generator=g)
+    s_torch = sampled_softmax(h.double(), y, emb.double(), n_neg=4, q=q, temperature=0.5, negatives="per_row", chunk=chunk,
+                              generator=torch.Generator().manual_seed(3))  # float64: the torch Function, not numba
+    assert torch.allclose(s.double(), s_torch, atol=1e-5)
     neg = torch.multinomial(q, 11 * 4, replacement=True, generator=torch.Generator().manual_seed(3)).view(11, 4)
     assert (neg == y[:, None]).any(), "the draw should contain an accidental hit to exercise the mask"
     logq = q.clamp_min(1e-12).log()
@@ -74,6 +77,27 @@ def test_per_row_negatives_equal_an_explicit_per_row_softmax_in_value_and_gradie
     g1 = torch.autograd.grad(s, [h, emb])
     g2 = torch.autograd.grad(ref, [h, emb])
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
+
+
+def test_numba_per_row_kernel_equals_the_torch_path():
+    """The fused CPU kernel (float32 CPU default) and the chunked torch Function give the
+    same loss and gradients on the same negatives, biases and masked accidental hits."""
+    from perseq.losses import _PerRowSampledCE
+    from perseq.ops.sampled_numba import NumbaPerRowSampledCE
+
+    h, emb, y = _data(N=300, D=13, I=40)
+    g = torch.Generator().manual_seed(1)
+    neg = torch.randint(1, 41, (300, 16), generator=g)
+    assert (neg == y[:, None]).sum() > 10
+    pos_bias, neg_bias = torch.randn(300, generator=g), torch.randn(300, 16, generator=g)
+    args = (y, neg, pos_bias, neg_bias, 0.3)
+    a = NumbaPerRowSampledCE.apply(h, emb, *args)
+    b = _PerRowSampledCE.apply(h, emb, *args, 7)
+    assert torch.allclose(a, b, rtol=1e-5)
+    ga = torch.autograd.grad(a * 2.0, [h, emb])  # an upstream gradient other than 1
+    gb = torch.autograd.grad(b * 2.0, [h, emb])
+    for u, v in zip(ga, gb):  # float32 sums in different orders: errors relative to the scale
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-6 * v.abs().max().item())
 
 
 def test_unknown_negatives_mode_is_rejected():

@@ -11,7 +11,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+try:  # fused CPU kernels for per-row negatives (numba; the torch path covers its absence)
+    from .ops import sampled_numba as _sampled_numba
+except ImportError:
+    _sampled_numba = None
 
 
 class _ChunkedSoftmaxCE(torch.autograd.Function):
@@ -72,26 +76,56 @@ def _sample(n: int, n_items: int, q: torch.Tensor | None, device, generator=None
     return torch.multinomial(q, n, replacement=True, generator=generator)
 
 
-def _sampled_logits_loss(h, y, emb, neg, logq, temperature):
-    """-log softmax of the target among [target, negatives]: h (N, D), y (N,), neg (M,)
-    shared by every row or (N, M) per row; logq (n_items + 1,) or None."""
-    pos_logit = (h * emb[y]).sum(-1) / temperature  # (N,)
-    if neg.dim() == 1:
-        neg_logit = h @ emb[neg].T / temperature  # (N, M)
-        neg_ids = neg[None, :]
-    else:
-        neg_logit = torch.einsum("nd,nmd->nm", h, emb[neg]) / temperature  # (N, M)
-        neg_ids = neg
-    if logq is not None:
-        pos_logit = pos_logit - logq[y]
-        neg_logit = neg_logit - logq[neg_ids]
-    neg_logit = neg_logit.masked_fill(neg_ids == y[:, None], float("-inf"))  # accidental hits
-    logits = torch.cat([pos_logit[:, None], neg_logit], 1)  # (N, 1 + M)
-    return -(logits.log_softmax(-1)[:, 0]).sum()
+class _PerRowSampledCE(torch.autograd.Function):
+    """Sampled softmax with each row's own negatives: sum over rows of -log softmax of the
+    target among [target, its M negatives], logits (h · e) / temperature + bias.
+
+    h (N, D), emb (I + 1, D), y (N,), neg (N, M); pos_bias (N,) and neg_bias (N, M) are
+    added to the logits (the logQ correction, zeros for uniform sampling); negatives equal
+    to the target are masked. Rows go in chunks whose gathered negatives (c, M, D) stay in
+    cache and are recomputed in the backward, never stored: for a 128 x 200 batch the full
+    (N, M, D) gather is hundreds of MB."""
+
+    @staticmethod
+    def _logits(h, emb, y, neg, pos_bias, neg_bias, temperature):
+        G = emb.index_select(0, neg.reshape(-1)).view(*neg.shape, -1)  # (c, M, D)
+        ln = torch.bmm(G, h[:, :, None]).squeeze(-1) / temperature + neg_bias  # (c, M)
+        ln = ln.masked_fill(neg == y[:, None], float("-inf"))
+        E_y = emb.index_select(0, y)  # (c, D)
+        lp = (h * E_y).sum(-1) / temperature + pos_bias  # (c,)
+        return torch.cat([lp[:, None], ln], 1), G, E_y  # (c, 1 + M)
+
+    @staticmethod
+    def forward(ctx, h, emb, y, neg, pos_bias, neg_bias, temperature, chunk):
+        total = h.new_zeros(())
+        for s in range(0, h.shape[0], chunk):
+            sl = slice(s, s + chunk)
+            logits, _, _ = _PerRowSampledCE._logits(h[sl], emb, y[sl], neg[sl], pos_bias[sl], neg_bias[sl], temperature)
+            total += (torch.logsumexp(logits, 1) - logits[:, 0]).sum()
+        ctx.save_for_backward(h, emb, y, neg, pos_bias, neg_bias)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        h, emb, y, neg, pos_bias, neg_bias = ctx.saved_tensors
+        T = ctx.temperature
+        gh, gemb = torch.empty_like(h), torch.zeros_like(emb)
+        for s in range(0, h.shape[0], ctx.chunk):
+            sl = slice(s, s + ctx.chunk)
+            hc, yc, nc = h[sl], y[sl], neg[sl]
+            logits, G, E_y = _PerRowSampledCE._logits(hc, emb, yc, nc, pos_bias[sl], neg_bias[sl], T)
+            p = torch.softmax(logits, 1)  # (c, 1 + M); masked negatives get 0
+            p[:, 0] -= 1.0  # d(lse - target logit)/dlogits
+            p.mul_(g / T)  # through the 1/temperature
+            gh[sl] = p[:, :1] * E_y + torch.bmm(p[:, None, 1:], G).squeeze(1)
+            gemb.index_add_(0, yc, p[:, :1] * hc)
+            gemb.index_add_(0, nc.reshape(-1), (p[:, 1:, None] * hc[:, None, :]).reshape(-1, hc.shape[1]))
+        return gh, gemb, None, None, None, None, None, None
 
 
 def sampled_softmax(h, y, emb, *, n_neg: int = 128, q: torch.Tensor | None = None, temperature: float = 1.0,
-                    negatives: str = "shared", chunk: int = 2048, generator=None, **_):
+                    negatives: str = "shared", chunk: int = 1024, generator=None, **_):
     """Softmax over the target and ``n_neg`` sampled negatives, with the logQ correction
     (Yi et al., RecSys 2019): subtract log q(j) from every logit so the sampled softmax is
     an unbiased-in-the-limit estimate of the full one under a non-uniform sampler. ``q``:
@@ -101,24 +135,28 @@ def sampled_softmax(h, y, emb, *, n_neg: int = 128, q: torch.Tensor | None = Non
     ``negatives="shared"``: one set of ``n_neg`` for the whole batch (one matmul; a step
     pushes down only n_neg items). ``"per_row"``: every target position draws its own, as
     generative-recommenders' sampled softmax (HSTU's ML-1M recipe), so a step reaches
-    N·n_neg negatives; rows go in chunks, each recomputed in the backward (activation
-    checkpointing), because the gathered (N, n_neg, D) negatives of a 128 x 200 batch are
-    hundreds of MB."""
+    N·n_neg negatives (in row chunks, ``_PerRowSampledCE``; float32 CPU tensors take the
+    fused kernels of ``ops/sampled_numba.py``)."""
     n_items = emb.shape[0] - 1
     logq = torch.log(q.clamp_min(1e-12)) if q is not None else None
-    if negatives == "shared":
-        return _sampled_logits_loss(h, y, emb, _sample(n_neg, n_items, q, h.device, generator), logq, temperature)
-    if negatives != "per_row":
+    if negatives == "per_row":
+        neg = _sample(h.shape[0] * n_neg, n_items, q, h.device, generator).view(h.shape[0], n_neg)  # (N, M)
+        pos_bias = -logq[y] if logq is not None else h.new_zeros(h.shape[0])
+        neg_bias = -logq[neg] if logq is not None else h.new_zeros(neg.shape)
+        if _sampled_numba is not None and _sampled_numba.applicable(h, emb):
+            return _sampled_numba.NumbaPerRowSampledCE.apply(h, emb, y, neg, pos_bias, neg_bias, temperature)
+        return _PerRowSampledCE.apply(h, emb, y, neg, pos_bias, neg_bias, temperature, chunk)
+    if negatives != "shared":
         raise ValueError(f"negatives must be 'shared' or 'per_row', got {negatives!r}")
-    neg = _sample(h.shape[0] * n_neg, n_items, q, h.device, generator).view(h.shape[0], n_neg)  # (N, M)
-    total = h.new_zeros(())
-    for s in range(0, h.shape[0], chunk):
-        args = (h[s:s + chunk], y[s:s + chunk], emb, neg[s:s + chunk], logq, temperature)
-        if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_sampled_logits_loss, *args, use_reentrant=False)
-        else:
-            total = total + _sampled_logits_loss(*args)
-    return total
+    neg = _sample(n_neg, n_items, q, h.device, generator)  # (M,)
+    pos_logit = (h * emb[y]).sum(-1) / temperature  # (N,)
+    neg_logit = h @ emb[neg].T / temperature  # (N, M)
+    if logq is not None:
+        pos_logit = pos_logit - logq[y]
+        neg_logit = neg_logit - logq[neg][None, :]
+    neg_logit = neg_logit.masked_fill(neg[None, :] == y[:, None], float("-inf"))
+    logits = torch.cat([pos_logit[:, None], neg_logit], 1)  # (N, 1 + M)
+    return -(logits.log_softmax(-1)[:, 0]).sum()
 
 
 def bce(h, y, emb, *, generator=None, **_):
