@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import socket
 import subprocess
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from perseq.checkpoint import load_model
 from perseq.config import from_dict
+from perseq.losses import LossConfig
 from perseq.data.sequences import leave_one_out
 from perseq.data.synthetic import make_synthetic
 from perseq.evaluate import EvalConfig, evaluate
@@ -119,6 +121,23 @@ def test_resume_refuses_a_folder_trained_with_another_config(small, tmp_path):
     # more epochs is a legitimate continuation
     r = fit(_cfg(epochs=2), split, out_dir=tmp_path / "run", resume=True, progress=False, log=lambda s: None)
     assert r["epochs"] == 2
+
+
+def test_resume_compares_keys_missing_from_an_older_run_at_their_defaults(small, tmp_path):
+    """A run folder written before a key existed (here loss.negatives, and a model key left
+    out) resumes when the current value is the default, and refuses when it is not."""
+    _, _, split = small
+    out = tmp_path / "run"
+    fit(_cfg(epochs=1), split, out_dir=out, progress=False, log=lambda s: None)
+    meta = json.loads((out / "config.json").read_text())
+    del meta["run"]["loss"]["negatives"]  # as saved by an older perseq
+    (out / "config.json").write_text(json.dumps(meta))
+    cfg = _cfg(epochs=2)
+    cfg.model["dropout"] = 0.2  # SASRec's default, now written out explicitly
+    assert fit(cfg, split, out_dir=out, resume=True, progress=False, log=lambda s: None)["epochs"] == 2
+    cfg = dataclasses.replace(_cfg(epochs=3), loss=LossConfig(negatives="per_row"))
+    with pytest.raises(ValueError, match="loss.negatives: 'shared' -> 'per_row'"):
+        fit(cfg, split, out_dir=out, resume=True, progress=False, log=lambda s: None)
 
 
 def test_refit_split_moves_validation_into_training_and_never_the_test(small):

@@ -23,6 +23,7 @@ from .data.sequences import Split
 from .evaluate import evaluate, train_item_counts
 from .losses import get_loss
 from .models import build_model
+from .models.registry import model_class
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -112,17 +113,33 @@ def _hardware(device: torch.device) -> str:
 _RESUMABLE_CHANGES = {("train", "threads"), ("train", "device"), ("train", "epochs"), ("train", "patience"), ("train", "refit")}
 
 
+def _section_defaults(sec: str, run: dict) -> dict:
+    """Default values of one config section: the section dataclass's, or for ``model`` the
+    model's Config (a run folder saved before a key existed compares it at its default)."""
+    if sec == "model":
+        cls = model_class(run["model"]["name"]).Config
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    section = getattr(RunConfig(), sec, None)
+    return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else {}
+
+
 def _check_same_run(out: Path, cfg: RunConfig) -> None:
     """Refuse to resume a folder trained under another configuration: continuing someone
-    else's weights under new settings would silently mix two experiments."""
+    else's weights under new settings would silently mix two experiments. A key missing on
+    either side (a run saved before the key existed; a model key left at its default)
+    counts as its default value."""
     saved = json.loads((out / "config.json").read_text())["run"]
     now = json.loads(cfg.to_json())
-    diffs = [
-        f"{sec}.{k}: {saved.get(sec, {}).get(k)!r} -> {v!r}"
-        for sec, vals in now.items() if isinstance(vals, dict)
-        for k, v in vals.items()
-        if (sec, k) not in _RESUMABLE_CHANGES and saved.get(sec, {}).get(k) != v
-    ]
+    diffs = []
+    for sec, vals in now.items():
+        if not isinstance(vals, dict):
+            continue
+        old = saved.get(sec, {})
+        default = _section_defaults(sec, now)
+        for k in sorted(set(vals) | set(old)):
+            a, b = old.get(k, default.get(k)), vals.get(k, default.get(k))
+            if (sec, k) not in _RESUMABLE_CHANGES and a != b:
+                diffs.append(f"{sec}.{k}: {a!r} -> {b!r}")
     if diffs:
         raise ValueError(f"cannot resume {out}: it was trained with a different config ({'; '.join(diffs)}); "
                          "use another --out or drop --resume")
