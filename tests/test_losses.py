@@ -101,6 +101,28 @@ def test_numba_per_row_kernel_equals_the_torch_path():
         torch.testing.assert_close(u.double(), v, rtol=1e-4, atol=1e-5 * v.abs().max().item())
 
 
+def test_numba_per_row_backward_is_exactly_zero_when_every_negative_is_the_target():
+    """All negatives masked: the loss is 0 and so is every gradient; a backward whose
+    recomputed logits drift from the forward's log-sum-exp (mismatched fastmath) is not."""
+    from perseq.ops.sampled_numba import NumbaPerRowSampledCE
+
+    h, emb, y = _data(N=20, D=64, I=30)
+    h, emb = (3 * h).detach().requires_grad_(), (3 * emb).detach().requires_grad_()
+    neg = y[:, None].repeat(1, 8)
+    loss = NumbaPerRowSampledCE.apply(h, emb, y, neg, torch.zeros(20), torch.zeros(20, 8), 0.05)
+    assert loss.item() == 0
+    gh, ge = torch.autograd.grad(loss, [h, emb])
+    assert gh.abs().max() == 0 and ge.abs().max() == 0
+
+
+def test_per_row_sampled_softmax_of_no_targets_is_zero():
+    q = torch.full((6,), 0.2)
+    q[0] = 0
+    h = torch.zeros(0, 4, requires_grad=True)
+    s = sampled_softmax(h, torch.zeros(0, dtype=torch.long), torch.randn(6, 4), q=q, negatives="per_row")
+    assert s.item() == 0 and s.requires_grad
+
+
 def test_unknown_negatives_mode_is_rejected():
     with pytest.raises(ValueError, match="negatives"):
         get_loss(LossConfig(name="sampled", negatives="batch"))

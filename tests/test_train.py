@@ -124,13 +124,15 @@ def test_resume_refuses_a_folder_trained_with_another_config(small, tmp_path):
 
 
 def test_resume_compares_keys_missing_from_an_older_run_at_their_defaults(small, tmp_path):
-    """A run folder written before a key existed (here loss.negatives, and a model key left
-    out) resumes when the current value is the default, and refuses when it is not."""
+    """A run folder written before a key existed (here loss.negatives, and the tuple-valued
+    train.betas) resumes when the current value is the default, and refuses when it is not;
+    a model key written out at its default is the same model."""
     _, _, split = small
     out = tmp_path / "run"
     fit(_cfg(epochs=1), split, out_dir=out, progress=False, log=lambda s: None)
     meta = json.loads((out / "config.json").read_text())
     del meta["run"]["loss"]["negatives"]  # as saved by an older perseq
+    del meta["run"]["train"]["betas"]
     (out / "config.json").write_text(json.dumps(meta))
     cfg = _cfg(epochs=2)
     cfg.model["dropout"] = 0.2  # SASRec's default, now written out explicitly
@@ -138,6 +140,29 @@ def test_resume_compares_keys_missing_from_an_older_run_at_their_defaults(small,
     cfg = dataclasses.replace(_cfg(epochs=3), loss=LossConfig(negatives="per_row"))
     with pytest.raises(ValueError, match="loss.negatives: 'shared' -> 'per_row'"):
         fit(cfg, split, out_dir=out, resume=True, progress=False, log=lambda s: None)
+
+
+def test_hstu_folder_saved_before_abs_pos_loads_and_resumes_as_it_was_trained(small, tmp_path):
+    """HSTU gained a position table (abs_pos, default on) after runs were saved without the
+    key: such a folder must load and resume as the model it trained (no table)."""
+    _, _, split = small
+    out = tmp_path / "run"
+
+    def cfg(epochs, **model):
+        c = _cfg(epochs=epochs)
+        c.model.clear()
+        c.model.update({"name": "hstu", "d": 16, "time_bias": False, **model})
+        return c
+
+    fit(cfg(1, abs_pos=False), split, out_dir=out, progress=False, log=lambda s: None)
+    meta = json.loads((out / "config.json").read_text())
+    del meta["model_config"]["abs_pos"], meta["run"]["model"]["abs_pos"]  # as written before the key existed
+    (out / "config.json").write_text(json.dumps(meta))
+    model, _, _ = load_model(out)
+    assert model.pos_emb is None
+    assert fit(cfg(2, abs_pos=False), split, out_dir=out, resume=True, progress=False, log=lambda s: None)["epochs"] == 2
+    with pytest.raises(ValueError, match="model.abs_pos: False -> True"):
+        fit(cfg(3), split, out_dir=out, resume=True, progress=False, log=lambda s: None)
 
 
 def test_refit_split_moves_validation_into_training_and_never_the_test(small):

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .models import build_model
+from .models.registry import model_class
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -44,6 +45,17 @@ def write_run_files(out: Path, cfg, model, data) -> None:
     pl.DataFrame({"user_id": data.user_ids.astype(str)}).write_parquet(out / "vocab" / "users.parquet")
 
 
+def saved_model_config(meta: dict) -> dict:
+    """The model config a run folder's config.json records (n_items included). Keys the
+    model's Config gained after the folder was written get the value that reproduces what
+    the run did (``Config.LEGACY``, e.g. HSTU's ``abs_pos: False``), not today's default."""
+    mc = dict(meta["model_config"])
+    legacy = getattr(model_class(meta["run"]["model"]["name"]).Config, "LEGACY", {})
+    for k, v in legacy.items():
+        mc.setdefault(k, v)
+    return mc
+
+
 def load_model(run_dir: str | Path, weights: str = "model.safetensors", device="cpu"):
     """-> (model in eval mode, config dict, raw item ids array)."""
     d = Path(run_dir)
@@ -51,7 +63,7 @@ def load_model(run_dir: str | Path, weights: str = "model.safetensors", device="
     if not cfg_path.exists():
         raise FileNotFoundError(f"{d} is not a perseq run directory (no config.json)")
     meta = json.loads(cfg_path.read_text())
-    mc = dict(meta["model_config"])
+    mc = saved_model_config(meta)
     name = meta["run"]["model"]["name"]
     n_items = mc.pop("n_items")
     model = build_model(name, n_items, **mc)

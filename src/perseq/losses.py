@@ -140,6 +140,8 @@ def sampled_softmax(h, y, emb, *, n_neg: int = 128, q: torch.Tensor | None = Non
     n_items = emb.shape[0] - 1
     logq = torch.log(q.clamp_min(1e-12)) if q is not None else None
     if negatives == "per_row":
+        if h.shape[0] == 0:
+            return h.sum()  # no targets (multinomial cannot draw 0 samples)
         neg = _sample(h.shape[0] * n_neg, n_items, q, h.device, generator).view(h.shape[0], n_neg)  # (N, M)
         pos_bias = -logq[y] if logq is not None else h.new_zeros(h.shape[0])
         neg_bias = -logq[neg] if logq is not None else h.new_zeros(neg.shape)

@@ -16,14 +16,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import load_train_state, load_weights, save_train_state, save_weights, write_run_files
+from .checkpoint import load_train_state, load_weights, save_train_state, save_weights, saved_model_config, write_run_files
 from .config import RunConfig
 from .data.batching import Batch, TrainWindows
 from .data.sequences import Split
 from .evaluate import evaluate, train_item_counts
 from .losses import get_loss
 from .models import build_model
-from .models.registry import model_class
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -113,29 +112,29 @@ def _hardware(device: torch.device) -> str:
 _RESUMABLE_CHANGES = {("train", "threads"), ("train", "device"), ("train", "epochs"), ("train", "patience"), ("train", "refit")}
 
 
-def _section_defaults(sec: str, run: dict) -> dict:
-    """Default values of one config section: the section dataclass's, or for ``model`` the
-    model's Config (a run folder saved before a key existed compares it at its default)."""
-    if sec == "model":
-        cls = model_class(run["model"]["name"]).Config
-        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-    section = getattr(RunConfig(), sec, None)
-    return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else {}
+def _json(x):
+    return json.loads(json.dumps(x))  # tuples -> lists, as a config.json holds them
 
 
-def _check_same_run(out: Path, cfg: RunConfig) -> None:
+def _check_same_run(out: Path, cfg: RunConfig, model) -> None:
     """Refuse to resume a folder trained under another configuration: continuing someone
-    else's weights under new settings would silently mix two experiments. A key missing on
-    either side (a run saved before the key existed; a model key left at its default)
-    counts as its default value."""
-    saved = json.loads((out / "config.json").read_text())["run"]
-    now = json.loads(cfg.to_json())
+    else's weights under new settings would silently mix two experiments. The model is
+    compared by its full effective config (saved in config.json; keys it gained since get
+    the values that reproduce the saved run, ``saved_model_config``); the other sections
+    key by key, a key missing from an older folder counting as its default."""
+    meta = json.loads((out / "config.json").read_text())
+    saved, now = meta["run"], json.loads(cfg.to_json())
     diffs = []
+    if saved["model"]["name"] != now["model"]["name"]:
+        diffs.append(f"model.name: {saved['model']['name']!r} -> {now['model']['name']!r}")
+    else:
+        old, new = _json(saved_model_config(meta)), _json(dataclasses.asdict(_core(model).cfg))
+        diffs += [f"model.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     for sec, vals in now.items():
-        if not isinstance(vals, dict):
+        if sec == "model" or not isinstance(vals, dict):
             continue
+        default = _json(dataclasses.asdict(getattr(RunConfig(), sec)))
         old = saved.get(sec, {})
-        default = _section_defaults(sec, now)
         for k in sorted(set(vals) | set(old)):
             a, b = old.get(k, default.get(k)), vals.get(k, default.get(k))
             if (sec, k) not in _RESUMABLE_CHANGES and a != b:
@@ -175,7 +174,7 @@ def fit(
     loss_fn = get_loss(cfg.loss, train_item_counts(split))
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is not None and (out / "config.json").exists():
-        _check_same_run(out, cfg)
+        _check_same_run(out, cfg, model)
     if out is not None and rank == 0:
         write_run_files(out, cfg, model, data)
 

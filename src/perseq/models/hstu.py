@@ -21,6 +21,7 @@ the training loss must divide them by a temperature.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -55,6 +56,9 @@ class HSTUConfig:
     # learned absolute position table added to the input, as the reference's input
     # preprocessor (results in BENCHMARKS.md from before 2026-11-23 ran without it)
     abs_pos: bool = True
+
+    #: values of keys added after runs were saved without them: what those runs did
+    LEGACY: ClassVar[dict] = {"abs_pos": False}
 
     def __post_init__(self):
         if self.time_query not in ("own", "next"):

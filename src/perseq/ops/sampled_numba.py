@@ -13,6 +13,8 @@ the sampled ids).
   gradient into its own partial table (n_threads, I + 1, D), summed by torch afterwards:
   no races, and memory bounded by the thread count.
 * exp is libm's (scalar): M + 1 per row, small next to the M·D multiply-adds.
+* each thread keeps a copy of the table gradient: item tables above ``MAX_TABLE``
+  elements take the torch path instead.
 """
 from __future__ import annotations
 
@@ -21,11 +23,21 @@ import math
 import numpy as np
 import torch
 from numba import get_num_threads, njit, prange
+from torch.autograd.function import once_differentiable
 
 from .scan_numba import kernel_threads
 
+#: fastmath without "ninf"/"nnan": masked negatives are -inf logits, compared and exp'd.
+#: Forward and backward must use the same flags (inlined helpers take their caller's), or
+#: the backward's recomputed logits drift from the forward's log-sum-exp.
+_FLAGS = {"reassoc", "contract", "arcp", "nsz", "afn"}
 
-@njit(inline="always", fastmath=True)
+#: largest item table (elements) for which each thread keeps its own gradient copy; bigger
+#: catalogues take the torch path (losses._PerRowSampledCE)
+MAX_TABLE = 1 << 26
+
+
+@njit(inline="always", fastmath=_FLAGS)
 def _row_logits(h, emb, y, neg, pos_bias, neg_bias, inv_t, i, buf):
     """Target logit (returned) and the M negative logits of row i (into buf; -inf where a
     negative is the target)."""
@@ -49,7 +61,7 @@ def _row_logits(h, emb, y, neg, pos_bias, neg_bias, inv_t, i, buf):
     return lp
 
 
-@njit(inline="always", fastmath=False)
+@njit(inline="always", fastmath=_FLAGS)
 def _lse(lp, buf):
     mx = lp
     for m in range(buf.shape[0]):
@@ -60,7 +72,7 @@ def _lse(lp, buf):
     return mx + math.log(s)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, fastmath=_FLAGS, cache=True)
 def _fwd(h, emb, y, neg, pos_bias, neg_bias, inv_t, n_parts, lse, loss):
     """lse (N,) and per-row losses lse - target logit (N,)."""
     N, M = neg.shape
@@ -73,7 +85,7 @@ def _fwd(h, emb, y, neg, pos_bias, neg_bias, inv_t, n_parts, lse, loss):
             loss[i] = lse[i] - lp
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=_FLAGS, cache=True)
 def _bwd(h, emb, y, neg, pos_bias, neg_bias, inv_t, lse, g, gh, gemb_parts):
     """gh (N, D); gemb_parts (n_parts, I + 1, D): each row share's part of the table
     gradient. d loss_i / d logit = softmax - onehot(target), times g and 1/temperature."""
@@ -125,6 +137,7 @@ class NumbaPerRowSampledCE(torch.autograd.Function):
         return loss.sum()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         h, emb, y, neg, pos_bias, neg_bias, lse = ctx.saved_tensors
         gh = torch.empty_like(h)
@@ -136,4 +149,4 @@ class NumbaPerRowSampledCE(torch.autograd.Function):
 
 
 def applicable(h: torch.Tensor, emb: torch.Tensor) -> bool:
-    return h.device.type == "cpu" and h.dtype == torch.float32 and emb.dtype == torch.float32
+    return h.device.type == "cpu" and h.dtype == torch.float32 and emb.dtype == torch.float32 and emb.numel() <= MAX_TABLE

@@ -42,8 +42,9 @@ import threading
 import numba
 import numpy as np
 import torch
-from llvmlite import binding as llvm_binding, ir
+from llvmlite import ir
 from numba import get_num_threads, njit, prange, set_num_threads, types
+from numba.core import codegen as numba_codegen
 from numba.extending import intrinsic
 from torch.autograd.function import once_differentiable
 
@@ -66,9 +67,9 @@ _POOL_LOCK = threading.Lock()
 # threading layer this is process-wide and must precede the first numba compilation; an
 # explicit NUMBA_CPU_FEATURES wins.
 if "NUMBA_CPU_FEATURES" not in os.environ and numba.config.CPU_FEATURES is None:
-    _host = llvm_binding.get_host_cpu_features()
-    if _host.get("avx512f"):
-        numba.config.CPU_FEATURES = _host.flatten() + ",-prefer-256-bit"
+    _host = numba_codegen.get_host_cpu_features()  # honours NUMBA_ENABLE_AVX=0; "" if LLVM cannot tell
+    if "+avx512f" in _host.split(","):
+        numba.config.CPU_FEATURES = _host + ",-prefer-256-bit"
 
 #: steps between kept states (forward) = steps rerun at once (backward). The rerun buffers
 #: (SEGMENT+1 states and SEGMENT decays of (N, E)) stay in L2 at E=128, N=32 up to about
@@ -374,4 +375,7 @@ def causal_conv1d_silu_numba(x, weight, bias):
     """SiLU(causal depthwise conv), as ``causal_conv1d(..., activation="silu")``: x (B, L, E),
     weight (E, W), bias (E,); computed in float32."""
     _check_kernel_input(x)
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2] or bias.shape != (x.shape[2],):
+        raise ValueError(f"causal conv: x (B, L, E), weight (E, W), bias (E,) expected, got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(bias.shape)}")  # the kernel does not bounds-check
     return NumbaConvSiLU.apply(x.float(), weight.float(), bias.float()).to(x.dtype)

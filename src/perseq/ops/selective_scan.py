@@ -314,6 +314,10 @@ def causal_conv1d(x, weight, bias=None, activation: str | None = None, backend: 
         raise ValueError(f"unknown conv backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend != "torch" and _causal_conv1d_fn is not None and x.is_cuda:
         return _causal_conv1d_fn(x.transpose(1, 2), weight, bias, activation=activation).transpose(1, 2)
+    if backend == "numba" and causal_conv1d_silu_numba is None:
+        raise RuntimeError("conv backend 'numba' needs the numba package (pip install numba); "
+                           "use backend='torch' or 'auto' to run without it")
+    # the numba kernel fuses the SiLU; without an activation the torch conv runs
     if activation == "silu" and causal_conv1d_silu_numba is not None and (
             backend == "numba" or (backend == "auto" and x.device.type == "cpu" and x.dtype in _NUMBA_DTYPES)):
         return causal_conv1d_silu_numba(x, weight, bias if bias is not None else x.new_zeros(weight.shape[0]))
