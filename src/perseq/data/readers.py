@@ -269,12 +269,8 @@ def read_user_per_line(
     notes: list[str] = []
 
     if times_path is None:
-        blank = 0
-        for ln, line in _lines(text):
-            toks = line.split()
-            if not toks:
-                blank += 1
-                continue
+        recs, blank = _records(text)
+        for ln, toks in recs:
             if len(toks) == 1:
                 problems.report(ln, f"user {toks[0]!r} has no items (empty user)")
                 continue
@@ -380,12 +376,8 @@ def read_pairs(path, *, on_error: OnError = "raise") -> RawInteractions:
     users, items, times = [], [], []
     width: int | None = None
     first_line = 0
-    blank = 0
-    for ln, line in _lines(text):
-        toks = line.split()
-        if not toks:
-            blank += 1
-            continue
+    recs, blank = _records(text)
+    for ln, toks in recs:
         if width is None:
             if len(toks) not in (2, 3):
                 problems.report(ln, f"expected 2 fields (user item) or 3 (user item time), "
