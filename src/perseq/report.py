@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -35,6 +37,28 @@ def _mean_breakdown(results: list[dict]) -> dict:
         runs = [r["test"]["breakdown"][g] for r in results if g in r["test"].get("breakdown", {})]
         out[g] = {"n_users": first["n_users"], **{k: float(np.mean([x[k] for x in runs])) for k in first if k != "n_users"}}
     return out
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_name(device=None) -> str:
+    """What produced a number, as every result file and benchmark row names it: the GPU's
+    name, or the CPU's with its core count and torch's thread count (the setting that
+    decides CPU timings)."""
+    import torch  # lazy: report is imported by light-weight tools too
+
+    if device is not None and torch.device(device).type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    return f"CPU: {cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def git_commit() -> str:

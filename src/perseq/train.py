@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import random
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from .data.sequences import Split
 from .evaluate import evaluate, train_item_counts
 from .losses import get_loss
 from .models import build_model
+from .report import hardware_name
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -99,12 +99,6 @@ def train_step(model, batch: Batch, loss_fn, optimizer=None, *, grad_clip: float
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
     return float(loss_sum.detach()), int(n_local)
-
-
-def _hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
 
 # settings that may differ between an interrupted run and its resumption
@@ -248,7 +242,7 @@ def fit(
         "test": test,
         "epoch_seconds": state["train_seconds"] / max(epochs_run, 1) if epochs_run else None,
         "n_train_targets": windows.n_targets,
-        "hardware": _hardware(device),
+        "hardware": hardware_name(device),
         "world_size": world,
         "history": state["history"],
     }

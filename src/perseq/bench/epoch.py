@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import time
 from pathlib import Path
@@ -23,18 +22,8 @@ from ..data.sequences import leave_one_out
 from ..evaluate import train_item_counts
 from ..losses import LossConfig, get_loss
 from ..models import build_model
-from ..report import git_commit
+from ..report import git_commit, hardware_name
 from ..train import seed_everything, train_step
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> dict:
@@ -90,7 +79,7 @@ def main(argv=None) -> dict:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "data_read_prepare_seconds": round(prep_s, 2),
         "torch_threads": torch.get_num_threads(),
-        "hardware": f"{cpu_name()}, {torch.get_num_threads()} threads",
+        "hardware": hardware_name(),
         "torch": torch.__version__,
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),

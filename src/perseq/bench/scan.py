@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.selective_scan import selective_scan_chunked, selective_scan_numba, selective_scan_ref
-from ..report import git_commit
-from .epoch import cpu_name
+from ..report import git_commit, hardware_name
 
 IMPLEMENTATIONS = {"torch": selective_scan_chunked, "numba": selective_scan_numba, "reference": selective_scan_ref}
 
@@ -72,7 +71,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: {name!r} is unavailable here (is numba installed?)")
         res["impls"][name] = time_impl(fn, args, a.repeat)
         print(f"{name}: forward {res['impls'][name]['forward_s']:.4f} s, backward {res['impls'][name]['backward_s']:.4f} s", flush=True)
-    res.update(hardware=f"{cpu_name()}, {torch.get_num_threads()} threads", torch=torch.__version__, commit=git_commit())
+    res.update(hardware=hardware_name(), torch=torch.__version__, commit=git_commit())
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=1))

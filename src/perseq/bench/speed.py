@@ -22,15 +22,9 @@ import torch
 from ..losses import sampled_softmax
 from ..models import MODELS, build_model
 from ..train import select_device
-from .epoch import cpu_name
+from ..report import hardware_name
 
 N_ITEMS = 10_000
-
-
-def _device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"CPU: {cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def _sync(dev):
@@ -73,7 +67,7 @@ def measure_step(model_name: str, history: int, device: str, repeat: int) -> dic
     dev = select_device(device)
     torch.manual_seed(0)
     model = build_model(model_name, N_ITEMS, max_len=history + repeat + 2, d=64).to(dev).eval()
-    return {"model": model_name, "history": history, "device": _device_name(dev), "repeat": repeat,
+    return {"model": model_name, "history": history, "device": hardware_name(dev), "repeat": repeat,
             "step_latency_s": _step_latency(model, history, repeat, dev)}
 
 
@@ -101,7 +95,7 @@ def measure_point(model_name: str, length: int, batch: int, device: str, repeat:
         loss.backward()
         opt.step()
 
-    out = {"model": model_name, "length": length, "batch": batch, "device": _device_name(dev)}
+    out = {"model": model_name, "length": length, "batch": batch, "device": hardware_name(dev)}
     out["train_step_s"] = _timed(train_step, dev, repeat)
     model.eval()
     with torch.no_grad():
