@@ -129,3 +129,24 @@ def test_refit_via_resume_then_collect_reports_both_protocols(run_dir, tmp_path)
     assert out["protocol"]["refit"] is True
     assert out["metrics"]["ndcg@10"]["values"] == [r["refit"]["test"]["ndcg@10"] for r in res]
     assert out["metrics_before_refit"]["ndcg@10"]["values"] == [r["test"]["ndcg@10"] for r in res]
+
+
+def test_bench_curves_writes_each_runs_validation_history(run_dir, tmp_path, capsys):
+    runs = [run_dir / f"synthetic-sasrec-s{s}" for s in (0, 1)]
+    out = tmp_path / "curves"
+    capsys.readouterr()
+    assert main(["bench", "curves", *map(str, runs), "--out", str(out), "--metric", "hr@10"]) == 0
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    for d in runs:
+        hist = json.loads((d / "trainer_state.json").read_text())["history"]
+        mine = [r for r in rows if r["run"] == d.name]
+        assert [int(r["epoch"]) for r in mine] == [h["epoch"] for h in hist] == [1, 2]
+        assert [float(r["hr@10"]) for r in mine] == pytest.approx([h["valid"]["hr@10"] for h in hist], abs=1e-6)
+        # seconds are cumulative training time
+        assert [float(r["seconds"]) for r in mine] == pytest.approx(np.cumsum([h["seconds"] for h in hist]), abs=0.051)
+    assert "synthetic-sasrec-s1: 2 epochs (finished)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no validation metric 'ndcg@7'"):
+        main(["bench", "curves", str(runs[0]), "--out", str(out), "--metric", "ndcg@7"])
+    with pytest.raises(SystemExit, match="no trainer_state.json"):
+        main(["bench", "curves", str(tmp_path), "--out", str(out)])

@@ -155,9 +155,10 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import collect, epoch, scan, speed
+    from .bench import collect, curves, epoch, scan, speed
 
-    {"speed": speed.main, "epoch": epoch.main, "scan": scan.main, "collect": collect.main}[args.kind](args.rest)
+    mains = {"speed": speed.main, "epoch": epoch.main, "scan": scan.main, "collect": collect.main, "curves": curves.main}
+    mains[args.kind](args.rest)
     return 0
 
 
@@ -210,9 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("bench", help="benchmarks: 'speed' (vs sequence length, all backbones), 'epoch' (one training epoch), "
-                       "'scan' (Mamba's selective scan alone), 'collect' (runs of several seeds -> benchmarks/results/<name>.json)",
-                       description="perseq bench speed|epoch|scan|collect [--help]")
-    p.add_argument("kind", choices=["speed", "epoch", "scan", "collect"])
+                       "'scan' (Mamba's selective scan alone), 'collect' (runs of several seeds -> benchmarks/results/<name>.json), "
+                       "'curves' (validation metric per epoch and per training minute of run folders -> PNG + CSV)",
+                       description="perseq bench speed|epoch|scan|collect|curves [--help]")
+    p.add_argument("kind", choices=["speed", "epoch", "scan", "collect", "curves"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark (see its --help)")
     p.set_defaults(func=cmd_bench)
 
