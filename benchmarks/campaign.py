@@ -1,5 +1,6 @@
 """Run a set of configs × seeds as a queue of `perseq train` processes, a few at a time,
-then collect every config whose seeds all finished into benchmarks/results/<dataset>_<config>.json.
+collecting each config into benchmarks/results/<dataset>_<config>.json as soon as all its seeds
+have finished (not only at the end: a long campaign leaves finished rows behind as it goes).
 
     python benchmarks/campaign.py --jobs 2 --threads 1 --seeds 0,1,2 \\
         configs/ml-1m/gru4rec.yaml configs/ml-1m/bert4rec.yaml
@@ -54,7 +55,15 @@ def main(argv=None) -> int:
     jobs = [(c, s) for c in a.configs for s in seeds] if a.order == "rows" else [(c, s) for s in seeds for c in a.configs]
     Path(a.logs).mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()
-    failed = []
+    failed, collected = [], set()
+
+    def collect_if_complete(c):
+        stem, result = names[c]
+        dirs = [str(Path(a.out) / f"{stem}-s{s}") for s in seeds]
+        if c not in collected and all((Path(d) / "results.json").exists() for d in dirs):
+            collected.add(c)
+            subprocess.run([sys.executable, "-m", "perseq.cli", "bench", "collect", "--name", result,
+                            "--out-dir", a.results, *dirs], check=False)
 
     def run(job):
         c, s = job
@@ -76,14 +85,10 @@ def main(argv=None) -> int:
                   f"after {(time.time() - t0) / 60:.1f} min", flush=True)
             if rc:
                 failed.append(f"{stem}-s{s}")
+            collect_if_complete(c)
 
     with ThreadPoolExecutor(a.jobs) as pool:
         list(pool.map(run, jobs))
-    for c in a.configs:
-        stem, result = names[c]
-        dirs = [str(Path(a.out) / f"{stem}-s{s}") for s in seeds]
-        if all((Path(d) / "results.json").exists() for d in dirs):
-            subprocess.run([sys.executable, "-m", "perseq.cli", "bench", "collect", "--name", result, "--out-dir", a.results, *dirs], check=False)
     if failed:
         print("failed: " + ", ".join(failed))
     return 1 if failed else 0
