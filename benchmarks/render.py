@@ -16,10 +16,15 @@ def main(paths):
         r = json.loads(Path(p).read_text())
         if "metrics" not in r:
             continue
-        # a refit result is two rows: the early-stopped models, then the refitted ones
-        variants = [("no", r.get("metrics_before_refit", r["metrics"]))]
-        if r["protocol"].get("refit"):
-            variants.append(("yes", r["metrics"]))
+        # a refit result is two rows: the early-stopped models, then the refitted ones;
+        # a refit-only result (fixed epoch count, no early stopping) is one
+        proto = r["protocol"]
+        if not proto.get("refit"):
+            variants = [("no", r["metrics"])]
+        elif "refit_epochs" in proto:
+            variants = [(f"only ({proto['refit_epochs']} epochs)", r["metrics"])]
+        else:
+            variants = [("no", r["metrics_before_refit"]), ("yes", r["metrics"])]
         for refit, metrics in variants:
             cells = [f"{metrics[k]['mean']:.4f} ± {metrics[k]['std']:.4f}" for k in KEYS]
             rows.append(f"| `{Path(p).stem}` | {r['dataset']} | {r['model']} | {','.join(map(str, r['seeds']))} | "

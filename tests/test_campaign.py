@@ -40,3 +40,24 @@ def test_campaign_runs_resumes_and_collects(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "FAILED (exit" in printed and "failed: synthetic-bad-s0" in printed
     assert not (results / "synthetic_bad.json").exists()
+
+
+def test_render_writes_one_row_per_protocol(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("render", ROOT / "benchmarks" / "render.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    m = {k: {"mean": 0.5, "std": 0.0} for k in render.KEYS}
+    before = {k: {"mean": 0.25, "std": 0.0} for k in render.KEYS}
+    base = {"dataset": "d", "model": "m", "seeds": [0], "epoch_seconds": 1.0, "best_epochs": [3], "metrics": m}
+    files = {"plain": {**base, "protocol": {"exclude_seen": True, "refit": False}},
+             "refit": {**base, "protocol": {"exclude_seen": True, "refit": True}, "metrics_before_refit": before},
+             "only": {**base, "protocol": {"exclude_seen": True, "refit": True, "refit_epochs": 101}}}
+    for name, payload in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(payload))
+    capsys.readouterr()
+    render.main([str(tmp_path / f"{n}.json") for n in files])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| `")]
+    cells = [[c.strip() for c in r.split("|")[1:-1]] for r in rows]
+    assert [(c[0], c[5], c[6]) for c in cells] == [
+        ("`plain`", "no", "0.5000 ± 0.0000"), ("`refit`", "no", "0.2500 ± 0.0000"),
+        ("`refit`", "yes", "0.5000 ± 0.0000"), ("`only`", "only (101 epochs)", "0.5000 ± 0.0000")]

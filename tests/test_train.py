@@ -224,3 +224,34 @@ def test_refit_starts_over_when_the_best_epoch_moves(small, tmp_path):
     assert more["best_epoch"] > 1
     refit = json.loads((tmp_path / "run" / "refit" / "results.json").read_text())
     assert more["refit"]["epochs"] == more["best_epoch"] == len(refit["history"])
+
+
+def test_refit_only_trains_every_event_but_the_test_for_a_fixed_epoch_count(small, tmp_path):
+    from perseq.report import write_benchmark_json
+    from perseq.train import refit_split
+
+    _, _, split = small
+    quiet = dict(progress=False, log=lambda s: None)
+    cfg = _cfg(epochs=50, refit=True, refit_epochs=2)
+    only = fit(cfg, split, out_dir=tmp_path / "only", **quiet)
+    # exactly the model that trains on the refit split for 2 epochs with nothing selected
+    direct = fit(_cfg(epochs=2, eval_every=2, patience=3), refit_split(split), **quiet)
+    assert only["test"] == direct["test"] and len(only["history"]) == 2
+    saved = json.loads((tmp_path / "only" / "results.json").read_text())
+    assert saved["refit"] == {"epochs": 2, "test": only["test"], "epoch_seconds": only["epoch_seconds"], "only": True}
+    assert saved["valid"] is None  # the validation events were training data
+    # resuming a finished refit-only run trains nothing more
+    again = fit(cfg, split, out_dir=tmp_path / "only", resume=True, **quiet)
+    assert again["test"] == only["test"] and again["history"] == only["history"]
+    # its result file has one protocol: no early-stopped metrics, the fixed epoch count named
+    bench = json.loads(write_benchmark_json("syn-only", cfg, [only], out_dir=tmp_path).read_text())
+    assert bench["protocol"]["refit_epochs"] == 2 and "metrics_before_refit" not in bench
+    assert bench["metrics"]["ndcg@10"]["values"] == [only["test"]["ndcg@10"]]
+    normal = fit(_cfg(epochs=1, refit=True), split, out_dir=tmp_path / "normal", **quiet)
+    with pytest.raises(ValueError, match="two protocols"):
+        write_benchmark_json("mixed", cfg, [only, normal], out_dir=tmp_path)
+    # a folder with an early-stopping phase is never overwritten by a refit-only resume
+    with pytest.raises(ValueError, match="refit-only run of 2 epochs"):
+        fit(cfg, split, out_dir=tmp_path / "normal", resume=True, **quiet)
+    with pytest.raises(ValueError, match="needs train.refit: true"):
+        fit(_cfg(refit_epochs=2), split, **quiet)

@@ -56,11 +56,12 @@ def cmd_train(args) -> int:
         r = fit(run_cfg, split, out_dir=out, resume=args.resume, progress=None if not args.no_progress else False)
         r.pop("model_obj")
         results.append(r)
-        print(f"seed {seed}: test {_metrics_line(r['test'])}  -> {out}")
-        if "refit" in r:
+        only = f" (refit only: {r['refit']['epochs']} epochs on training + validation)" if r.get("refit", {}).get("only") else ""
+        print(f"seed {seed}: test{only} {_metrics_line(r['test'])}  -> {out}")
+        if "refit" in r and not r["refit"].get("only"):
             print(f"seed {seed}: test after refit {_metrics_line(r['refit']['test'])}")
     summary = {"test": summarize_seeds(results)["metrics"]}
-    if all("refit" in r for r in results):
+    if all("refit" in r and not r["refit"].get("only") for r in results):
         summary["test_after_refit"] = summarize_seeds(after_refit(results))["metrics"]
     print(json.dumps(summary, indent=1))
     if args.bench_name:

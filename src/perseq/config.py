@@ -51,6 +51,9 @@ class TrainConfig:
     # after early stopping, train a fresh model (same seed) on training + validation events
     # for the best epoch count and test that one (leave-one-out only; see fit)
     refit: bool = False
+    # with refit: skip the early-stopping phase and refit for this many epochs straight away
+    # (generative-recommenders' protocol: 101 epochs on every event but the test one)
+    refit_epochs: int | None = None
 
 
 @dataclass(frozen=True)

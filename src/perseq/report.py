@@ -71,10 +71,15 @@ def git_commit() -> str:
 def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path = "benchmarks/results", extra: dict | None = None) -> Path:
     """With ``train.refit`` the headline metrics are the refitted models' (protocol
     ``refit: true``) and the early-stopped models' test metrics stay under
-    ``metrics_before_refit``."""
+    ``metrics_before_refit``; refit-only runs (``train.refit_epochs``) have no
+    early-stopped models, and the protocol names their fixed epoch count."""
     refit = bool(getattr(cfg.train, "refit", False))
     if refit and not all("refit" in r for r in results):
         raise ValueError("train.refit is on but some runs have no refit results (unfinished?)")
+    only = [bool(r["refit"].get("only")) for r in results] if refit else [False]
+    if len(set(only)) > 1:
+        raise ValueError("some runs are refit-only (train.refit_epochs) and some are not: they are two protocols")
+    only = only[0]
     headline = after_refit(results) if refit else results
     s = summarize_seeds(headline)
     payload = {
@@ -89,10 +94,11 @@ def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path
             "train_windows": cfg.data.windows,
             "loss": cfg.loss.name,
             "refit": refit,
+            **({"refit_epochs": results[0]["refit"]["epochs"]} if only else {}),
         },
         "seeds": s["seeds"],
         "metrics": s["metrics"],
-        **({"metrics_before_refit": summarize_seeds(results)["metrics"]} if refit else {}),
+        **({"metrics_before_refit": summarize_seeds(results)["metrics"]} if refit and not only else {}),
         "best_epochs": [r["best_epoch"] for r in results],
         "epoch_seconds": float(np.mean([r["epoch_seconds"] for r in results if r.get("epoch_seconds")])),
         "hardware": results[0]["hardware"],

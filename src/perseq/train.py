@@ -152,8 +152,13 @@ def fit(
     the same metrics as an uninterrupted one (batch order is a function of seed and epoch;
     RNG and optimizer state are restored)."""
     tc = cfg.train
+    if tc.refit_epochs is not None and (not tc.refit or tc.refit_epochs < 1):
+        raise ValueError(f"train.refit_epochs={tc.refit_epochs!r}: it is the epoch count of a refit without an "
+                         "early-stopping phase, so it needs train.refit: true and at least 1 epoch")
     if tc.refit:
         refit_split(split)  # a split refit cannot use fails now, not after hours of training
+    if tc.refit_epochs:
+        return _refit_only(cfg, split, out_dir, resume, progress, log)
     rank, world = _distributed()
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -277,10 +282,33 @@ def _refit(cfg: RunConfig, split: Split, epochs: int, out: Path | None, resume: 
     and the production model would be trained on it anyway. The epoch count is the only
     thing carried over, so the test event still influences nothing."""
     log(f"refit: training on training + validation events for {epochs} epochs")
-    tc = dataclasses.replace(cfg.train, epochs=epochs, eval_every=epochs, patience=epochs + 1, refit=False)
+    tc = dataclasses.replace(cfg.train, epochs=epochs, eval_every=epochs, patience=epochs + 1, refit=False, refit_epochs=None)
     if resume and out is not None and (out / "config.json").exists():
         done_for = json.loads((out / "config.json").read_text())["run"]["train"]["epochs"]
         if done_for != epochs:  # the main phase went on and chose another epoch count
             log(f"refit: {out} was refitted for {done_for} epochs; starting over for {epochs}")
             resume = False
     return fit(dataclasses.replace(cfg, train=tc), refit_split(split), out, resume=resume, progress=progress, log=lambda s: log("  refit " + s.replace("valid ", "valid (trained on) ")))
+
+
+def _refit_only(cfg: RunConfig, split: Split, out_dir, resume: bool, progress, log) -> dict:
+    """``train.refit_epochs``: no early-stopping phase. Train on every event but the test one
+    for a fixed epoch count and test once: the protocol of the published HSTU numbers
+    (generative-recommenders trains ML-1M on each sequence minus its last event for 101
+    epochs). Nothing is selected on validation, whose events are training data here, so the
+    epoch count has to come from outside this run (a paper, or an earlier early-stopped run).
+    The result has the refit's metrics as both ``test`` and ``refit.test`` (``refit.only``
+    says there was no other phase) and no validation metrics."""
+    epochs = cfg.train.refit_epochs
+    out = None if out_dir is None else Path(out_dir)
+    if resume and out is not None and (out / "config.json").exists():
+        saved = json.loads((out / "config.json").read_text())["run"]["train"]
+        if (saved.get("epochs"), saved.get("eval_every"), saved.get("refit")) != (epochs, epochs, False):
+            raise ValueError(f"cannot resume {out} as a refit-only run of {epochs} epochs: it holds another kind of run "
+                             "(an early-stopping phase, or another epoch count); use another --out or drop --resume")
+    r = _refit(cfg, split, epochs, out, resume, progress, log)
+    r["refit"] = {"epochs": epochs, "test": r["test"], "epoch_seconds": r["epoch_seconds"], "only": True}
+    r["valid"] = None  # its events were trained on
+    if out is not None and _distributed()[0] == 0:
+        (out / "results.json").write_text(json.dumps({k: v for k, v in r.items() if k != "model_obj"}, indent=1))
+    return r
