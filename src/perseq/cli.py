@@ -56,9 +56,10 @@ def cmd_train(args) -> int:
         r = fit(run_cfg, split, out_dir=out, resume=args.resume, progress=None if not args.no_progress else False)
         r.pop("model_obj")
         results.append(r)
-        only = f" (refit only: {r['refit']['epochs']} epochs on training + validation)" if r.get("refit", {}).get("only") else ""
-        print(f"seed {seed}: test{only} {_metrics_line(r['test'])}  -> {out}")
-        if "refit" in r and not r["refit"].get("only"):
+        only = r.get("refit", {}).get("only", False)
+        note = f" (refit only: {r['refit']['epochs']} epochs on training + validation)" if only else ""
+        print(f"seed {seed}: test{note} {_metrics_line(r['test'])}  -> {out}")
+        if "refit" in r and not only:
             print(f"seed {seed}: test after refit {_metrics_line(r['refit']['test'])}")
     summary = {"test": summarize_seeds(results)["metrics"]}
     if all("refit" in r and not r["refit"].get("only") for r in results):

@@ -257,10 +257,15 @@ def fit(
         refit = _refit(cfg, split, state["best_epoch"], None if out is None else out / "refit", resume, progress, log)
         result["refit"] = {"epochs": state["best_epoch"], "test": refit["test"], "epoch_seconds": refit["epoch_seconds"]}
         model = refit["model_obj"]
-    if out is not None and rank == 0:
-        (out / "results.json").write_text(json.dumps(result, indent=1))
+    _write_results(out, result)
     result["model_obj"] = model
     return result
+
+
+def _write_results(out: Path | None, result: dict) -> None:
+    """A run folder's results.json (written by rank 0; the model object stays out)."""
+    if out is not None and _distributed()[0] == 0:
+        (out / "results.json").write_text(json.dumps({k: v for k, v in result.items() if k != "model_obj"}, indent=1))
 
 
 def refit_split(split: Split) -> Split:
@@ -309,6 +314,5 @@ def _refit_only(cfg: RunConfig, split: Split, out_dir, resume: bool, progress, l
     r = _refit(cfg, split, epochs, out, resume, progress, log)
     r["refit"] = {"epochs": epochs, "test": r["test"], "epoch_seconds": r["epoch_seconds"], "only": True}
     r["valid"] = None  # its events were trained on
-    if out is not None and _distributed()[0] == 0:
-        (out / "results.json").write_text(json.dumps({k: v for k, v in r.items() if k != "model_obj"}, indent=1))
+    _write_results(out, r)  # again: the refit's own file lacks the refit-only marks
     return r
