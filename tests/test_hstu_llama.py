@@ -169,6 +169,67 @@ def test_hstu_block_matches_the_formula():
     assert torch.allclose(m.encode(x, ts)[0], Y, atol=1e-5)
 
 
+@pytest.mark.parametrize("per_row_bias", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_pointwise_attention_equals_the_torch_line(per_row_bias, threads):
+    """The numba kernels (float32 CPU) give the values and the gradients (scores and bias) of
+    SiLU(S + bias) / n ⊙ causal computed by torch in float64, for a bias shared by the batch
+    and one per row, with scores large enough that exp overflows (|z| up to 120), for one
+    thread and for rows split between two."""
+    from perseq.ops.hstu_numba import CausalSiluAttention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, T, n = 5, 2, 9, 16
+    s = (torch.randn(B, H, T, T, generator=g) * 3)
+    s[0, 0, 4, :3] = torch.tensor([120.0, -120.0, 90.0])
+    s.requires_grad_()
+    bias = torch.randn(B if per_row_bias else 1, T, T, generator=g).requires_grad_()
+    up = torch.randn(B, H, T, T, generator=g)  # an upstream gradient
+    causal = torch.tril(torch.ones(T, T, dtype=torch.float64))
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the kernels take torch's thread count
+    try:
+        a = CausalSiluAttention.apply(s, bias, n)
+        gs, gb = torch.autograd.grad(a, [s, bias], up)
+    finally:
+        torch.set_num_threads(prev)
+    s64, b64 = s.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    ref = torch.nn.functional.silu(s64 + b64[:, None]) / n * causal
+    rs, rb = torch.autograd.grad(ref, [s64, b64], up.double())
+    assert (a.detach()[..., ~causal.bool()] == 0).all() and (gs[..., ~causal.bool()] == 0).all()
+    torch.testing.assert_close(a.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gs.double(), rs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb.double(), rb, rtol=1e-5, atol=1e-5)
+    assert a[0, 0, 4, 0].item() == pytest.approx((120 + bias[0, 4, 0].item()) / n, rel=1e-5)  # silu(z) = z
+    assert math.isfinite(gs[0, 0, 4, 1].item()) and abs(a[0, 0, 4, 1].item()) < 1e-30  # silu(-120) ≈ 0, not NaN
+
+
+@pytest.mark.parametrize("with_times", [False, True])
+def test_hstu_encode_and_gradients_equal_with_and_without_the_fused_kernels(monkeypatch, with_times):
+    """The whole model, training mode off: encode and every parameter's gradient agree
+    between the fused CPU kernels and the reference torch line (the path on GPU)."""
+    import perseq.models.hstu as hstu_mod
+
+    assert hstu_mod._hstu_numba is not None  # numba is a dependency: the fast path is on
+    m = _hstu(n_heads=2, n_blocks=2)
+    x, ts = _items(4, L), (_times(4, L) if with_times else None)
+
+    def run():
+        m.zero_grad()
+        h = m.encode(x, ts)
+        (h * torch.linspace(-1, 1, h.shape[-1])).sum().backward()
+        return h.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+
+    h_fast, g_fast = run()
+    monkeypatch.setattr(hstu_mod, "_hstu_numba", None)
+    h_ref, g_ref = run()
+    torch.testing.assert_close(h_fast, h_ref, rtol=1e-5, atol=1e-6)
+    assert g_fast.keys() == g_ref.keys() and "blocks.0.pos_w" in g_ref
+    assert ("blocks.1.ts_w" in g_ref) == with_times
+    for k in g_ref:
+        torch.testing.assert_close(g_fast[k], g_ref[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_hstu_large_preset():
     assert HSTU_LARGE == {"n_blocks": 8, "n_heads": 2}
     cfg = HSTULarge.Config(n_items=10)

@@ -35,6 +35,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--loss", default="ce", choices=["ce", "sampled", "bce", "gbce"])
     ap.add_argument("--n-neg", type=int, default=128)
+    ap.add_argument("--negatives", default="shared", choices=["shared", "per_row"], help="sampled loss: negatives "
+                    "shared by the batch or drawn per target row")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampled loss temperature")
+    ap.add_argument("--hstu-attention", default="fused", choices=["fused", "torch"],
+                    help="HSTU's pointwise attention: the fused CPU kernels (default) or the reference torch line "
+                         "(to measure what the kernels gain)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--windows", default="all", choices=["all", "last"])
     ap.add_argument("--threads", type=int, default=None)
@@ -43,6 +49,10 @@ def main(argv=None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     seed_everything(0)
+    if a.hstu_attention == "torch":
+        from ..models import hstu
+
+        hstu._hstu_numba = None  # this process only: the command measures one setting per process
 
     t0 = time.perf_counter()
     data, _ = load_data(DataConfig(dataset=a.dataset), log=lambda s: None)
@@ -54,7 +64,7 @@ def main(argv=None) -> dict:
     model = build_model(a.model, data.n_items, max_len=a.max_len, **params)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     windows = TrainWindows(split, a.max_len, a.windows, cloze=model.objective == "cloze")
-    loss_fn = get_loss(LossConfig(name=a.loss, n_neg=a.n_neg), train_item_counts(split))
+    loss_fn = get_loss(LossConfig(name=a.loss, n_neg=a.n_neg, negatives=a.negatives, temperature=a.temperature), train_item_counts(split))
     order = windows.batch_order(a.batch_size, seed=0)
     for idx in order[:2]:  # warm-up: first-call allocations and kernel selection
         train_step(model, windows.make_batch(idx), loss_fn, opt, grad_clip=1.0)
@@ -65,7 +75,8 @@ def main(argv=None) -> dict:
     res = {
         "dataset": a.dataset,
         "model": a.model,
-        "loss": a.loss if a.loss != "sampled" else f"sampled({a.n_neg})",
+        "loss": a.loss if a.loss != "sampled" else f"sampled({a.n_neg}, {a.negatives}, t={a.temperature})",
+        "hstu_attention": a.hstu_attention if a.model.startswith("hstu") else None,
         "max_len": a.max_len,
         "d": a.d,
         "blocks": a.blocks,
