@@ -19,6 +19,25 @@ def test_speed_point_and_outputs(tmp_path):
     assert (tmp_path / "again.md").read_text() == md and json.loads((tmp_path / "again.json").read_text()) == out
 
 
+def test_epoch_benchmark_measures_hstu_with_the_reference_attention_and_restores_the_kernels(tmp_path, monkeypatch):
+    """--hstu-attention torch times the torch line: the kernel is not called during the
+    epoch, the setting is recorded, and the fused path is back afterwards."""
+    from perseq.models import hstu
+    from perseq.ops import hstu_numba
+
+    calls = []
+    real = hstu_numba.CausalSiluAttention.apply
+    monkeypatch.setattr(hstu_numba.CausalSiluAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    args = ["--dataset", "synthetic", "--model", "hstu", "--max-len", "12", "--d", "8", "--windows", "last",
+            "--batch-size", "1024", "--loss", "sampled",
+            "--negatives", "per_row", "--temperature", "0.05"]
+    r = epoch.main(args + ["--hstu-attention", "torch"])
+    assert r["hstu_attention"] == "torch" and r["loss"] == "sampled(128, per_row, t=0.05)" and not calls
+    assert hstu._hstu_numba is hstu_numba
+    r = epoch.main(args)
+    assert r["hstu_attention"] == "fused" and calls
+
+
 def test_epoch_benchmark_counts_every_training_target(tmp_path):
     r = epoch.main(["--dataset", "synthetic", "--max-len", "20", "--d", "16", "--out", str(tmp_path / "e.json")])
     saved = json.loads((tmp_path / "e.json").read_text())

@@ -72,12 +72,16 @@ class SyntheticGenerator:
         c = self.cfg
         return (1 - c.lam_quirk) * np.where(gap_is_short, c.lam_short_fast, c.lam_short_slow)
 
-    def next_distribution(self, users: np.ndarray, prev: np.ndarray, gap_is_short: np.ndarray) -> np.ndarray:
-        """(B, I) true next-item probabilities (0-based item index)."""
+    def next_distribution(self, users: np.ndarray, prev: np.ndarray, gap_is_short: np.ndarray,
+                          mixture: np.ndarray | None = None) -> np.ndarray:
+        """(B, I) true next-item probabilities (0-based item index). ``mixture``: the users'
+        long-term item distributions ``pi[users] @ w`` (B, I) if the caller has them."""
         c = self.cfg
         ls = self._lam_short(gap_is_short)[:, None]
         ll = (1 - c.lam_quirk) - ls
-        p = ls * self.T[prev] + ll * (self.pi[users] @ self.w)
+        if mixture is None:
+            mixture = self.pi[users] @ self.w
+        p = ls * self.T[prev] + ll * mixture
         q = np.zeros_like(p)
         np.put_along_axis(q, self.quirks[users], c.lam_quirk / c.quirk_size, axis=1)
         return p + q
@@ -95,8 +99,10 @@ class SyntheticGenerator:
         users = np.arange(U)
         first_c = _sample_rows(self.pi, rng)
         seqs[:, 0] = _sample_rows(self.w[first_c], rng)
+        # constant over time: computed once (it was 2/3 of the generation time, per step)
+        mixture = self.pi @ self.w  # (U, I)
         for t in range(1, maxT):
-            p = self.next_distribution(users, seqs[:, t - 1], short[:, t])
+            p = self.next_distribution(users, seqs[:, t - 1], short[:, t], mixture)
             seqs[:, t] = _sample_rows(p, rng)
         mask = np.arange(maxT)[None, :] < lens[:, None]
         offsets = np.zeros(U + 1, dtype=np.int64)
