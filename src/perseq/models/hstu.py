@@ -92,7 +92,7 @@ def time_buckets(gaps: torch.Tensor, num_buckets: int = 128) -> torch.Tensor:
 def causal_silu_attention(s, bias, n, causal):
     """SiLU(S + bias) / n ⊙ causal: S (B, H, T, T); bias (T, T) or (B, 1, T, T); causal the
     (T, T) lower-triangular 0/1 mask. The line below is the reference; float32 on CPU takes
-    the fused kernels of ``ops/hstu_numba.py`` (same values; ~10x faster for this part)."""
+    the fused kernels of ``ops/hstu_numba.py`` (same values; ~3.5x faster for this part)."""
     if _hstu_numba is not None and _hstu_numba.applicable(s, bias):
         T = s.shape[-1]
         return _hstu_numba.CausalSiluAttention.apply(s, bias.reshape(-1, T, T), n)  # bias (1 or B, T, T)

@@ -4,11 +4,12 @@ tests/test_hstu_llama.py).
 
 Why a kernel: in torch that line is four passes over a (B, H, T, T) tensor forward (add,
 SiLU, divide, mask) and four backward, plus the bias gradient, a sum of the (B, H, T, T)
-gradient over batch and heads that the broadcast leaves to a slow strided reduction. At
-HSTU-large's ML-1M batch (B 128, H 2, T 200) that was ~0.7 s of a ~2 s training step per
-block stack on one thread. Here the forward is one pass and the backward one pass that also
-accumulates the bias gradient, both over the causal lower triangle only (the upper one is
-written as zeros): ~10x less time for this part of the step.
+gradient over batch and heads that the broadcast leaves to a strided reduction. In a
+one-thread profile of an HSTU-large ML-1M training step (B 128, H 2, T 200, 8 blocks; two
+other trainings on the machine) those ops took 1.05 s of 2.5 s. Here the forward is one pass
+and the backward one pass that also accumulates the bias gradient, both over the causal
+lower triangle only (the upper one is written as zeros): 0.30 s in the same profile, and an
+epoch 88 -> 71 s (BENCHMARKS.md, "HSTU on CPU").
 
 * the backward recomputes z = S + bias from the saved S and bias (nothing extra is stored:
   torch's SiLU keeps its input too);
