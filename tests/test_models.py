@@ -60,6 +60,22 @@ def test_cloze_mask_masks_only_real_tokens_and_at_least_one():
     assert inp.tolist() == [[3, 4, m.mask_id, 0], [7, m.mask_id, 0, 0]]
 
 
+@pytest.mark.parametrize("p", [0.2, 0.6])
+def test_cloze_mask_masks_the_configured_share_of_real_tokens(p):
+    # the mask proportion is per dataset in the BERT4Rec paper (0.2 ML-1M, 0.6 Beauty):
+    # check the rate actually applied, and that padding and unmasked slots carry no target
+    m = _model("bert4rec", mask_prob=p)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 51, (400, 50), generator=g)
+    x[:, 40:] = 0  # padding
+    inp, tgt = m.cloze_mask(x, generator=g)
+    masked = inp == m.mask_id
+    assert not masked[:, 40:].any() and (tgt[:, 40:] == 0).all()
+    assert torch.equal(tgt[masked], x[masked]) and (tgt[~masked] == 0).all()
+    share = masked[:, :40].float().mean().item()  # 16,000 draws: sd = sqrt(p(1-p)/16000) < 0.004
+    assert abs(share - p) < 0.015, share
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_scores_never_recommend_padding(name):
     m = _model(name)
