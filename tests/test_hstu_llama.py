@@ -169,39 +169,56 @@ def test_hstu_block_matches_the_formula():
     assert torch.allclose(m.encode(x, ts)[0], Y, atol=1e-5)
 
 
-@pytest.mark.parametrize("per_row_bias", [False, True])
+@pytest.mark.parametrize("timed", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fused_pointwise_attention_equals_the_torch_line(per_row_bias, threads):
-    """The numba kernels (float32 CPU) give the values and the gradients (scores and bias) of
-    SiLU(S + bias) / n ⊙ causal computed by torch in float64, for a bias shared by the batch
-    and one per row, with scores large enough that exp overflows (|z| up to 120), for one
-    thread and for rows split between two."""
+def test_fused_pointwise_attention_equals_the_torch_line(timed, threads):
+    """The numba kernels (float32 CPU) give the values and the gradients (scores, position
+    and time bias tables) of SiLU(S + pos_w[i - j] (+ ts_w[bucket])) / n ⊙ causal computed by
+    torch in float64, with scores large enough that exp overflows (|z| up to 120), for one
+    thread and for rows split between two. The position table is longer than T, as in a
+    model whose sequences are shorter than max_len (its tail gets no gradient)."""
     from perseq.ops.hstu_numba import CausalSiluAttention
 
     g = torch.Generator().manual_seed(0)
-    B, H, T, n = 5, 2, 9, 16
+    B, H, T, P, NB, n = 5, 2, 9, 12, 6, 16
     s = (torch.randn(B, H, T, T, generator=g) * 3)
     s[0, 0, 4, :3] = torch.tensor([120.0, -120.0, 90.0])
     s.requires_grad_()
-    bias = torch.randn(B if per_row_bias else 1, T, T, generator=g).requires_grad_()
+    pos_w = torch.randn(P, generator=g).requires_grad_()
+    ts_w = torch.randn(NB + 1, generator=g).requires_grad_() if timed else None
+    buckets = torch.randint(0, NB + 1, (B, T, T), generator=g) if timed else None
     up = torch.randn(B, H, T, T, generator=g)  # an upstream gradient
     causal = torch.tril(torch.ones(T, T, dtype=torch.float64))
+    inputs = [s, pos_w] + ([ts_w] if timed else [])
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)  # the kernels take torch's thread count
     try:
-        a = CausalSiluAttention.apply(s, bias, n)
-        gs, gb = torch.autograd.grad(a, [s, bias], up)
+        a = CausalSiluAttention.apply(s, pos_w, ts_w, None if buckets is None else buckets.to(torch.int32), n)
+        grads = torch.autograd.grad(a, inputs, up)
     finally:
         torch.set_num_threads(prev)
-    s64, b64 = s.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
-    ref = torch.nn.functional.silu(s64 + b64[:, None]) / n * causal
-    rs, rb = torch.autograd.grad(ref, [s64, b64], up.double())
-    assert (a.detach()[..., ~causal.bool()] == 0).all() and (gs[..., ~causal.bool()] == 0).all()
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    rel = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).clamp(min=0)
+    bias = ref_inputs[1][rel]  # (T, T)
+    if timed:
+        bias = (bias + ref_inputs[2][buckets])[:, None]  # (B, 1, T, T)
+    ref = torch.nn.functional.silu(ref_inputs[0] + bias) / n * causal
+    ref_grads = torch.autograd.grad(ref, ref_inputs, up.double())
+    assert (a.detach()[..., ~causal.bool()] == 0).all() and (grads[0][..., ~causal.bool()] == 0).all()
     torch.testing.assert_close(a.double(), ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gs.double(), rs, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gb.double(), rb, rtol=1e-5, atol=1e-5)
-    assert a[0, 0, 4, 0].item() == pytest.approx((120 + bias[0, 4, 0].item()) / n, rel=1e-5)  # silu(z) = z
-    assert math.isfinite(gs[0, 0, 4, 1].item()) and abs(a[0, 0, 4, 1].item()) < 1e-30  # silu(-120) ≈ 0, not NaN
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert (grads[1][T:] == 0).all() and grads[1][:T].abs().min() > 0
+    z = 120 + pos_w[4].item() + (ts_w[buckets[0, 4, 0]].item() if timed else 0.0)
+    assert a[0, 0, 4, 0].item() == pytest.approx(z / n, rel=1e-5)  # silu(z) = z
+    assert math.isfinite(grads[0][0, 0, 4, 1].item()) and abs(a[0, 0, 4, 1].item()) < 1e-30  # silu(-120) ≈ 0, not NaN
+
+
+def test_fused_pointwise_attention_refuses_a_short_position_table():
+    from perseq.ops.hstu_numba import CausalSiluAttention
+
+    with pytest.raises(ValueError, match="position bias table has 4 entries, sequence length is 6"):
+        CausalSiluAttention.apply(torch.zeros(1, 1, 6, 6), torch.zeros(4), None, None, 6)
 
 
 @pytest.mark.parametrize("with_times", [False, True])

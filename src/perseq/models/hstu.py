@@ -84,19 +84,28 @@ def time_buckets(gaps: torch.Tensor, num_buckets: int = 128) -> torch.Tensor:
     """Log-bucketed time gaps: ``floor(ln(max(1, |gap|)) / 0.301)`` clipped to
     [0, num_buckets], exactly the reference's ``bucketization_fn``. Note the reference
     divides the *natural* log by 0.301 (= log10 2), so buckets are ~3.3x finer than log2:
-    gap 10 -> 7, 1000 -> 22, one day (86400 s) -> 37. Sign is ignored."""
-    g = gaps.abs().clamp(min=1).to(torch.float32)  # float32 log as in the reference
-    return (torch.log(g) / 0.301).long().clamp(0, num_buckets)
+    gap 10 -> 7, 1000 -> 22, one day (86400 s) -> 37. Sign is ignored. int32 (an index type
+    for torch, half of int64's memory: encode makes B·T² of them); in place after the first
+    copy, which matters at long T."""
+    g = gaps.abs().clamp_(min=1).to(torch.float32)  # float32 log as in the reference
+    return g.log_().div_(0.301).to(torch.int32).clamp_(0, num_buckets)
 
 
-def causal_silu_attention(s, bias, n, causal):
-    """SiLU(S + bias) / n ⊙ causal: S (B, H, T, T); bias (T, T) or (B, 1, T, T); causal the
-    (T, T) lower-triangular 0/1 mask. The line below is the reference; float32 on CPU takes
-    the fused kernels of ``ops/hstu_numba.py`` (same values; ~3.5x faster for this part)."""
-    if _hstu_numba is not None and _hstu_numba.applicable(s, bias):
-        T = s.shape[-1]
-        return _hstu_numba.CausalSiluAttention.apply(s, bias.reshape(-1, T, T), n)  # bias (1 or B, T, T)
-    return F.silu(s + bias) / n * causal
+def causal_silu_attention(s, pos_w, ts_w, buckets, n):
+    """A = SiLU(S + rab_pos + rab_time) / n ⊙ causal: S (B, H, T, T); rab_pos[i, j] =
+    pos_w[i - j] (pos_w (P,), P ≥ T); rab_time[b, i, j] = ts_w[buckets[b, i, j]] when buckets
+    (B, T, T) is given; both biases are shared by the heads. The lines below are the
+    reference; float32 on CPU takes the fused kernels of ``ops/hstu_numba.py`` (same values),
+    which also read the biases from their tables instead of materializing them."""
+    if _hstu_numba is not None and _hstu_numba.applicable(s):
+        return _hstu_numba.CausalSiluAttention.apply(s, pos_w, ts_w if buckets is not None else None, buckets, n)
+    T = s.shape[-1]
+    pos = torch.arange(T, device=s.device)
+    rel = pos[:, None] - pos[None, :]  # (T, T) = i - j
+    bias = pos_w[rel.clamp(min=0)]  # (T, T)
+    if buckets is not None:
+        bias = (bias + ts_w[buckets]).unsqueeze(1)  # (B, 1, T, T)
+    return F.silu(s + bias) / n * (rel >= 0)
 
 
 class HSTUBlock(nn.Module):
@@ -133,21 +142,19 @@ class HSTUBlock(nn.Module):
             bias = bias + self.ts_w[buckets]
         return bias
 
-    def forward(self, x, rel, causal, buckets):
-        # x (B, T, D); rel (T, T) long; causal (T, T) float 0/1; buckets (B, T, T) long | None
+    def forward(self, x, buckets):
+        # x (B, T, D); buckets (B, T, T) time-gap buckets | None
         B, T, _ = x.shape
         H = self.n_heads
         u, v, q, k = self._uvqk(x)
         q = q.view(B, T, H, self.dqk).transpose(1, 2)  # (B, H, T, dqk)
         k = k.view(B, T, H, self.dqk).transpose(1, 2)  # (B, H, T, dqk)
         v = v.view(B, T, H, self.dv).transpose(1, 2)  # (B, H, T, dv)
-        bias = self._bias(rel, buckets)  # (T, T) or (B, T, T)
-        if bias.dim() == 3:
-            bias = bias.unsqueeze(1)  # (B, 1, T, T), shared by the heads
         # n = max_len, a constant (the reference divides by the padded length, which its data
         # pipeline always pads to the max sequence length); a constant keeps a position's
         # output independent of how much right padding its batch carries
-        a = causal_silu_attention(q @ k.transpose(-2, -1), bias, self.max_len, causal)  # (B, H, T, T)
+        ts_w = self.ts_w if buckets is not None else None
+        a = causal_silu_attention(q @ k.transpose(-2, -1), self.pos_w, ts_w, buckets, self.max_len)  # (B, H, T, T)
         av = (a @ v).transpose(1, 2).reshape(B, T, H * self.dv)  # (B, T, H*dv)
         return self._out(x, u, av)
 
@@ -220,17 +227,15 @@ class HSTU(SeqRecModel):
             raise ValueError(f"sequence length {T} exceeds max_len {self.max_len}")
         pos = torch.arange(T, device=items.device)
         x = self._embed(items, pos)  # (B, T, D)
-        rel = (pos[:, None] - pos[None, :]).clamp(0, self.max_len - 1)  # (T, T) = i - j
-        # right padding: real positions precede padding, so the causal mask alone keeps
-        # padding out of their view; padding rows see only finite values (no NaN)
-        causal = (pos[:, None] >= pos[None, :]).to(x.dtype)  # (T, T)
-        # gap of query i's time (its own event's, or the next one's) to key j's
+        # right padding: real positions precede padding, so the causal mask (in the blocks)
+        # alone keeps padding out of their view; padding rows see only finite values (no NaN).
+        # Time bias: gap of query i's time (its own event's, or the next one's) to key j's
         buckets = None
         if self._use_time(times):
             qt = self._query_times(times, query_times)  # (B, T)
             buckets = time_buckets(qt[:, :, None] - times[:, None, :], self.cfg.num_time_buckets)  # (B, T, T)
         for block in self.blocks:
-            x = block(x, rel, causal, buckets)
+            x = block(x, buckets)
         return self._finish(x)  # (B, T, D)
 
     def output_embeddings(self):

@@ -1,6 +1,6 @@
 """HSTU's pointwise attention weights as one fused CPU kernel pair (numba): the CPU fast path
-of ``A = SiLU(S + bias) / n ⊙ causal`` in ``models/hstu.py`` (same values, same gradients;
-tests/test_hstu_llama.py).
+of ``A = SiLU(S + rab_pos + rab_time) / n ⊙ causal`` in ``models/hstu.py`` (same values, same
+gradients; tests/test_hstu_llama.py).
 
 Why a kernel: in torch that line is four passes over a (B, H, T, T) tensor forward (add,
 SiLU, divide, mask) and four backward, plus the bias gradient, a sum of the (B, H, T, T)
@@ -11,12 +11,15 @@ and the backward one pass that also accumulates the bias gradient, both over the
 lower triangle only (the upper one is written as zeros): 0.30 s in the same profile, and an
 epoch 88 -> 71 s (BENCHMARKS.md, "HSTU on CPU").
 
-* the backward recomputes z = S + bias from the saved S and bias (nothing extra is stored:
+* the relative biases are read from their tables inside the loop (rab_pos[i, j] =
+  pos_w[i - j], rab_time[b, i, j] = ts_w[bucket]) and their gradients are summed straight into
+  the tables. Materializing the (T, T) / (B, T, T) bias and leaving its gradient to torch's
+  indexing backward (a sort-based index_put over B·T² entries) cost more than the attention
+  itself at long T: an HSTU training step at T = 2048 (B 4) spent ~55% of its time there.
+* the backward recomputes z from the saved S and the tables (nothing extra is stored:
   torch's SiLU keeps its input too);
-* rows (batch entries) run in parallel, one contiguous share per thread. A bias shared by
-  the batch (position bias only: shape (1, T, T)) gets one partial gradient per share,
-  summed by torch afterwards; a per-row bias (with the time bias: (B, T, T)) is written
-  only by the share that owns the row: no races either way.
+* rows (batch entries) run in parallel, one contiguous share per thread, each summing its
+  bias gradients into its own float64 row, added up by torch afterwards: no races.
 * SiLU'(z) = σ(z) (1 + z (1 - σ(z))), with the scan's σ (``scan_numba._sigmoid``: exp(-|z|)
   by a polynomial LLVM vectorizes; with libm's scalar exp the pair measured ~15% slower).
 """
@@ -31,76 +34,106 @@ from .scan_numba import _ONE, _sigmoid, kernel_threads
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _fwd(s, bias, inv_n, n_parts, a):
-    """a[b, h, i, j] = silu(s + bias[b or 0]) * inv_n for j <= i, else 0."""
+def _fwd(s, rpos, ts_w, buckets, inv_n, n_parts, a):
+    """a[b, h, i, j] = silu(s + (pos_w[i - j] + ts_w[buckets[b, i, j]])) * inv_n for j <= i,
+    else 0; without time bias (buckets of shape (0, 0, 0)) the ts_w term is left out.
+    rpos = pos_w reversed (P,): row i's position biases rpos[P-1-i : P] run forward in j."""
     B, H, T, _ = s.shape
-    per_row = bias.shape[0] > 1
+    P = rpos.shape[0]
+    timed = buckets.shape[0] > 0
     share = (B + n_parts - 1) // n_parts
     for blk in prange(n_parts):
         for b in range(blk * share, min(B, (blk + 1) * share)):
-            bb = b if per_row else 0
             for h in range(H):
                 for i in range(T):
-                    srow, brow, arow = s[b, h, i], bias[bb, i], a[b, h, i]
-                    for j in range(i + 1):
-                        z = srow[j] + brow[j]
-                        arow[j] = z * _sigmoid(z) * inv_n
+                    srow, arow, prow = s[b, h, i], a[b, h, i], rpos[P - 1 - i:]
+                    if timed:
+                        brow = buckets[b, i]
+                        for j in range(i + 1):
+                            z = srow[j] + (prow[j] + ts_w[brow[j]])
+                            arow[j] = z * _sigmoid(z) * inv_n
+                    else:
+                        for j in range(i + 1):
+                            z = srow[j] + prow[j]
+                            arow[j] = z * _sigmoid(z) * inv_n
                     for j in range(i + 1, T):
                         arow[j] = 0
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _bwd(s, bias, inv_n, n_parts, g, gs, gbias_parts):
-    """gs = g * silu'(s + bias) * inv_n on the lower triangle (0 above); gbias_parts
-    (n_parts, 1, T, T) for a shared bias (each share's sum over its rows and heads) or
-    (1, B, T, T) for a per-row bias (each row's sum over heads)."""
+def _bwd(s, rpos, ts_w, buckets, inv_n, n_parts, g, gs, grpos_parts, gts_parts):
+    """gs = g * silu'(z) * inv_n on the lower triangle (0 above); each share of rows adds its
+    part of the bias gradients into its own row of grpos_parts (n_parts, P) (reversed, as
+    rpos) and gts_parts (n_parts, n_buckets + 1) (by bucket), float64 accumulators."""
     B, H, T, _ = s.shape
-    per_row = bias.shape[0] > 1
+    P = rpos.shape[0]
+    timed = buckets.shape[0] > 0
     share = (B + n_parts - 1) // n_parts
     for blk in prange(n_parts):
+        grpos, gts = grpos_parts[blk], gts_parts[blk]
         for b in range(blk * share, min(B, (blk + 1) * share)):
-            bb = b if per_row else 0
-            gpart = gbias_parts[0, b] if per_row else gbias_parts[blk, 0]
             for h in range(H):
                 for i in range(T):
-                    srow, brow, grow, gsrow, gbrow = s[b, h, i], bias[bb, i], g[b, h, i], gs[b, h, i], gpart[i]
-                    for j in range(i + 1):
-                        z = srow[j] + brow[j]
-                        sig = _sigmoid(z)
-                        v = grow[j] * sig * (_ONE + z * (_ONE - sig)) * inv_n
-                        gsrow[j] = v
-                        gbrow[j] += v
+                    srow, grow, gsrow = s[b, h, i], g[b, h, i], gs[b, h, i]
+                    prow, gprow = rpos[P - 1 - i:], grpos[P - 1 - i:]
+                    if timed:
+                        brow = buckets[b, i]
+                        for j in range(i + 1):
+                            z = srow[j] + (prow[j] + ts_w[brow[j]])
+                            sig = _sigmoid(z)
+                            v = grow[j] * sig * (_ONE + z * (_ONE - sig)) * inv_n
+                            gsrow[j] = v
+                            gprow[j] += v
+                            gts[brow[j]] += v
+                    else:
+                        for j in range(i + 1):
+                            z = srow[j] + prow[j]
+                            sig = _sigmoid(z)
+                            v = grow[j] * sig * (_ONE + z * (_ONE - sig)) * inv_n
+                            gsrow[j] = v
+                            gprow[j] += v
                     for j in range(i + 1, T):
                         gsrow[j] = 0
 
 
 class CausalSiluAttention(torch.autograd.Function):
-    """A = SiLU(S + bias) / n ⊙ tril(1): S (B, H, T, T); bias (1, T, T) shared by the batch
-    or (B, T, T) per row (shared by the heads either way); float32 CPU tensors."""
+    """A = SiLU(S + rab) / n ⊙ tril(1) with rab[b, i, j] = pos_w[i - j] (+ ts_w[buckets[b, i, j]]):
+    S (B, H, T, T) float32 CPU; pos_w (P,) with P ≥ T; ts_w (n_buckets + 1,) and buckets
+    (B, T, T) integer, or both None (no time bias). The bias is shared by the heads."""
 
     @staticmethod
-    def forward(ctx, s, bias, n):
-        s, bias = s.contiguous(), bias.contiguous()
+    def forward(ctx, s, pos_w, ts_w, buckets, n):
+        T = s.shape[-1]
+        if pos_w.shape[0] < T:
+            raise ValueError(f"position bias table has {pos_w.shape[0]} entries, sequence length is {T}")
+        s, rpos = s.contiguous(), pos_w.detach().flip(0)  # flip copies: contiguous
+        if buckets is None:
+            ts_w, buckets = rpos.new_zeros(0), torch.zeros(0, 0, 0, dtype=torch.int32)
+        else:  # int32, as models/hstu.time_buckets makes them (another type compiles anew)
+            ts_w, buckets = ts_w.detach().contiguous(), buckets.contiguous()
         a = torch.empty_like(s)
         inv_n = np.float32(1.0 / n)
         with kernel_threads():
-            _fwd(s.numpy(), bias.numpy(), inv_n, get_num_threads(), a.numpy())
-        ctx.save_for_backward(s, bias)
+            _fwd(s.numpy(), rpos.numpy(), ts_w.numpy(), buckets.numpy(), inv_n, get_num_threads(), a.numpy())
+        ctx.save_for_backward(s, rpos, ts_w, buckets)
         ctx.inv_n = inv_n
         return a
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        s, bias = ctx.saved_tensors
+        s, rpos, ts_w, buckets = ctx.saved_tensors
         g = g.contiguous()
         gs = torch.empty_like(s)
         with kernel_threads():
-            per_row = bias.shape[0] > 1
-            parts = s.new_zeros(1 if per_row else get_num_threads(), *bias.shape)  # see _bwd
-            _bwd(s.numpy(), bias.numpy(), ctx.inv_n, get_num_threads(), g.numpy(), gs.numpy(), parts.numpy())
-        return gs, parts.sum(0), None
+            parts = get_num_threads()
+            grpos = torch.zeros(parts, rpos.shape[0], dtype=torch.float64)
+            gts = torch.zeros(parts, ts_w.shape[0], dtype=torch.float64)
+            _bwd(s.numpy(), rpos.numpy(), ts_w.numpy(), buckets.numpy(), ctx.inv_n, parts, g.numpy(), gs.numpy(),
+                 grpos.numpy(), gts.numpy())
+        g_ts = gts.sum(0).to(s.dtype) if buckets.shape[0] > 0 else None
+        return gs, grpos.sum(0).flip(0).to(s.dtype), g_ts, None, None
 
 
-def applicable(s: torch.Tensor, bias: torch.Tensor) -> bool:
-    return s.device.type == "cpu" and s.dtype == torch.float32 and bias.dtype == torch.float32
+def applicable(s: torch.Tensor) -> bool:
+    return s.device.type == "cpu" and s.dtype == torch.float32
