@@ -169,18 +169,19 @@ def test_hstu_block_matches_the_formula():
     assert torch.allclose(m.encode(x, ts)[0], Y, atol=1e-5)
 
 
+@pytest.mark.parametrize("P", [9, 12])  # position table as long as the sequence (training pads to max_len) or longer
 @pytest.mark.parametrize("timed", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fused_pointwise_attention_equals_the_torch_line(timed, threads):
+def test_fused_pointwise_attention_equals_the_torch_line(timed, threads, P):
     """The numba kernels (float32 CPU) give the values and the gradients (scores, position
     and time bias tables) of SiLU(S + pos_w[i - j] (+ ts_w[bucket])) / n ⊙ causal computed by
     torch in float64, with scores large enough that exp overflows (|z| up to 120), for one
-    thread and for rows split between two. The position table is longer than T, as in a
-    model whose sequences are shorter than max_len (its tail gets no gradient)."""
+    thread and for rows split between two. A position table longer than T (sequences shorter
+    than max_len) leaves its tail without gradient."""
     from perseq.ops.hstu_numba import CausalSiluAttention
 
     g = torch.Generator().manual_seed(0)
-    B, H, T, P, NB, n = 5, 2, 9, 12, 6, 16
+    B, H, T, NB, n = 5, 2, 9, 6, 16
     s = (torch.randn(B, H, T, T, generator=g) * 3)
     s[0, 0, 4, :3] = torch.tensor([120.0, -120.0, 90.0])
     s.requires_grad_()
@@ -214,11 +215,21 @@ def test_fused_pointwise_attention_equals_the_torch_line(timed, threads):
     assert math.isfinite(grads[0][0, 0, 4, 1].item()) and abs(a[0, 0, 4, 1].item()) < 1e-30  # silu(-120) ≈ 0, not NaN
 
 
-def test_fused_pointwise_attention_refuses_a_short_position_table():
+def test_fused_pointwise_attention_refuses_tables_it_would_index_outside():
     from perseq.ops.hstu_numba import CausalSiluAttention
 
+    s = torch.zeros(1, 1, 6, 6)
     with pytest.raises(ValueError, match="position bias table has 4 entries, sequence length is 6"):
-        CausalSiluAttention.apply(torch.zeros(1, 1, 6, 6), torch.zeros(4), None, None, 6)
+        CausalSiluAttention.apply(s, torch.zeros(4), None, None, 6)
+    buckets = torch.zeros(1, 6, 6, dtype=torch.int32)
+    with pytest.raises(ValueError, match="without the time bias table"):
+        CausalSiluAttention.apply(s, torch.zeros(6), None, buckets, 6)
+    buckets[0, 3, 1] = 5
+    with pytest.raises(ValueError, match=r"span \[0, 5\], the time bias table has 5 entries"):
+        CausalSiluAttention.apply(s, torch.zeros(6), torch.zeros(5), buckets, 6)
+    buckets[0, 3, 1] = -1
+    with pytest.raises(ValueError, match=r"span \[-1, 0\]"):
+        CausalSiluAttention.apply(s, torch.zeros(6), torch.zeros(5), buckets, 6)
 
 
 @pytest.mark.parametrize("with_times", [False, True])

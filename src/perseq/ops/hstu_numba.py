@@ -110,6 +110,11 @@ class CausalSiluAttention(torch.autograd.Function):
         if buckets is None:
             ts_w, buckets = rpos.new_zeros(0), torch.zeros(0, 0, 0, dtype=torch.int32)
         else:  # int32, as models/hstu.time_buckets makes them (another type compiles anew)
+            if ts_w is None:
+                raise ValueError("time buckets given without the time bias table ts_w")
+            lo, hi = torch.aminmax(buckets)  # the kernels index unchecked: refuse what would read or write outside ts_w
+            if lo < 0 or hi >= ts_w.shape[0]:
+                raise ValueError(f"time buckets span [{lo}, {hi}], the time bias table has {ts_w.shape[0]} entries")
             ts_w, buckets = ts_w.detach().contiguous(), buckets.contiguous()
         a = torch.empty_like(s)
         inv_n = np.float32(1.0 / n)
