@@ -76,6 +76,25 @@ def test_cloze_mask_masks_the_configured_share_of_real_tokens(p):
     assert abs(share - p) < 0.015, share
 
 
+def test_cloze_mask_last_only_rows():
+    # last_only_prob: that share of rows masks exactly its last real item and nothing else
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 51, (400, 30), generator=g)
+    lengths = torch.randint(2, 31, (400,), generator=g)
+    x[torch.arange(30)[None, :] >= lengths[:, None]] = 0
+    last_only = torch.zeros_like(x, dtype=torch.bool)
+    last_only[torch.arange(400), lengths - 1] = True
+    m = _model("bert4rec", mask_prob=0.5, last_only_prob=1.0)
+    inp, tgt = m.cloze_mask(x, generator=g)
+    assert torch.equal(inp == m.mask_id, last_only) and torch.equal(tgt[last_only], x[last_only])
+    m = _model("bert4rec", mask_prob=0.5, last_only_prob=0.25)
+    inp, _ = m.cloze_mask(x, generator=g)
+    only = ((inp == m.mask_id) == last_only).all(1)  # rows whose mask is exactly the last item
+    # 400 rows: the share is 0.25 plus the few rows whose random mask happened to be last-only
+    assert 0.18 < only.float().mean().item() < 0.36
+    assert not (inp[x == 0] == m.mask_id).any()
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_scores_never_recommend_padding(name):
     m = _model(name)

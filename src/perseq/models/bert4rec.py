@@ -22,6 +22,11 @@ class BERT4RecConfig:
     n_heads: int = 2
     dropout: float = 0.2
     mask_prob: float = 0.2
+    # share of rows trained on their last item alone (every other item visible), the test
+    # task's shape. The authors' data generator adds one such instance per sequence next to
+    # its dupe_factor = 10 random maskings (gen_data_fin.py, mask_last), i.e. 1/11 ≈ 0.09;
+    # 0 keeps plain cloze training.
+    last_only_prob: float = 0.0
 
 
 class BidirectionalBlock(nn.Module):
@@ -70,12 +75,17 @@ class BERT4Rec(SeqRecModel):
 
     def cloze_mask(self, items: torch.Tensor, generator: torch.Generator | None = None):
         """Mask each real token with prob mask_prob (at least the last one per row, so every
-        row trains): returns (masked inputs, targets with 0 where not masked)."""
+        row trains); with last_only_prob, that share of rows masks its last item only:
+        returns (masked inputs, targets with 0 where not masked)."""
         real = items != 0
         m = (torch.rand(items.shape, generator=generator, device=items.device) < self.cfg.mask_prob) & real
         last = real.sum(1) - 1
-        none = ~m.any(1)
-        m[none, last[none]] = True
+        rows = ~m.any(1)  # rows that get their last item masked
+        if self.cfg.last_only_prob > 0:  # (no extra draw otherwise: plain cloze keeps its random stream)
+            only = torch.rand(items.shape[0], generator=generator, device=items.device) < self.cfg.last_only_prob
+            m &= ~only[:, None]
+            rows |= only
+        m[rows, last[rows]] = True
         return torch.where(m, torch.full_like(items, self.mask_id), items), torch.where(m, items, torch.zeros_like(items))
 
     def predict_hidden(self, items, lengths, times=None, target_time=None):
