@@ -91,6 +91,13 @@ def time_buckets(gaps: torch.Tensor, num_buckets: int = 128) -> torch.Tensor:
     return g.log_().div_(0.301).to(torch.int32).clamp_(0, num_buckets)
 
 
+def relative_bias(pos_w, ts_w, rel, buckets):
+    """rab_pos (+ rab_time): pos_w[rel], plus ts_w[buckets] when buckets is given; rel (..., Tk)
+    relative distances i - j >= 0, buckets (B, ..., Tk) or None -> a broadcastable bias."""
+    bias = pos_w[rel]
+    return bias if buckets is None else bias + ts_w[buckets]
+
+
 def causal_silu_attention(s, pos_w, ts_w, buckets, n):
     """A = SiLU(S + rab_pos + rab_time) / n ⊙ causal: S (B, H, T, T); rab_pos[i, j] =
     pos_w[i - j] (pos_w (P,), P ≥ T); rab_time[b, i, j] = ts_w[buckets[b, i, j]] when buckets
@@ -98,13 +105,13 @@ def causal_silu_attention(s, pos_w, ts_w, buckets, n):
     reference; float32 on CPU takes the fused kernels of ``ops/hstu_numba.py`` (same values),
     which also read the biases from their tables instead of materializing them."""
     if _hstu_numba is not None and _hstu_numba.applicable(s):
-        return _hstu_numba.CausalSiluAttention.apply(s, pos_w, ts_w if buckets is not None else None, buckets, n)
+        return _hstu_numba.CausalSiluAttention.apply(s, pos_w, ts_w, buckets, n)
     T = s.shape[-1]
     pos = torch.arange(T, device=s.device)
     rel = pos[:, None] - pos[None, :]  # (T, T) = i - j
-    bias = pos_w[rel.clamp(min=0)]  # (T, T)
-    if buckets is not None:
-        bias = (bias + ts_w[buckets]).unsqueeze(1)  # (B, 1, T, T)
+    bias = relative_bias(pos_w, ts_w, rel.clamp(min=0), buckets)  # (T, T) or (B, T, T)
+    if bias.dim() == 3:
+        bias = bias.unsqueeze(1)  # (B, 1, T, T), shared by the heads
     return F.silu(s + bias) / n * (rel >= 0)
 
 
@@ -135,13 +142,6 @@ class HSTUBlock(nn.Module):
         # one LN over all heads together, as in the reference (_norm_attn_output)
         return x + self.o(self.drop(u * F.layer_norm(av, (av.shape[-1],), eps=_EPS)))
 
-    def _bias(self, rel, buckets):
-        # rel (..., Tk) relative distances; buckets (B, ..., Tk) or None -> broadcastable bias
-        bias = self.pos_w[rel]
-        if buckets is not None and self.ts_w is not None:
-            bias = bias + self.ts_w[buckets]
-        return bias
-
     def forward(self, x, buckets):
         # x (B, T, D); buckets (B, T, T) time-gap buckets | None
         B, T, _ = x.shape
@@ -153,8 +153,7 @@ class HSTUBlock(nn.Module):
         # n = max_len, a constant (the reference divides by the padded length, which its data
         # pipeline always pads to the max sequence length); a constant keeps a position's
         # output independent of how much right padding its batch carries
-        ts_w = self.ts_w if buckets is not None else None
-        a = causal_silu_attention(q @ k.transpose(-2, -1), self.pos_w, ts_w, buckets, self.max_len)  # (B, H, T, T)
+        a = causal_silu_attention(q @ k.transpose(-2, -1), self.pos_w, self.ts_w, buckets, self.max_len)  # (B, H, T, T)
         av = (a @ v).transpose(1, 2).reshape(B, T, H * self.dv)  # (B, T, H*dv)
         return self._out(x, u, av)
 
@@ -166,7 +165,7 @@ class HSTUBlock(nn.Module):
         K = torch.cat([k_cache, k.view(B, H, 1, self.dqk)], 2)  # (B, H, t+1, dqk)
         V = torch.cat([v_cache, v.view(B, H, 1, self.dv)], 2)  # (B, H, t+1, dv)
         rel = torch.arange(t, -1, -1, device=x.device).clamp(max=self.max_len - 1)  # (t+1,) = t - j
-        bias = self._bias(rel, buckets)  # (t+1,) or (B, t+1)
+        bias = relative_bias(self.pos_w, self.ts_w, rel, buckets)  # (t+1,) or (B, t+1)
         if bias.dim() == 2:
             bias = bias[:, None, None, :]  # (B, 1, 1, t+1)
         a = F.silu(q.view(B, H, 1, self.dqk) @ K.transpose(-2, -1) + bias) / self.max_len  # (B, H, 1, t+1)

@@ -99,7 +99,8 @@ def _bwd(s, rpos, ts_w, buckets, inv_n, n_parts, g, gs, grpos_parts, gts_parts):
 class CausalSiluAttention(torch.autograd.Function):
     """A = SiLU(S + rab) / n ⊙ tril(1) with rab[b, i, j] = pos_w[i - j] (+ ts_w[buckets[b, i, j]]):
     S (B, H, T, T) float32 CPU; pos_w (P,) with P ≥ T; ts_w (n_buckets + 1,) and buckets
-    (B, T, T) integer, or both None (no time bias). The bias is shared by the heads."""
+    (B, T, T) integer, or buckets None (no time bias; ts_w is then ignored and gets no
+    gradient). The bias is shared by the heads."""
 
     @staticmethod
     def forward(ctx, s, pos_w, ts_w, buckets, n):
