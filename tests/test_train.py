@@ -255,3 +255,25 @@ def test_refit_only_trains_every_event_but_the_test_for_a_fixed_epoch_count(smal
         fit(cfg, split, out_dir=tmp_path / "normal", resume=True, **quiet)
     with pytest.raises(ValueError, match="needs train.refit: true"):
         fit(_cfg(refit_epochs=2), split, **quiet)
+
+
+def test_folder_saved_before_an_off_by_default_option_resumes(small, tmp_path):
+    """BERT4Rec gained last_only_prob (default 0 = the old training) after runs were saved
+    without it: such a folder resumes under today's config, and only a real change refuses."""
+    _, _, split = small
+    out = tmp_path / "run"
+
+    def cfg(epochs, **model):
+        c = _cfg(epochs=epochs)
+        c.model.clear()
+        c.model.update({"name": "bert4rec", "d": 16, "n_heads": 1, **model})
+        return c
+
+    fit(cfg(1), split, out_dir=out, progress=False, log=lambda s: None)
+    meta = json.loads((out / "config.json").read_text())
+    del meta["model_config"]["last_only_prob"]  # as written before the key existed
+    meta["run"]["model"].pop("last_only_prob", None)
+    (out / "config.json").write_text(json.dumps(meta))
+    assert fit(cfg(2), split, out_dir=out, resume=True, progress=False, log=lambda s: None)["epochs"] == 2
+    with pytest.raises(ValueError, match="model.last_only_prob: 0.0 -> 0.1"):
+        fit(cfg(3, last_only_prob=0.1), split, out_dir=out, resume=True, progress=False, log=lambda s: None)

@@ -48,11 +48,19 @@ def write_run_files(out: Path, cfg, model, data) -> None:
 def saved_model_config(meta: dict) -> dict:
     """The model config a run folder's config.json records (n_items included). Keys the
     model's Config gained after the folder was written get the value that reproduces what
-    the run did (``Config.LEGACY``, e.g. HSTU's ``abs_pos: False``), not today's default."""
+    the run did: ``Config.LEGACY`` where today's default would change the model (e.g.
+    HSTU's ``abs_pos: False``), otherwise the default (a new option that is off by default,
+    like BERT4Rec's ``last_only_prob``), which is what building the model would use anyway."""
     mc = dict(meta["model_config"])
-    legacy = getattr(model_class(meta["run"]["model"]["name"]).Config, "LEGACY", {})
-    for k, v in legacy.items():
-        mc.setdefault(k, v)
+    cls = model_class(meta["run"]["model"]["name"]).Config
+    legacy = getattr(cls, "LEGACY", {})
+    for f in dataclasses.fields(cls):
+        if f.name not in mc and f.name in legacy:
+            mc[f.name] = legacy[f.name]
+        elif f.name not in mc and f.default is not dataclasses.MISSING:
+            mc[f.name] = f.default
+        elif f.name not in mc and f.default_factory is not dataclasses.MISSING:
+            mc[f.name] = f.default_factory()
     return mc
 
 
