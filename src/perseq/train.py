@@ -23,6 +23,7 @@ from .evaluate import evaluate, train_item_counts
 from .losses import get_loss
 from .models import build_model
 from .report import hardware_name
+from .runtime import tune_malloc_for_training
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -152,6 +153,7 @@ def fit(
     the same metrics as an uninterrupted one (batch order is a function of seed and epoch;
     RNG and optimizer state are restored)."""
     tc = cfg.train
+    tune_malloc_for_training()  # reuse freed memory instead of faulting in fresh pages every step
     if tc.refit_epochs is not None and (not tc.refit or tc.refit_epochs < 1):
         raise ValueError(f"train.refit_epochs={tc.refit_epochs!r}: it is the epoch count of a refit without an "
                          "early-stopping phase, so it needs train.refit: true and at least 1 epoch")

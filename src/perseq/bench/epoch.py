@@ -25,6 +25,7 @@ from ..evaluate import train_item_counts
 from ..losses import LossConfig, get_loss
 from ..models import build_model, hstu
 from ..report import git_commit, hardware_name
+from ..runtime import tune_malloc_for_training
 from ..train import seed_everything, train_step
 
 
@@ -50,6 +51,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    malloc_tuned = tune_malloc_for_training()  # as fit() trains
     seed_everything(0)
 
     t0 = time.perf_counter()
@@ -91,6 +93,7 @@ def main(argv=None) -> dict:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "data_read_prepare_seconds": round(prep_s, 2),
         "torch_threads": torch.get_num_threads(),
+        "malloc_tuned": malloc_tuned,
         "hardware": hardware_name(),
         "torch": torch.__version__,
         "commit": git_commit(),

@@ -23,6 +23,7 @@ from ..losses import sampled_softmax
 from ..models import MODELS, build_model
 from ..train import select_device
 from ..report import hardware_name
+from ..runtime import tune_malloc_for_training
 
 N_ITEMS = 10_000
 
@@ -95,7 +96,8 @@ def measure_point(model_name: str, length: int, batch: int, device: str, repeat:
         loss.backward()
         opt.step()
 
-    out = {"model": model_name, "length": length, "batch": batch, "device": hardware_name(dev)}
+    out = {"model": model_name, "length": length, "batch": batch, "device": hardware_name(dev),
+           "malloc_tuned": tune_malloc_for_training()}
     out["train_step_s"] = _timed(train_step, dev, repeat)
     model.eval()
     with torch.no_grad():
@@ -200,6 +202,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    tune_malloc_for_training()  # as fit() trains (each measurement runs in its own worker process)
     if args.worker:
         print(json.dumps(measure_point(args.worker[0], int(args.worker[1]), args.batch, args.device, args.repeat)))
         return 0
