@@ -69,3 +69,10 @@ def test_scan_benchmark_times_every_implementation(tmp_path):
     r = json.loads(out.read_text())
     assert set(r["impls"]) == {"torch", "numba", "reference"} and r["length"] == 40
     assert all(v["forward_s"] > 0 and v["backward_s"] > 0 for v in r["impls"].values())
+
+
+def test_epoch_benchmark_times_several_epochs_and_reports_the_last(tmp_path):
+    r = epoch.main(["--dataset", "synthetic", "--max-len", "20", "--d", "16", "--epochs", "2"])
+    assert len(r["epoch_seconds_each"]) == 2 and all(x > 0 for x in r["epoch_seconds_each"])
+    assert r["epoch_seconds"] == r["epoch_seconds_each"][-1]
+    assert abs(r["sequences_per_second"] * r["epoch_seconds"] - r["train_sequences"]) < 0.01 * r["train_sequences"]
