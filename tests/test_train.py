@@ -246,6 +246,14 @@ def test_refit_only_trains_every_event_but_the_test_for_a_fixed_epoch_count(smal
     # its result file has one protocol: no early-stopped metrics, the fixed epoch count named
     bench = json.loads(write_benchmark_json("syn-only", cfg, [only], out_dir=tmp_path).read_text())
     assert bench["protocol"]["refit_epochs"] == 2 and "metrics_before_refit" not in bench
+    # and so has the one `perseq bench collect` writes from the run folder, whose config.json
+    # holds the single phase's config (refit off)
+    from perseq.bench import collect
+
+    collect.main(["--name", "syn-only-collected", "--out-dir", str(tmp_path), str(tmp_path / "only")])
+    collected = json.loads((tmp_path / "syn-only-collected.json").read_text())
+    assert collected["protocol"]["refit"] is True and collected["protocol"]["refit_epochs"] == 2
+    assert collected["metrics"]["ndcg@10"]["values"] == [only["test"]["ndcg@10"]]
     assert bench["metrics"]["ndcg@10"]["values"] == [only["test"]["ndcg@10"]]
     normal = fit(_cfg(epochs=1, refit=True), split, out_dir=tmp_path / "normal", **quiet)
     with pytest.raises(ValueError, match="two protocols"):

@@ -73,13 +73,15 @@ def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path
     ``refit: true``) and the early-stopped models' test metrics stay under
     ``metrics_before_refit``; refit-only runs (``train.refit_epochs``) have no
     early-stopped models, and the protocol names their fixed epoch count."""
-    refit = bool(getattr(cfg.train, "refit", False))
-    if refit and not all("refit" in r for r in results):
-        raise ValueError("train.refit is on but some runs have no refit results (unfinished?)")
-    only = [bool(r["refit"].get("only")) for r in results] if refit else [False]
+    # refit-only is read from the results: a refit-only run folder's config.json holds the
+    # config its single phase trained under (training + validation events, refit off)
+    only = [bool(r.get("refit", {}).get("only")) for r in results]
     if len(set(only)) > 1:
         raise ValueError("some runs are refit-only (train.refit_epochs) and some are not: they are two protocols")
     only = only[0]
+    refit = only or bool(getattr(cfg.train, "refit", False))
+    if refit and not all("refit" in r for r in results):
+        raise ValueError("train.refit is on but some runs have no refit results (unfinished?)")
     headline = after_refit(results) if refit else results
     s = summarize_seeds(headline)
     payload = {
