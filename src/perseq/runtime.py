@@ -17,9 +17,10 @@ works in 1024-row logit chunks of 50 MB. Steady state (after the first epoch), o
 performance guides reach with jemalloc or tcmalloc, done with glibc alone: never serve a
 block by mmap (``M_MMAP_MAX`` 0: from the heap, which the process reuses) and never trim the
 heap (``M_TRIM_THRESHOLD``). The cost: memory a run freed stays with the process for reuse
-instead of going back to the OS, so its resident size sits at its high-water mark, which
-is higher (HSTU-large 1.6 -> 2.2 GB, Beauty SASRec 0.55 -> 0.72 GB; it stops growing after
-the first epoch).
+instead of going back to the OS, so between steps its resident size sits at its high-water
+mark (HSTU-large 1.6 -> 2.2 GB, Beauty SASRec 0.55 -> 0.72 GB; it stops growing within the
+first epochs); the peak itself barely moves (HSTU-large ML-1M epoch: 2068 -> 2112 MiB).
+A whole HSTU-large ML-1M epoch, 2 threads, idle machine: 43.7 -> 34.4 s (BENCHMARKS.md).
 
 Process-wide, like numba's threading layer in ``ops/scan_numba.py``; ``fit`` and the speed
 benchmarks call it. Set ``PERSEQ_MALLOC_TUNING=0`` to keep glibc's defaults; any of glibc's
