@@ -57,3 +57,42 @@ def test_opt_out_and_explicit_glibc_settings_are_respected():
     assert _probe("tune", PERSEQ_MALLOC_TUNING="0")["tuned"] is False
     assert _probe("tune", MALLOC_TRIM_THRESHOLD_="1000000")["tuned"] is False
     assert _probe("tune", GLIBC_TUNABLES="glibc.malloc.mmap_max=0")["tuned"] is False
+
+
+# A few HSTU training steps whose (B, H, T, T) attention (64 x 2 x 300 x 300 floats, 46 MB)
+# is over glibc's 32 MB mmap limit. Before training, a 256 MB block is filled with NaN and
+# freed: tuned, later tensors reuse those pages, so a kernel that read memory it never
+# wrote would see NaN there, where the defaults hand out fresh zeroed pages.
+_TRAIN = r"""
+import hashlib, sys, torch
+from perseq.runtime import tune_malloc_for_training
+from perseq.models import build_model
+torch.set_num_threads(1)
+tuned = tune_malloc_for_training() if sys.argv[1] == "tune" else False
+junk = torch.full((64 << 20,), float("nan"))
+del junk
+torch.manual_seed(0)
+model = build_model("hstu", 500, max_len=300, d=16, n_heads=2, dropout=0.1, time_bias=False)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+items = torch.randint(1, 501, (64, 300))
+for _ in range(3):
+    h = model.encode(items)  # (64, 300, 16)
+    loss = (h @ model.output_embeddings().T).logsumexp(-1).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+print(tuned, float(loss), digest)
+"""
+
+
+@glibc_only
+def test_training_is_bitwise_the_same_under_either_allocator():
+    def run(mode):
+        e = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "PERSEQ_MALLOC_TUNING"}
+        out = subprocess.run([sys.executable, "-c", _TRAIN, mode], capture_output=True, text=True, env=e, check=True)
+        return out.stdout.split()
+
+    base, tuned = run("default"), run("tune")
+    assert base[0] == "False" and tuned[0] == "True"
+    assert base[1:] == tuned[1:] and base[1] != "nan"
