@@ -76,4 +76,4 @@ def test_epoch_benchmark_times_several_epochs_and_reports_the_last(tmp_path):
     assert len(r["epoch_seconds_each"]) == 2 and all(x > 0 for x in r["epoch_seconds_each"])
     assert r["epoch_seconds"] == r["epoch_seconds_each"][-1]
     # the rate is the last epoch's too (epoch_seconds is rounded to 0.01 s)
-    assert abs(r["train_sequences"] / r["sequences_per_second"] - r["epoch_seconds"]) <= 0.006
+    assert abs(r["train_sequences"] / r["sequences_per_second"] - r["epoch_seconds"]) <= 0.006, r
