@@ -33,11 +33,16 @@ print(json.dumps({"tuned": tuned, "faults": resource.getrusage(resource.RUSAGE_S
 """
 
 
-def _probe(mode, **env):
+def _run(script, mode, **env):
+    """stdout of ``script`` run in a fresh process with argv[1] = mode, the allocator
+    settings of this environment removed and ``env`` added."""
     e = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "PERSEQ_MALLOC_TUNING"}
     e.update(env)
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, env=e, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, env=e, check=True).stdout
+
+
+def _probe(mode, **env):
+    return json.loads(_run(_PROBE, mode, **env).strip().splitlines()[-1])
 
 
 @glibc_only
@@ -88,11 +93,6 @@ print(tuned, float(loss), digest)
 
 @glibc_only
 def test_training_is_bitwise_the_same_under_either_allocator():
-    def run(mode):
-        e = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "PERSEQ_MALLOC_TUNING"}
-        out = subprocess.run([sys.executable, "-c", _TRAIN, mode], capture_output=True, text=True, env=e, check=True)
-        return out.stdout.split()
-
-    base, tuned = run("default"), run("tune")
+    base, tuned = _run(_TRAIN, "default").split(), _run(_TRAIN, "tune").split()
     assert base[0] == "False" and tuned[0] == "True"
     assert base[1:] == tuned[1:] and base[1] != "nan"

@@ -36,6 +36,14 @@ def _cfg(**train):
     })
 
 
+def _model_cfg(epochs, **model):
+    """_cfg with ``model`` (a name and its settings) in place of the SASRec default."""
+    c = _cfg(epochs=epochs)
+    c.model.clear()
+    c.model.update(model)
+    return c
+
+
 def test_sasrec_learns_the_synthetic_pattern(small):
     """A small SASRec must recover at least half of the Bayes-optimal NDCG@10 and beat a
     popularity ranker by a wide margin."""
@@ -149,10 +157,7 @@ def test_hstu_folder_saved_before_abs_pos_loads_and_resumes_as_it_was_trained(sm
     out = tmp_path / "run"
 
     def cfg(epochs, **model):
-        c = _cfg(epochs=epochs)
-        c.model.clear()
-        c.model.update({"name": "hstu", "d": 16, "time_bias": False, **model})
-        return c
+        return _model_cfg(epochs, name="hstu", d=16, time_bias=False, **model)
 
     fit(cfg(1, abs_pos=False), split, out_dir=out, progress=False, log=lambda s: None)
     meta = json.loads((out / "config.json").read_text())
@@ -246,6 +251,7 @@ def test_refit_only_trains_every_event_but_the_test_for_a_fixed_epoch_count(smal
     # its result file has one protocol: no early-stopped metrics, the fixed epoch count named
     bench = json.loads(write_benchmark_json("syn-only", cfg, [only], out_dir=tmp_path).read_text())
     assert bench["protocol"]["refit_epochs"] == 2 and "metrics_before_refit" not in bench
+    assert bench["metrics"]["ndcg@10"]["values"] == [only["test"]["ndcg@10"]]
     # and so has the one `perseq bench collect` writes from the run folder, whose config.json
     # holds the single phase's config (refit off)
     from perseq.bench import collect
@@ -254,7 +260,6 @@ def test_refit_only_trains_every_event_but_the_test_for_a_fixed_epoch_count(smal
     collected = json.loads((tmp_path / "syn-only-collected.json").read_text())
     assert collected["protocol"]["refit"] is True and collected["protocol"]["refit_epochs"] == 2
     assert collected["metrics"]["ndcg@10"]["values"] == [only["test"]["ndcg@10"]]
-    assert bench["metrics"]["ndcg@10"]["values"] == [only["test"]["ndcg@10"]]
     normal = fit(_cfg(epochs=1, refit=True), split, out_dir=tmp_path / "normal", **quiet)
     with pytest.raises(ValueError, match="two protocols"):
         write_benchmark_json("mixed", cfg, [only, normal], out_dir=tmp_path)
@@ -272,10 +277,7 @@ def test_folder_saved_before_an_off_by_default_option_resumes(small, tmp_path):
     out = tmp_path / "run"
 
     def cfg(epochs, **model):
-        c = _cfg(epochs=epochs)
-        c.model.clear()
-        c.model.update({"name": "bert4rec", "d": 16, "n_heads": 1, **model})
-        return c
+        return _model_cfg(epochs, name="bert4rec", d=16, n_heads=1, **model)
 
     fit(cfg(1), split, out_dir=out, progress=False, log=lambda s: None)
     meta = json.loads((out / "config.json").read_text())

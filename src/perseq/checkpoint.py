@@ -55,11 +55,13 @@ def saved_model_config(meta: dict) -> dict:
     cls = model_class(meta["run"]["model"]["name"]).Config
     legacy = getattr(cls, "LEGACY", {})
     for f in dataclasses.fields(cls):
-        if f.name not in mc and f.name in legacy:
+        if f.name in mc:
+            continue
+        if f.name in legacy:
             mc[f.name] = legacy[f.name]
-        elif f.name not in mc and f.default is not dataclasses.MISSING:
+        elif f.default is not dataclasses.MISSING:
             mc[f.name] = f.default
-        elif f.name not in mc and f.default_factory is not dataclasses.MISSING:
+        elif f.default_factory is not dataclasses.MISSING:
             mc[f.name] = f.default_factory()
     return mc
 
