@@ -68,8 +68,10 @@ class TTTLinear(nn.Module):
         q, k, v, eta = self._project(x)
         W = self.W0.expand(B, -1, -1, -1)  # (B, H, hs, hs)
         outs = []
-        for s in range(0, T, self.b):
-            qc, kc, vc, ec = q[:, :, s : s + self.b], k[:, :, s : s + self.b], v[:, :, s : s + self.b], eta[:, :, s : s + self.b]
+        # split, not one slice per mini-batch: a slice's backward writes a zero tensor of the
+        # full (B, H, T, hs) and adds it up (O(T²/b) memory traffic), split's is one cat
+        chunks = zip(q.split(self.b, 2), k.split(self.b, 2), v.split(self.b, 2), eta.split(self.b, 2))
+        for qc, kc, vc, ec in chunks:  # (B, H, b, hs) × 3, (B, H, b)
             E = kc @ W - vc  # (B, H, b, hs)
             attn = torch.tril(qc @ kc.transpose(-1, -2)) * ec[:, :, None, :]  # (B, H, b, b)
             outs.append(qc @ W - attn @ E)
