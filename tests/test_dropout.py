@@ -1,10 +1,29 @@
 """ops/dropout.py: the counter-based dropout keeps the right fraction, scales, is
 reproducible, independent between calls, and its backward applies the same mask."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from perseq.ops.dropout import Dropout, hash_dropout
+from perseq.ops.dropout import _BLOCK, Dropout, _apply, hash_dropout
+
+
+def _fmix32(z):  # MurmurHash3's 32-bit finalizer, in numpy
+    z = ((z ^ (z >> np.uint64(16))) * np.uint64(0x85EBCA6B)) & np.uint64(0xFFFFFFFF)
+    z = ((z ^ (z >> np.uint64(13))) * np.uint64(0xC2B2AE35)) & np.uint64(0xFFFFFFFF)
+    return z ^ (z >> np.uint64(16))
+
+
+def test_mask_is_the_documented_hash_of_seed_and_element_index():
+    # element i is kept when fmix32(fmix32((i + seed_lo) mod 2^32) ^ seed_hi) >= p·2^32, on
+    # every element of a size that spans several parallel work items and a ragged tail (the
+    # mask must not depend on how the kernel splits the work: resumed runs rely on it)
+    n, p, seed = 3 * _BLOCK + 1234, 0.3, 0x0123_4567_89AB_CDEF
+    x = torch.rand(n) + 0.5
+    i = np.arange(n, dtype=np.uint64)
+    z = _fmix32(_fmix32((i + np.uint64(seed & 0xFFFFFFFF)) & np.uint64(0xFFFFFFFF)) ^ np.uint64(seed >> 32))
+    keep = torch.from_numpy(z >= np.uint64(int(p * 2**32)))
+    assert torch.equal(_apply(x, seed, p), torch.where(keep, x * np.float32(1 / (1 - p)), torch.zeros_like(x)))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5, 0.9])

@@ -41,6 +41,15 @@ if njit is not None:
         z = ((z ^ (z >> np.uint64(13))) * np.uint64(0xC2B2AE35)) & m
         return z ^ (z >> np.uint64(16))
 
+    @njit(fastmath=True, cache=True, inline="never")
+    def _masked_scale_span(x, out, base, lo_seed, hi_seed, threshold, scale):
+        """One work item: x, out are its own contiguous slices, base the flat index of their
+        first element (the hash counts from it)."""
+        for j in range(x.size):
+            z = _fmix32((np.uint64(base + j) + lo_seed) & np.uint64(0xFFFFFFFF))
+            z = _fmix32(z ^ hi_seed)
+            out[j] = x[j] * (scale if z >= threshold else np.float32(0))  # NaN stays NaN, like x * 0
+
     @njit(parallel=True, fastmath=True, cache=True)
     def _masked_scale(x, out, seed, threshold, scale):
         """out[i] = x[i] * scale if hash(seed, i) >= threshold else 0 (flat float32 arrays)."""
@@ -48,10 +57,12 @@ if njit is not None:
         lo_seed = seed & np.uint64(0xFFFFFFFF)
         hi_seed = seed >> np.uint64(32)
         for blk in prange((n + _BLOCK - 1) // _BLOCK):
-            for i in range(blk * _BLOCK, min(n, (blk + 1) * _BLOCK)):
-                z = _fmix32((np.uint64(i) + lo_seed) & np.uint64(0xFFFFFFFF))
-                z = _fmix32(z ^ hi_seed)
-                out[i] = x[i] * (scale if z >= threshold else np.float32(0))  # NaN stays NaN, like x * 0
+            # each work item gets its own slices and a separate, non-inlined loop: written
+            # inline over blk * _BLOCK ... min(n, ...), the loop LLVM got inside the parallel
+            # region ran 1.7x slower (6.6 M floats, one thread: 8.7 -> 5.2 ms; same output)
+            s = blk * _BLOCK
+            e = min(n, s + _BLOCK)
+            _masked_scale_span(x[s:e], out[s:e], s, lo_seed, hi_seed, threshold, scale)
 
 
 def _apply(t: torch.Tensor, seed: int, p: float) -> torch.Tensor:
