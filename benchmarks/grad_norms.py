@@ -23,18 +23,16 @@ from perseq.cli import _rebuild_split
 from perseq.data.batching import TrainWindows
 from perseq.losses import get_loss
 from perseq.models.registry import build_model
-from perseq.train import refit_split, seed_everything
+from perseq.train import refit_split, seed_everything, train_step
 
 
 def batch_grad_norms(model, windows, loss_fn, n_batches: int, batch_size: int) -> list[float]:
-    model.train()
+    # training's own step with an optimizer that moves nothing (SGD, lr 0) and no clipping:
+    # each batch's gradients are left in .grad exactly as training computes them
+    still = torch.optim.SGD(model.parameters(), lr=0.0)
     norms = []
     for idx in windows.batch_order(batch_size, seed=5)[:n_batches]:
-        b = windows.make_batch(idx)
-        model.zero_grad()
-        h = model(b.inputs, b.times, b.target_times if model.query_time_input else None)  # (B, T, D)
-        sel = b.targets > 0
-        (loss_fn(h[sel], b.targets[sel], model.output_embeddings()) / sel.sum()).backward()
+        train_step(model, windows.make_batch(idx), loss_fn, still)
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))))
     return norms
 
