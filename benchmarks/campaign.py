@@ -13,10 +13,17 @@ one-thread runs at a time is the best throughput; on a GPU use --jobs 1 --thread
 
 --order rows finishes each config's seeds before the next config (complete table rows
 early); --order seeds runs every config's seed 0 first (an early look at every model).
+
+Each finished run's results.json and config.json are also kept under --keep
+(benchmarks/results/seeds/<run>/, a few KB, committed): a session whose checkout starts
+without runs/ restores those instead of training the seed again, so a 3-seed row can be
+completed over several sessions. The collected row then averages exactly the files the
+runs wrote.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import threading
@@ -34,6 +41,16 @@ def run_name(config: Path) -> tuple[str, str]:
     return stem, f"{cfg.data.dataset}_{config.stem}"
 
 
+KEPT_FILES = ("results.json", "config.json")
+
+
+def _copy_kept(src: Path, dst: Path) -> None:
+    """Copy a run's result files (not its checkpoints) from src to dst."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in KEPT_FILES:
+        shutil.copy2(src / f, dst / f)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("configs", nargs="+", type=Path)
@@ -43,6 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--logs", default="logs")
     ap.add_argument("--results", default="benchmarks/results", help="where collected result files go")
+    ap.add_argument("--keep", default="benchmarks/results/seeds",
+                    help="where each finished run's results.json + config.json are kept and restored from ('' = off)")
     ap.add_argument("--order", choices=["rows", "seeds"], default="rows")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra override for every run (note: resuming refuses runs trained under other settings)")
@@ -69,6 +88,14 @@ def main(argv=None) -> int:
         c, s = job
         stem = names[c][0]
         log = Path(a.logs) / f"{stem}-s{s}.log"
+        run_dir, kept = Path(a.out) / f"{stem}-s{s}", Path(a.keep) / f"{stem}-s{s}" if a.keep else None
+        if kept is not None and not (run_dir / "results.json").exists() and (kept / "results.json").exists():
+            # Restore a seed finished in an earlier session rather than train it again.
+            _copy_kept(kept, run_dir)
+            with lock:
+                print(f"[{time.strftime('%H:%M:%S')}] restored {stem}-s{s} from {kept}", flush=True)
+                collect_if_complete(c)
+            return
         cmd = [sys.executable, "-m", "perseq.cli", "train", "--config", str(c), "--seeds", str(s), "--out", a.out,
                "--resume", "--no-progress"]
         if a.threads:
@@ -85,6 +112,8 @@ def main(argv=None) -> int:
                   f"after {(time.time() - t0) / 60:.1f} min", flush=True)
             if rc:
                 failed.append(f"{stem}-s{s}")
+            elif kept is not None:
+                _copy_kept(run_dir, kept)
             collect_if_complete(c)
 
     with ThreadPoolExecutor(a.jobs) as pool:

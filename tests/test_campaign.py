@@ -1,6 +1,7 @@
 """benchmarks/campaign.py: a queue of `perseq train` runs that resumes and collects finished configs."""
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,10 +14,10 @@ TINY = ["--set", "data.synthetic={n_users: 120, n_items: 30, n_clusters: 3, mean
 
 
 def test_campaign_runs_resumes_and_collects(tmp_path, capsys):
-    out, logs, results = tmp_path / "runs", tmp_path / "logs", tmp_path / "results"
+    out, logs, results, keep = tmp_path / "runs", tmp_path / "logs", tmp_path / "results", tmp_path / "keep"
     config = ROOT / "configs" / "synthetic" / "sasrec.yaml"
     args = [str(config), "--seeds", "0,1", "--jobs", "2", "--out", str(out), "--logs", str(logs),
-            "--results", str(results), *TINY]
+            "--results", str(results), "--keep", str(keep), *TINY]
     assert campaign.main(args) == 0
     runs = [out / f"synthetic-sasrec-s{s}" for s in (0, 1)]
     per_seed = [json.loads((d / "results.json").read_text()) for d in runs]
@@ -31,12 +32,23 @@ def test_campaign_runs_resumes_and_collects(tmp_path, capsys):
     assert [(d / "model.safetensors").stat().st_mtime_ns for d in runs] == stamps
     assert "resumed from" in (logs / "synthetic-sasrec-s0.log").read_text()
 
+    # a later session whose checkout has no runs/ restores the kept result files (no checkpoints
+    # are kept) instead of training again, and collects the same row
+    assert sorted(p.name for p in (keep / "synthetic-sasrec-s0").iterdir()) == ["config.json", "results.json"]
+    shutil.rmtree(out)
+    (results / "synthetic_sasrec.json").unlink()
+    capsys.readouterr()
+    assert campaign.main(args) == 0
+    assert "restored synthetic-sasrec-s1" in capsys.readouterr().out
+    assert not (runs[0] / "model.safetensors").exists()
+    assert json.loads((results / "synthetic_sasrec.json").read_text())["metrics"] == collected["metrics"]
+
     # a run that fails is reported, the exit status says so, and its config is not collected
     bad = tmp_path / "bad.yaml"
     bad.write_text(config.read_text().replace("name: sasrec", "name: no-such-model"))
     capsys.readouterr()
     assert campaign.main([str(bad), "--seeds", "0", "--jobs", "1", "--out", str(out), "--logs", str(logs),
-                          "--results", str(results), *TINY]) == 1
+                          "--results", str(results), "--keep", str(keep), *TINY]) == 1
     printed = capsys.readouterr().out
     assert "FAILED (exit" in printed and "failed: synthetic-bad-s0" in printed
     assert not (results / "synthetic_bad.json").exists()
