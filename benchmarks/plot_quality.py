@@ -16,29 +16,29 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 
-# (label, result file, which metrics): "metrics" is the row's own protocol; a refit result's
-# "metrics_before_refit" is its early-stopped phase, the protocol of every other row.
+# (label, result file). A refit result is drawn by its early-stopped phase
+# ("metrics_before_refit"), the protocol of every other early-stopped row.
 ROWS = {
     "ml-1m": [
-        ("SASRec", "ml-1m_sasrec", "metrics"),
-        ("GRU4Rec", "ml-1m_gru4rec", "metrics"),
-        ("BERT4Rec", "ml-1m_bert4rec", "metrics"),
-        ("Mamba4Rec", "ml-1m_mamba4rec", "metrics"),
-        ("TTT4Rec", "ml-1m_ttt4rec", "metrics"),
-        ("LLaMA", "ml-1m_llama", "metrics"),
-        ("HSTU", "ml-1m_hstu-ce", "metrics"),
-        ("HSTU, ref. protocol", "ml-1m_hstu-101", "metrics"),
-        ("HSTU-large, ref. protocol", "ml-1m_hstu-large-101", "metrics"),
+        ("SASRec", "ml-1m_sasrec"),
+        ("GRU4Rec", "ml-1m_gru4rec"),
+        ("BERT4Rec", "ml-1m_bert4rec"),
+        ("Mamba4Rec", "ml-1m_mamba4rec"),
+        ("TTT4Rec", "ml-1m_ttt4rec"),
+        ("LLaMA", "ml-1m_llama"),
+        ("HSTU", "ml-1m_hstu-ce"),
+        ("HSTU, ref. protocol", "ml-1m_hstu-101"),
+        ("HSTU-large, ref. protocol", "ml-1m_hstu-large-101"),
     ],
     "amazon-beauty": [
-        ("SASRec", "amazon-beauty_sasrec-cosine-refit", "metrics_before_refit"),
-        ("GRU4Rec", "amazon-beauty_gru4rec", "metrics"),
-        ("BERT4Rec", "amazon-beauty_bert4rec", "metrics"),
-        ("Mamba4Rec", "amazon-beauty_mamba4rec", "metrics"),
-        ("TTT4Rec", "amazon-beauty_ttt4rec", "metrics"),
-        ("LLaMA", "amazon-beauty_llama", "metrics"),
-        ("HSTU", "amazon-beauty_hstu", "metrics"),
-        ("HSTU-large", "amazon-beauty_hstu-large", "metrics"),
+        ("SASRec", "amazon-beauty_sasrec-cosine-refit"),
+        ("GRU4Rec", "amazon-beauty_gru4rec"),
+        ("BERT4Rec", "amazon-beauty_bert4rec"),
+        ("Mamba4Rec", "amazon-beauty_mamba4rec"),
+        ("TTT4Rec", "amazon-beauty_ttt4rec"),
+        ("LLaMA", "amazon-beauty_llama"),
+        ("HSTU", "amazon-beauty_hstu"),
+        ("HSTU-large", "amazon-beauty_hstu-large"),
     ],
 }
 
@@ -59,13 +59,13 @@ TITLES = {"ml-1m": "MovieLens-1M", "amazon-beauty": "Amazon Beauty"}
 def load_rows(dataset: str, results: Path) -> tuple[list[tuple[str, list[float]]], list[str]]:
     """[(label, per-seed NDCG@10)] for the rows whose file exists, and the missing files."""
     rows, missing = [], []
-    for label, name, key in ROWS[dataset]:
+    for label, name in ROWS[dataset]:
         path = results / f"{name}.json"
         if not path.exists():
             missing.append(name)
             continue
         r = json.loads(path.read_text())
-        rows.append((label, r[key]["ndcg@10"]["values"]))
+        rows.append((label, r.get("metrics_before_refit", r["metrics"])["ndcg@10"]["values"]))
     return rows, missing
 
 
@@ -90,14 +90,12 @@ def main(argv=None) -> int:
             v = np.asarray(vals)
             # points, not bars: the axis does not start at 0, and a bar's length would mislead
             ax.errorbar(v.mean(), yi, xerr=v.std() if len(v) > 1 else None, fmt="o", color="#4c72b0", ms=7,
-                        capsize=4, label="perseq, mean ± std over seeds" if yi == y[0] else None)
-            ax.scatter(v, np.full(len(v), yi - 0.18), s=8, color="black", zorder=3,
-                       label="perseq, each seed" if yi == y[0] else None)
+                        capsize=4, label="perseq, mean ± std over seeds")
+            ax.scatter(v, np.full(len(v), yi - 0.18), s=8, color="black", zorder=3, label="perseq, each seed")
             for src, marker, color, name in ((PCREC, "D", "#dd8452", "PCRec's Table 2"), (HSTU_PAPER, "*", "#c44e52", "HSTU paper")):
                 pub = src.get(dataset, {}).get(label)
                 if pub is not None:
-                    ax.scatter([pub], [yi], marker=marker, s=60 if marker == "*" else 30, color=color, zorder=4,
-                               label=name if not any(t.get_label() == name for t in ax.collections) else None)
+                    ax.scatter([pub], [yi], marker=marker, s=60 if marker == "*" else 30, color=color, zorder=4, label=name)
         sas = dict(rows).get("SASRec")
         if sas is not None:
             ax.axvline(np.mean(sas), color="grey", ls=":", lw=1)
@@ -108,7 +106,8 @@ def main(argv=None) -> int:
         ax.set_xlim(lo * 0.9, None)
         ax.set_ylim(y[-1] - 0.6, y[0] + 0.6)
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
+        handles = dict(zip(*reversed(ax.get_legend_handles_labels())))  # one entry per label
+        ax.legend(handles.values(), handles.keys(), loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
     fig.text(0.5, 0.01, "dotted line: our SASRec. Published figures come from other protocols (see BENCHMARKS.md).",
              ha="center", fontsize=8, color="grey")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
