@@ -267,6 +267,20 @@ def test_hstu_large_preset():
     assert HSTU.Config(n_items=10).n_blocks == 2 and HSTU.Config(n_items=10).n_heads == 1
 
 
+@pytest.mark.parametrize("pos_init, std", [("trunc_normal", 50**-0.5), ("xavier_normal", (2 / (200 + 50)) ** 0.5)])
+def test_position_table_init_scale(pos_init, std):
+    # the whole (200, 50) table: 10,000 draws, the sample std's relative standard error is
+    # 0.7%, so 3% is ~4 of them (truncation at two std shrinks the std to 0.8796 of nominal)
+    torch.manual_seed(0)
+    w = HSTU(HSTUConfig(n_items=N_ITEMS, pos_init=pos_init)).pos_emb.weight
+    expected = std * (0.8796 if pos_init == "trunc_normal" else 1.0)
+    assert abs(w.std().item() / expected - 1) < 0.03
+    if pos_init == "trunc_normal":
+        assert w.abs().max().item() <= 2 * std
+    with pytest.raises(ValueError, match="pos_init"):
+        HSTUConfig(n_items=N_ITEMS, pos_init="uniform")
+
+
 # -- LLaMA -------------------------------------------------------------------------------
 def test_rope_dot_product_depends_only_on_relative_position():
     torch.manual_seed(0)
