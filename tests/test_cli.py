@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from perseq.cli import main
+from perseq.report import hardware_of
 
 SMALL = ["--set", "data.synthetic={n_users: 150, n_items: 40, n_clusters: 4, mean_len: 12, max_len: 40}",
          "--set", "data.max_len=20", "--set", "model.d=16", "--set", "train.epochs=2", "--set", "eval.exclude_seen=false"]
@@ -108,7 +109,9 @@ def test_bench_collect_writes_mean_and_std_over_seeds(run_dir, tmp_path):
     assert abs(out["metrics"]["ndcg@10"]["std"] - np.std(vals, ddof=1)) < 1e-12
     for key in ("hr@10", "ndcg@50", "hr@50", "mrr"):
         assert key in out["metrics"]
-    assert out["epoch_seconds"] > 0 and out["hardware"] and out["commit"]
+    hw = {json.loads((run_dir / f"synthetic-sasrec-s{s}" / "results.json").read_text())["hardware"] for s in (0, 1)}
+    assert out["epoch_seconds"] > 0 and hw == {out["hardware"]} and out["commit"]
+    assert hardware_of([{"hardware": "A"}, {"hardware": "A + B"}, {"hardware": "B"}]) == "A + B"
     assert set(out["breakdown"]) >= {"head", "tail"}
     heads = [json.loads((run_dir / f"synthetic-sasrec-s{s}" / "results.json").read_text())["test"]["breakdown"]["head"]["ndcg@10"] for s in (0, 1)]
     assert abs(out["breakdown"]["head"]["ndcg@10"] - np.mean(heads)) < 1e-12

@@ -87,6 +87,43 @@ def test_resumed_run_ends_with_the_same_metrics(small, tmp_path):
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
 
 
+def test_results_name_the_threads_each_epoch_trained_with_and_recollection_keeps_them(small, tmp_path):
+    """A run resumed at another thread count names both settings; re-evaluating a finished
+    run at another setting (what benchmarks/campaign.py does to a seed restored into runs/)
+    changes neither its config.json's threads nor its results' hardware."""
+    from perseq.report import hardware_name
+
+    _, _, split = small
+    before = torch.get_num_threads()
+    out = tmp_path / "run"
+    try:
+        torch.set_num_threads(1)
+        hw1 = hardware_name()
+        torch.set_num_threads(2)
+        hw2 = hardware_name()
+        fit(_cfg(epochs=1, threads=1), split, out_dir=out, progress=False, log=lambda s: None)
+        r = fit(_cfg(epochs=2, threads=2), split, out_dir=out, resume=True, progress=False, log=lambda s: None)
+        assert [h["hardware"] for h in r["history"]] == [hw1, hw2]
+        assert r["hardware"] == f"{hw1} + {hw2}"
+
+        again = fit(_cfg(epochs=2, threads=1), split, out_dir=out, resume=True, progress=False, log=lambda s: None)
+        assert again["test"] == r["test"] and again["hardware"] == r["hardware"]
+        assert json.loads((out / "config.json").read_text())["run"]["train"]["threads"] == 2
+        assert json.loads((out / "results.json").read_text())["hardware"] == r["hardware"]
+
+        # a folder from before epochs carried their hardware: its results.json's name stands
+        st = json.loads((out / "trainer_state.json").read_text())
+        for h in st["history"]:
+            del h["hardware"]
+        (out / "trainer_state.json").write_text(json.dumps(st))
+        res = json.loads((out / "results.json").read_text())
+        (out / "results.json").write_text(json.dumps({**res, "hardware": "CPU: an older machine"}))
+        old = fit(_cfg(epochs=2, threads=1), split, out_dir=out, resume=True, progress=False, log=lambda s: None)
+        assert old["hardware"] == "CPU: an older machine"
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_checkpoint_loads_and_scores_identically(small, tmp_path):
     _, _, split = small
     r = fit(_cfg(epochs=2), split, out_dir=tmp_path / "run", progress=False, log=lambda s: None)

@@ -68,6 +68,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+def hardware_of(results: list[dict]) -> str:
+    """Every machine/thread setting that trained any of the seeds, in order of first use (a
+    run's own ``hardware`` is already "A + B" when it was resumed under another setting)."""
+    return " + ".join(dict.fromkeys(h for r in results for h in r["hardware"].split(" + ")))
+
+
 def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path = "benchmarks/results", extra: dict | None = None) -> Path:
     """With ``train.refit`` the headline metrics are the refitted models' (protocol
     ``refit: true``) and the early-stopped models' test metrics stay under
@@ -103,7 +109,7 @@ def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path
         **({"metrics_before_refit": summarize_seeds(results)["metrics"]} if refit and not only else {}),
         "best_epochs": [r["best_epoch"] for r in results],
         "epoch_seconds": float(np.mean([r["epoch_seconds"] for r in results if r.get("epoch_seconds")])),
-        "hardware": results[0]["hardware"],
+        "hardware": hardware_of(results),
         "commit": git_commit(),
         "date": datetime.date.today().isoformat(),
         "breakdown": _mean_breakdown(headline),

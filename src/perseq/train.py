@@ -174,10 +174,13 @@ def fit(
     windows = TrainWindows(split, model.max_len if model.objective == "causal" else model.max_len - 1, cfg.data.windows, cloze=model.objective == "cloze")
     loss_fn = get_loss(cfg.loss, train_item_counts(split))
     out = Path(out_dir) if out_dir is not None else None
+    hardware = hardware_name(device)
+    saved_cfg = earlier_hardware = None  # what a resumed folder says it was trained with, and on
     if resume and out is not None and (out / "config.json").exists():
         _check_same_run(out, cfg, model)
-    if out is not None and rank == 0:
-        write_run_files(out, cfg, model, data)
+        saved_cfg = json.loads((out / "config.json").read_text())["run"]
+        if (out / "results.json").exists():
+            earlier_hardware = json.loads((out / "results.json").read_text()).get("hardware")
 
     state = {"epoch": 0, "best": -math.inf, "best_epoch": -1, "bad": 0, "history": [], "train_seconds": 0.0}
     if resume and out is not None:
@@ -185,6 +188,9 @@ def fit(
         if loaded is not None:
             state = loaded
             log(f"resumed from {out} at epoch {state['epoch']}")
+    if out is not None and rank == 0:
+        finished = state["epoch"] >= tc.epochs or state["bad"] >= tc.patience
+        write_run_files(out, _as_trained(cfg, saved_cfg) if finished and saved_cfg else cfg, model, data)
     best_state = None
     if out is None:
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -210,7 +216,7 @@ def fit(
             dist.all_reduce(agg)
             tot_loss, tot_n = agg[0].item(), int(agg[1].item())
         state["train_seconds"] += secs
-        rec = {"epoch": epoch + 1, "loss": tot_loss / max(tot_n, 1), "seconds": secs}
+        rec = {"epoch": epoch + 1, "loss": tot_loss / max(tot_n, 1), "seconds": secs, "hardware": hardware}
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
             val = evaluate(model, split, "valid", cfg.eval, device)
             rec["valid"] = {k: v for k, v in val.items() if isinstance(v, float)}
@@ -249,7 +255,7 @@ def fit(
         "test": test,
         "epoch_seconds": state["train_seconds"] / max(epochs_run, 1) if epochs_run else None,
         "n_train_targets": windows.n_targets,
-        "hardware": hardware_name(device),
+        "hardware": _trained_on(state["history"], earlier_hardware, hardware),
         "world_size": world,
         "history": state["history"],
     }
@@ -262,6 +268,22 @@ def fit(
     _write_results(out, result)
     result["model_obj"] = model
     return result
+
+
+def _as_trained(cfg: RunConfig, saved: dict) -> RunConfig:
+    """The config to record when a resumed run trains no further epoch (it was finished, and
+    is only re-evaluated or refitted): today's, but with the threads and device it was
+    trained with, which a re-collection at other settings must not overwrite."""
+    keep = {k: saved["train"][k] for k in ("threads", "device") if k in saved.get("train", {})}
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **keep))
+
+
+def _trained_on(history: list[dict], earlier: str | None, now: str) -> str:
+    """Where a run's epochs were trained, every machine/thread setting in order of first use
+    ("A + B" for a run resumed elsewhere). Epochs recorded before records carried their
+    hardware count as the folder's earlier results.json says; no epoch at all, as ``now``."""
+    names = [r.get("hardware") or earlier or now for r in history] or [now]
+    return " + ".join(dict.fromkeys(names))
 
 
 def _write_results(out: Path | None, result: dict) -> None:
