@@ -68,6 +68,10 @@ class HSTUConfig:
     # with xavier_normal_ after the preprocessor was built (0.0875 at its 211 rows, 0.0894
     # at our 200, vs 0.141 at d 50)
     pos_init: str = "trunc_normal"
+    # the item table's: "normal" N(0, 0.02) as the other backbones; "trunc_normal" the same
+    # redrawn outside two std, the reference LocalEmbeddingModule's truncated_normal (its
+    # reset_params skips _embedding_module, so this one is kept; std 0.0176 after the cut)
+    item_init: str = "normal"
 
     #: values of keys added after runs were saved without them: what those runs did
     LEGACY: ClassVar[dict] = {"abs_pos": False}
@@ -77,6 +81,8 @@ class HSTUConfig:
             raise ValueError(f"time_query must be 'own' or 'next', got {self.time_query!r}")
         if self.pos_init not in ("trunc_normal", "xavier_normal"):
             raise ValueError(f"pos_init must be 'trunc_normal' or 'xavier_normal', got {self.pos_init!r}")
+        if self.item_init not in ("normal", "trunc_normal"):
+            raise ValueError(f"item_init must be 'normal' or 'trunc_normal', got {self.item_init!r}")
 
 
 # HSTU-large of the paper (and of the PCRec comparison): deeper and two heads, same width
@@ -190,7 +196,10 @@ class HSTU(SeqRecModel):
         super().__init__(cfg.n_items, cfg.max_len)
         self.cfg = cfg
         self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.d, padding_idx=0)
-        _init(self.item_emb)  # N(0, 0.02), zero padding row (the reference: truncated normal 0.02)
+        _init(self.item_emb)  # N(0, 0.02), zero padding row
+        if cfg.item_init == "trunc_normal":
+            with torch.no_grad():
+                nn.init.trunc_normal_(self.item_emb.weight[1:], std=0.02, a=-0.04, b=0.04)
         self.pos_emb = None
         if cfg.abs_pos:
             self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)
