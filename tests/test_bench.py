@@ -77,3 +77,27 @@ def test_epoch_benchmark_times_several_epochs_and_reports_the_last(tmp_path):
     assert r["epoch_seconds"] == r["epoch_seconds_each"][-1]
     # the rate is the last epoch's too (epoch_seconds is rounded to 0.01 s)
     assert abs(r["train_sequences"] / r["sequences_per_second"] - r["epoch_seconds"]) <= 0.006, r
+
+
+def test_a_sweep_stopped_part_way_keeps_the_points_it_measured(tmp_path, monkeypatch):
+    """The JSON is rewritten after every point, so a sweep killed by a time limit keeps them
+    and --render draws them."""
+    done = []
+
+    def fake_point(args, model, length, step=False):
+        if len(done) == 2:
+            raise KeyboardInterrupt  # what a time limit's signal does to the sweep
+        done.append(length)
+        return {"model": model, "length": length, "device": "cpu", "train_step_s": 0.1 * length,
+                "reencode_latency_s": 0.01, "peak_memory_mib": 10.0}
+
+    monkeypatch.setattr(speed, "_run_point", fake_point)
+    out = tmp_path / "sweep"
+    try:
+        speed.main(["--models", "gru4rec", "--lengths", "8,16,32", "--out", str(out)])
+    except KeyboardInterrupt:
+        pass
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert [p["length"] for p in saved["points"]] == [8, 16] and saved["complete"] is False
+    assert speed.main(["--render", str(out.with_suffix(".json")), "--out", str(tmp_path / "drawn")]) == 0
+    assert "| gru4rec | 16 |" in (tmp_path / "drawn.md").read_text()

@@ -215,6 +215,35 @@ def test_fused_pointwise_attention_equals_the_torch_line(timed, threads, P):
     assert math.isfinite(grads[0][0, 0, 4, 1].item()) and abs(a[0, 0, 4, 1].item()) < 1e-30  # silu(-120) ≈ 0, not NaN
 
 
+@pytest.mark.parametrize("timed", [False, True])
+def test_torch_line_bias_tables_equal_plain_indexing(timed):
+    """The torch line builds rab_pos from windows of one padded vector (causal_toeplitz) and
+    looks the time buckets up through F.embedding, for their CUDA backward; values and
+    gradients equal plain indexing pos_w[(i - j).clamp(0)] + ts_w[buckets], table longer than T."""
+    from perseq.models.hstu import causal_silu_attention, causal_toeplitz
+
+    g = torch.Generator().manual_seed(1)
+    B, H, T, P, NB, n = 3, 2, 7, 11, 5, 16
+    s = torch.randn(B, H, T, T, generator=g, dtype=torch.float64, requires_grad=True)  # float64: no numba kernel
+    pos_w = torch.randn(P, generator=g, dtype=torch.float64, requires_grad=True)
+    ts_w = torch.randn(NB + 1, generator=g, dtype=torch.float64, requires_grad=True) if timed else None
+    buckets = torch.randint(0, NB + 1, (B, T, T), generator=g) if timed else None
+    up = torch.randn(B, H, T, T, generator=g, dtype=torch.float64)
+    inputs = [s, pos_w] + ([ts_w] if timed else [])
+    a = causal_silu_attention(s, pos_w, ts_w, buckets, n)
+    grads = torch.autograd.grad(a, inputs, up)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    bias = pos_w[(i - j).clamp(min=0)]
+    if timed:
+        bias = (bias + ts_w[buckets])[:, None]
+    ref = torch.nn.functional.silu(s + bias) / n * (i >= j)
+    torch.testing.assert_close(a, ref, rtol=0, atol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad(ref, inputs, up)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    w = torch.arange(1.0, 5.0)
+    assert causal_toeplitz(w, 3).tolist() == [[1, 0, 0], [2, 1, 0], [3, 2, 1]]
+
+
 def test_fused_pointwise_attention_refuses_tables_it_would_index_outside():
     from perseq.ops.hstu_numba import CausalSiluAttention
 

@@ -133,6 +133,13 @@ def _run_point(args, model: str, length: int, step: bool = False) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def _save_partial(rows: list[dict], steps: list[dict], out: Path) -> None:
+    """The JSON so far, after every point: a sweep stopped early (a time limit, ^C) keeps what
+    it measured, and ``--render`` draws the table and plot from it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"points": rows, "step_vs_history": steps, "complete": False}, indent=1))
+
+
 def write_outputs(rows: list[dict], out: Path, steps: list[dict] = ()) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"points": rows, "step_vs_history": list(steps)}, indent=1))
@@ -222,12 +229,14 @@ def main(argv=None) -> int:
             r = _run_point(args, model, length)
             rows.append(r)
             print(json.dumps(r), flush=True)
+            _save_partial(rows, [], Path(args.out))
     steps = []
     for model in filter(None, args.step_models.split(",")):
         for hist in [int(x) for x in args.step_histories.split(",") if x]:
             r = _run_point(args, model, hist, step=True)
             steps.append(r)
             print(json.dumps(r), flush=True)
+            _save_partial(rows, steps, Path(args.out))
     write_outputs(rows, Path(args.out), steps)
     print(f"wrote {args.out}.json, .md and .png")
     return 0

@@ -107,10 +107,27 @@ def time_buckets(gaps: torch.Tensor, num_buckets: int = 128) -> torch.Tensor:
 
 
 def relative_bias(pos_w, ts_w, rel, buckets):
-    """rab_pos (+ rab_time): pos_w[rel], plus ts_w[buckets] when buckets is given; rel (..., Tk)
-    relative distances i - j >= 0, buckets (B, ..., Tk) or None -> a broadcastable bias."""
+    """rab_pos (+ rab_time) at one query: pos_w[rel], plus ts_w[buckets] when buckets is
+    given; rel (Tk,) distances i - j >= 0, buckets (B, Tk) or None -> a broadcastable bias."""
     bias = pos_w[rel]
-    return bias if buckets is None else bias + ts_w[buckets]
+    return bias if buckets is None else bias + _lookup(ts_w, buckets)
+
+
+def _lookup(table, idx):
+    """table[idx] for a 1-D table, through F.embedding: its CUDA backward splits long runs of
+    one index into chunks, where indexing's (index_put with accumulate) walks each run
+    serially, and a (B, T, T) bucket table is T² entries over ~129 values."""
+    return F.embedding(idx, table[:, None]).squeeze(-1)
+
+
+def causal_toeplitz(w, T):
+    """(T, T) with [i, j] = w[i - j] on and below the diagonal, 0 above: T windows of one
+    padded vector, so the backward is a dense sum along each diagonal. Indexing w with the
+    (T, T) table of clamped i - j gives the same values, but its backward on CUDA walks the
+    T²/2 entries clamped to 0 one by one (HSTU's training step took 17 s at T = 8192 on an
+    H100 that way, `BENCHMARKS.md`)."""
+    v = torch.cat([w[:T].flip(0), w.new_zeros(T - 1)])  # (2T-1,): v[T-1-k] = w[k]
+    return v.unfold(0, T, 1).flip(0)  # (T, T): [i, j] = v[T-1-i+j]
 
 
 def causal_silu_attention(s, pos_w, ts_w, buckets, n):
@@ -123,11 +140,11 @@ def causal_silu_attention(s, pos_w, ts_w, buckets, n):
         return _hstu_numba.CausalSiluAttention.apply(s, pos_w, ts_w, buckets, n)
     T = s.shape[-1]
     pos = torch.arange(T, device=s.device)
-    rel = pos[:, None] - pos[None, :]  # (T, T) = i - j
-    bias = relative_bias(pos_w, ts_w, rel.clamp(min=0), buckets)  # (T, T) or (B, T, T)
-    if bias.dim() == 3:
-        bias = bias.unsqueeze(1)  # (B, 1, T, T), shared by the heads
-    return F.silu(s + bias) / n * (rel >= 0)
+    causal = pos[:, None] >= pos[None, :]  # (T, T)
+    bias = causal_toeplitz(pos_w, T)  # (T, T)
+    if buckets is not None:
+        bias = (bias + _lookup(ts_w, buckets)).unsqueeze(1)  # (B, 1, T, T), shared by the heads
+    return F.silu(s + bias) / n * causal
 
 
 class HSTUBlock(nn.Module):
