@@ -153,3 +153,23 @@ def test_bench_curves_writes_each_runs_validation_history(run_dir, tmp_path, cap
         main(["bench", "curves", str(runs[0]), "--out", str(out), "--metric", "ndcg@7"])
     with pytest.raises(SystemExit, match="no trainer_state.json"):
         main(["bench", "curves", str(tmp_path), "--out", str(out)])
+
+
+def test_git_commit_says_when_tracked_files_differ_from_it(tmp_path, monkeypatch):
+    import subprocess
+
+    from perseq.report import git_commit
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # even if TMPDIR lies in a repository
+    assert git_commit() == "unknown"  # not a repository
+    git = ["git", "-c", "user.email=t@example.org", "-c", "user.name=t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run(git + ["add", "a.py"], check=True)
+    subprocess.run(git + ["commit", "-qm", "one"], check=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    assert git_commit() == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert git_commit() == head + "+dirty"

@@ -62,10 +62,15 @@ def hardware_name(device=None) -> str:
 
 
 def git_commit() -> str:
+    """HEAD's short hash in the working directory, with "+dirty" when tracked files differ
+    from it: a number measured on uncommitted code (or on a copied tree whose git metadata
+    is older than its files) does not claim a commit it did not run."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("+dirty" if changed.strip() else "")
 
 
 def hardware_of(results: list[dict]) -> str:
