@@ -75,8 +75,10 @@ def test_epoch_benchmark_times_several_epochs_and_reports_the_last(tmp_path):
     r = epoch.main(["--dataset", "synthetic", "--max-len", "20", "--d", "16", "--epochs", "2"])
     assert len(r["epoch_seconds_each"]) == 2 and all(x > 0 for x in r["epoch_seconds_each"])
     assert r["epoch_seconds"] == r["epoch_seconds_each"][-1]
-    # the rate is the last epoch's too (epoch_seconds is rounded to 0.01 s)
-    assert abs(r["train_sequences"] / r["sequences_per_second"] - r["epoch_seconds"]) <= 0.006, r
+    # the rate is the last epoch's too: some epoch time within epoch_seconds' rounding (0.01 s)
+    # gives it within its own (0.1 sequences/s), at any speed
+    n, e, rate = r["train_sequences"], r["epoch_seconds"], r["sequences_per_second"]
+    assert n / (e + 0.005) - 0.05 <= rate <= n / (e - 0.005) + 0.05, r
 
 
 def test_a_sweep_stopped_part_way_keeps_the_points_it_measured(tmp_path, monkeypatch):
