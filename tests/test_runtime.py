@@ -96,3 +96,22 @@ def test_training_is_bitwise_the_same_under_either_allocator():
     base, tuned = _run(_TRAIN, "default").split(), _run(_TRAIN, "tune").split()
     assert base[0] == "False" and tuned[0] == "True"
     assert base[1:] == tuned[1:] and base[1] != "nan"
+
+
+_SPIN_PROBE = "import os, sys\n{first}\nimport perseq, torch\nprint(os.environ.get('GOMP_SPINCOUNT'))"
+
+
+@pytest.mark.parametrize("first,env,expected", [
+    ("", {}, "10000"),  # import perseq before torch: set
+    ("import torch", {}, "None"),  # torch (so libgomp) already loaded: too late, left alone
+    ("", {"PERSEQ_OMP_SPIN_TUNING": "0"}, "None"),  # opted out
+    ("", {"GOMP_SPINCOUNT": "7"}, "7"),  # the user's own setting wins
+    ("", {"OMP_WAIT_POLICY": "PASSIVE"}, "None"),
+])
+def test_openmp_spin_is_limited_only_when_perseq_comes_first_and_nothing_is_set(first, env, expected):
+    from perseq.runtime import OPENMP_SPIN_COUNT
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "PERSEQ_OMP_SPIN_TUNING")}
+    out = subprocess.run([sys.executable, "-c", _SPIN_PROBE.format(first=first)], env={**clean, **env},
+                         capture_output=True, text=True, check=True).stdout.split()[-1]
+    assert out == (OPENMP_SPIN_COUNT if expected == "10000" else expected)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import sys
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_MAX = -4
@@ -58,3 +59,28 @@ def tune_malloc_for_training() -> bool:
     # mallopt returns 1 on success; the trim threshold is an int, so "never" is INT_MAX
     _applied = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _applied
+
+
+#: Spins of an idle OpenMP worker before it sleeps (libgomp's ``GOMP_SPINCOUNT``; its default
+#: is 300,000 when ``OMP_WAIT_POLICY`` is unset). perseq's numba kernels run on numba's own
+#: thread pool, and after every torch op torch's idle OpenMP workers keep spinning on the
+#: cores those kernels want: with 2 threads on the 2-core machine, a Mamba4Rec encoder step
+#: (forward + backward, B=128, L=200, 40 steps) took 178-185 ms under the default and 165-172
+#: ms spinning 10,000 times, SASRec's 154-159 ms either way (2026-11-24, BENCHMARKS.md).
+OPENMP_SPIN_COUNT = "10000"
+_OMP_ENV = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+
+
+def limit_openmp_spin() -> bool:
+    """Shorten the spin of torch's idle OpenMP workers (see ``OPENMP_SPIN_COUNT``) by setting
+    ``GOMP_SPINCOUNT``, which libgomp reads once, when torch loads it: ``import perseq``
+    (which calls this) must come before ``import torch`` to have an effect. Returns whether
+    it was set; not when torch is already imported, when ``GOMP_SPINCOUNT`` or
+    ``OMP_WAIT_POLICY`` is already in the environment, or with ``PERSEQ_OMP_SPIN_TUNING=0``.
+    Processes started from this one inherit it."""
+    if os.environ.get("PERSEQ_OMP_SPIN_TUNING", "1") == "0" or any(k in os.environ for k in _OMP_ENV):
+        return False
+    if "torch" in sys.modules:
+        return False
+    os.environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
+    return True

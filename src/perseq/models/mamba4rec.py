@@ -100,12 +100,17 @@ class Mamba(nn.Module):
         return F.softplus(self.dt_proj(dt)), B, C
 
     def forward(self, u):
-        x, z = self.in_proj(u).chunk(2, -1)  # (B, L, E) each
+        # in_proj as two products, the x half and the z half: each comes out contiguous, which
+        # the kernels want (chunking one (B, L, 2E) product gave strided halves: two copies
+        # forward and a concatenation backward)
+        W = self.in_proj.weight  # (2E, d)
+        x, z = F.linear(u, W[: self.E]), F.linear(u, W[self.E :])  # (B, L, E) each
         x = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu", backend=self.backend)
         delta, B, C = self._ssm_inputs(x)  # (B, L, E), (B, L, N), (B, L, N)
         A = -torch.exp(self.A_log)  # (E, N)
-        y = selective_scan(x, delta, A, B, C, self.D, backend=self.backend, chunk=self.chunk)  # (B, L, E)
-        return self.out_proj(y * F.silu(z))  # (B, L, d)
+        # (scan + D x) ⊙ SiLU(z): the D term and the gate go inside the scan kernels
+        y = selective_scan(x, delta, A, B, C, self.D, backend=self.backend, chunk=self.chunk, z=z)  # (B, L, E)
+        return self.out_proj(y)  # (B, L, d)
 
     def init_state(self, batch_size: int, device=None, dtype=None):
         conv = torch.zeros(batch_size, self.E, self.conv1d.kernel_size[0] - 1, device=device, dtype=dtype)  # last d_conv-1 inputs

@@ -4,7 +4,9 @@ rounding (tests/test_mamba.py). Also the causal depthwise conv + SiLU in front o
 one kernel pair (torch's depthwise conv backward took ~22 ms of a ~480 ms Mamba4Rec step on
 one thread at B=128, L=200, E=128; the fused pair ~11 ms for forward and backward).
 
-    h_t = exp(Δ_t A) ⊙ h_{t-1} + (Δ_t x_t) ⊗ B_t,   y_t = h_t · C_t      (no D term here)
+    h_t = exp(Δ_t A) ⊙ h_{t-1} + (Δ_t x_t) ⊗ B_t,   y_t = (h_t · C_t + D ⊙ x_t) ⊙ SiLU(z_t)
+
+(D and the gate z optional, as in mamba_ssm's ``selective_scan_fn``.)
 
 Why a kernel: the torch chunked scan (selective_scan.py) is a loop of whole-tensor ops, each
 a pass over a (B, ·, E, N) slice; at a training batch (B=128, L=200, E=128, N=32) those
@@ -104,16 +106,27 @@ def _int_bits_as_float32(typingctx, i):
 @njit(inline="always", fastmath=True)
 def _exp_nonpos(x):
     x = max(x, _LOWEST)
-    k = np.float32(math.floor(x * _LOG2E + _HALF))  # nearest integer: |r| ≤ ln2 / 2
+    # nearest integer, |r| ≤ ln2 / 2. np.floor, not math.floor: numba's math.floor returns an
+    # int64, so the vectorized loop converted every lane to int64 and back (8-lane halves of
+    # a 16-lane vector); that alone cost ~45% of the scan's forward (B=128, L=200, one
+    # thread: 56 -> 31 ms), with bitwise the same result
+    k = np.floor(x * _LOG2E + _HALF)
     r = (x - k * _LN2_HI) - k * _LN2_LO
     p = _ONE + r * (_ONE + r * (_HALF + r * (_C3 + r * (_C4 + r * (_C5 + r * _C6)))))
     return p * _int_bits_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))  # p · 2^k
 
 
+@njit(inline="always", fastmath=True)
+def _sigmoid(s):
+    z = _exp_nonpos(-abs(s))  # exp(-|s|) ∈ (0, 1]: never overflows
+    return (_ONE if s >= 0 else z) / (_ONE + z)
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def _scan_fwd(x, dl, AT, Bm, Cm, S, y, ck):
-    """x, dl (B, L, E); AT (N, E); Bm, Cm (B, L, N) -> y (B, L, E); ck (B, ⌈L/S⌉, N, E)
-    gets the state before steps 0, S, 2S, ..."""
+def _scan_fwd(x, dl, AT, Bm, Cm, D, z, gate, S, y, ck):
+    """x, dl (B, L, E); AT (N, E); Bm, Cm (B, L, N); D (E,); z (B, L, E), read only when
+    ``gate`` -> y (B, L, E) = (scan + D ⊙ x) [⊙ SiLU(z)]; ck (B, ⌈L/S⌉, N, E) gets the state
+    before steps 0, S, 2S, ..."""
     Bsz, L, E = x.shape
     N = AT.shape[0]
     for b in prange(Bsz):
@@ -127,7 +140,7 @@ def _scan_fwd(x, dl, AT, Bm, Cm, S, y, ck):
             xt = x[b, t]
             for e in range(E):
                 dx[e] = dlt[e] * xt[e]
-                acc[e] = 0
+                acc[e] = D[e] * xt[e]
             for n in range(N):
                 hn = h[n]
                 An = AT[n]
@@ -137,13 +150,20 @@ def _scan_fwd(x, dl, AT, Bm, Cm, S, y, ck):
                     v = _exp_nonpos(dlt[e] * An[e]) * hn[e] + dx[e] * bn
                     hn[e] = v
                     acc[e] += v * cn
-            y[b, t] = acc
+            yt = y[b, t]
+            if gate:
+                zt = z[b, t]
+                for e in range(E):
+                    yt[e] = acc[e] * zt[e] * _sigmoid(zt[e])
+            else:
+                for e in range(E):
+                    yt[e] = acc[e]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _scan_bwd(x, dl, AT, Bm, Cm, gy, ck, S, gx, gdl, gAT, gB, gC):
-    """Adjoints of ``_scan_fwd``: gx, gdl (B, L, E); gAT (B, N, E) per-row partials;
-    gB, gC (B, L, N)."""
+def _scan_bwd(x, dl, AT, Bm, Cm, D, z, gate, gout, ck, S, gx, gdl, gAT, gB, gC, gD, gz):
+    """Adjoints of ``_scan_fwd`` from gout = ∂loss/∂y: gx, gdl (B, L, E); gAT (B, N, E) and
+    gD (B, E) per-row partials; gB, gC (B, L, N); gz (B, L, E), written only when ``gate``."""
     Bsz, L, E = x.shape
     N = AT.shape[0]
     nseg = (L + S - 1) // S
@@ -152,9 +172,13 @@ def _scan_bwd(x, dl, AT, Bm, Cm, gy, ck, S, gx, gdl, gAT, gB, gC):
         av = np.empty((S, N, E), np.float32)  # its decays
         g = np.zeros((N, E), np.float32)  # adjoint of the state
         dx = np.empty(E, np.float32)
+        gyt = np.empty(E, np.float32)  # ∂loss/∂(scan + D x) at step t
+        sg = np.empty(E, np.float32)  # σ(z_t)
+        yt = np.empty(E, np.float32)  # scan + D x at step t (recomputed, for ∂/∂z)
         gdx = np.empty(E, np.float32)  # ∂loss/∂(Δx)
         gd = np.empty(E, np.float32)  # ∂loss/∂Δ through the decays
         gAb = gAT[b]
+        gDb = gD[b]
         for seg in range(nseg - 1, -1, -1):
             t0 = seg * S
             t1 = min(L, t0 + S)
@@ -177,9 +201,18 @@ def _scan_bwd(x, dl, AT, Bm, Cm, gy, ck, S, gx, gdl, gAT, gB, gC):
                 t = t0 + i
                 dlt = dl[b, t]
                 xt = x[b, t]
-                gyt = gy[b, t]
+                go = gout[b, t]
+                if gate:  # y = u ⊙ SiLU(z): ∂/∂u = go ⊙ SiLU(z)
+                    zt = z[b, t]
+                    for e in range(E):
+                        sg[e] = _sigmoid(zt[e])
+                        gyt[e] = go[e] * zt[e] * sg[e]
+                else:
+                    for e in range(E):
+                        gyt[e] = go[e]
                 for e in range(E):
                     dx[e] = dlt[e] * xt[e]
+                    yt[e] = D[e] * xt[e]
                     gdx[e] = 0
                     gd[e] = 0
                 for n in range(N):
@@ -196,6 +229,7 @@ def _scan_bwd(x, dl, AT, Bm, Cm, gy, ck, S, gx, gdl, gAT, gB, gC):
                     for e in range(E):
                         v = gn[e] + gyt[e] * cn  # total adjoint of h_t
                         sc += gyt[e] * hc[e]  # ∂/∂C_t
+                        yt[e] += hc[e] * cn
                         q = v * an[e] * hp[e]  # ∂/∂(Δ_t A)
                         gd[e] += q * An[e]
                         gAn[e] += q * dlt[e]
@@ -205,14 +239,14 @@ def _scan_bwd(x, dl, AT, Bm, Cm, gy, ck, S, gx, gdl, gAT, gB, gC):
                     gC[b, t, n] = sc
                     gB[b, t, n] = sb
                 for e in range(E):
-                    gx[b, t, e] = gdx[e] * dlt[e]
+                    gx[b, t, e] = gdx[e] * dlt[e] + D[e] * gyt[e]
                     gdl[b, t, e] = gdx[e] * xt[e] + gd[e]
-
-
-@njit(inline="always", fastmath=True)
-def _sigmoid(s):
-    z = _exp_nonpos(-abs(s))  # exp(-|s|) ∈ (0, 1]: never overflows
-    return (_ONE if s >= 0 else z) / (_ONE + z)
+                    gDb[e] += gyt[e] * xt[e]
+                if gate:  # SiLU'(z) = σ(z) (1 + z (1 - σ(z)))
+                    zt = z[b, t]
+                    gzt = gz[b, t]
+                    for e in range(E):
+                        gzt[e] = go[e] * yt[e] * sg[e] * (_ONE + zt[e] * (_ONE - sg[e]))
 
 
 @njit(inline="always", fastmath=True)
@@ -286,35 +320,47 @@ def kernel_threads():
 
 
 class NumbaScan(torch.autograd.Function):
-    """y = scan(x, Δ, A, B, C) without the D term; float32 CPU tensors x, delta (B, L, E),
-    A (E, N), B, C (B, L, N)."""
+    """y = (scan(x, Δ, A, B, C) + D ⊙ x) [⊙ SiLU(z)]; float32 CPU tensors x, delta (B, L, E),
+    A (E, N), B, C (B, L, N), D (E,) or None, z (B, L, E) or None.
+
+    The D term and the gate are inside the kernels (as in mamba_ssm's ``selective_scan_fn``
+    with ``z``): as separate torch ops they were ~6 passes over (B, L, E) forward and ~10
+    backward; here they cost one pass at the end of each step, and the backward recomputes
+    the pre-gate output from the states it reruns anyway instead of keeping it."""
 
     @staticmethod
-    def forward(ctx, x, delta, A, B, C):
+    def forward(ctx, x, delta, A, B, C, D, z):
         x, delta, B, C = (t.contiguous() for t in (x, delta, B, C))
         AT = A.t().contiguous()  # (N, E)
         Bsz, L, E = x.shape
+        Dk = x.new_zeros(E) if D is None else D.detach().contiguous()
+        zk = x.new_empty(0, 0, 0) if z is None else z.contiguous()
         y = x.new_empty(Bsz, L, E)
         S = SEGMENT
         ck = x.new_empty(Bsz, -(-L // S), AT.shape[0], E)
         with kernel_threads():
-            _scan_fwd(x.numpy(), delta.numpy(), AT.numpy(), B.numpy(), C.numpy(), S, y.numpy(), ck.numpy())
-        ctx.save_for_backward(x, delta, AT, B, C, ck)
+            _scan_fwd(x.numpy(), delta.numpy(), AT.numpy(), B.numpy(), C.numpy(), Dk.numpy(), zk.numpy(), z is not None,
+                      S, y.numpy(), ck.numpy())
+        ctx.save_for_backward(x, delta, AT, B, C, Dk, zk, ck)
         ctx.S = S  # the backward must rerun segments of the length the states were kept at
+        ctx.has_D, ctx.gate = D is not None, z is not None
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        x, delta, AT, B, C, ck = ctx.saved_tensors
+        x, delta, AT, B, C, Dk, zk, ck = ctx.saved_tensors
         gy = gy.contiguous()
         gx, gdelta = torch.empty_like(x), torch.empty_like(x)
         gB, gC = torch.empty_like(B), torch.empty_like(C)
         gAT = x.new_zeros(x.shape[0], *AT.shape)  # (B, N, E)
+        gD = x.new_zeros(x.shape[0], x.shape[2])  # (B, E)
+        gz = torch.empty_like(zk)
         with kernel_threads():
-            _scan_bwd(x.numpy(), delta.numpy(), AT.numpy(), B.numpy(), C.numpy(), gy.numpy(), ck.numpy(), ctx.S,
-                      gx.numpy(), gdelta.numpy(), gAT.numpy(), gB.numpy(), gC.numpy())
-        return gx, gdelta, gAT.sum(0).t(), gB, gC
+            _scan_bwd(x.numpy(), delta.numpy(), AT.numpy(), B.numpy(), C.numpy(), Dk.numpy(), zk.numpy(), ctx.gate,
+                      gy.numpy(), ck.numpy(), ctx.S, gx.numpy(), gdelta.numpy(), gAT.numpy(), gB.numpy(), gC.numpy(),
+                      gD.numpy(), gz.numpy())
+        return (gx, gdelta, gAT.sum(0).t(), gB, gC, gD.sum(0) if ctx.has_D else None, gz if ctx.gate else None)
 
 
 class NumbaConvSiLU(torch.autograd.Function):
@@ -357,17 +403,15 @@ def _check_kernel_input(x):
         raise ValueError(f"the numba kernels run float32 (or half-precision, computed in float32) CPU tensors, got {x.dtype} on {x.device}")
 
 
-def selective_scan_numba(x, delta, A, B, C, D=None):
+def selective_scan_numba(x, delta, A, B, C, D=None, z=None):
     """Same signature and result as ``selective_scan_ref`` for float32 CPU tensors."""
     _check_kernel_input(x)
     if not applicable(A):
         raise ValueError("the numba scan needs A <= 0 (Mamba's A = -exp(A_log)); its exp() is only valid for "
                          "non-positive arguments, with delta >= 0; use backend='torch' for other values")
     dtype = x.dtype
-    x, delta, A, B, C = (t.to(torch.float32) for t in (x, delta, A, B, C))
-    y = NumbaScan.apply(x, delta, A, B, C)
-    if D is not None:
-        y = y + D * x
+    f32 = lambda t: None if t is None else t.to(torch.float32)  # noqa: E731
+    y = NumbaScan.apply(*(f32(t) for t in (x, delta, A, B, C, D, z)))
     return y.to(dtype)
 
 

@@ -78,8 +78,17 @@ SEGMENT = 4
 BACKENDS = ("auto", "torch", "numba", "cuda")
 
 
-def selective_scan_ref(x, delta, A, B, C, D=None):
-    """Sequential reference: x, delta (B, L, E); A (E, N); B, C (B, L, N); D (E,) -> y (B, L, E)."""
+def _gate(y, x, D, z):
+    """(y + D ⊙ x) ⊙ SiLU(z), the parts of a Mamba mixer after the scan proper (either optional)."""
+    if D is not None:
+        y = y + D * x
+    return y if z is None else y * F.silu(z)
+
+
+def selective_scan_ref(x, delta, A, B, C, D=None, z=None):
+    """Sequential reference: x, delta (B, L, E); A (E, N); B, C (B, L, N); D (E,); z (B, L, E)
+    -> y (B, L, E) = (scan + D ⊙ x) ⊙ SiLU(z), D and z optional (as mamba_ssm's
+    ``selective_scan_ref``)."""
     dtype = x.dtype
     x, delta, A, B, C = (t.to(_compute_dtype(dtype)) for t in (x, delta, A, B, C))
     h = x.new_zeros(x.shape[0], x.shape[2], A.shape[1])  # (B, E, N)
@@ -88,9 +97,7 @@ def selective_scan_ref(x, delta, A, B, C, D=None):
         h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * x[:, t])[:, :, None] * B[:, t, None, :]
         ys.append(torch.einsum("ben,bn->be", h, C[:, t]))
     y = torch.stack(ys, 1)  # (B, L, E)
-    if D is not None:
-        y = y + D * x
-    return y.to(dtype)
+    return _gate(y, x, D, None if z is None else z.to(y.dtype)).to(dtype)
 
 
 def selective_scan_step(h, x_t, delta_t, A, B_t, C_t, D=None):
@@ -105,7 +112,7 @@ def selective_scan_step(h, x_t, delta_t, A, B_t, C_t, D=None):
     return h, y
 
 
-def selective_scan_chunked(x, delta, A, B, C, D=None, chunk: int | None = None):
+def selective_scan_chunked(x, delta, A, B, C, D=None, chunk: int | None = None, z=None):
     """Chunked parallel scan (see the module docstring): same signature and result as
     ``selective_scan_ref``, differentiable in every input. ``chunk`` None: ``_auto_chunk``."""
     if chunk is None:
@@ -115,32 +122,31 @@ def selective_scan_chunked(x, delta, A, B, C, D=None, chunk: int | None = None):
     dtype = x.dtype
     x, delta, A, B, C = (t.to(_compute_dtype(dtype)) for t in (x, delta, A, B, C))
     y = _ChunkedScan.apply(x, delta, A, B, C, int(chunk))  # (B, L, E)
-    if D is not None:
-        y = y + D * x
-    return y.to(dtype)
+    return _gate(y, x, D, None if z is None else z.to(y.dtype)).to(dtype)
 
 
-def selective_scan(x, delta, A, B, C, D=None, backend: str = "auto", chunk: int | None = None):
-    """Dispatch: ``"cuda"`` = mamba_ssm's fused kernel (CUDA tensors, package installed),
+def selective_scan(x, delta, A, B, C, D=None, backend: str = "auto", chunk: int | None = None, z=None):
+    """y = (scan + D ⊙ x) ⊙ SiLU(z) (D, z optional), by one of the backends. Dispatch:
+    ``"cuda"`` = mamba_ssm's fused kernel (CUDA tensors, package installed),
     ``"numba"`` = the fused CPU kernels of ``scan_numba`` (CPU, float32 or half, A ≤ 0),
     ``"torch"`` = ``selective_scan_chunked`` (any device and dtype), ``"auto"`` = the first
     of cuda, numba, torch that can run these tensors."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown selective-scan backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "cuda" or (backend == "auto" and _mamba_selective_scan_fn is not None and x.is_cuda):
-        return _scan_cuda(x, delta, A, B, C, D)
+        return _scan_cuda(x, delta, A, B, C, D, z)
     if backend == "numba":
         if selective_scan_numba is None:
             raise RuntimeError("selective-scan backend 'numba' needs the numba package (pip install numba); "
                                "use backend='torch' or 'auto' to run without it")
-        return selective_scan_numba(x, delta, A, B, C, D)
+        return selective_scan_numba(x, delta, A, B, C, D, z)
     if (backend == "auto" and selective_scan_numba is not None and x.device.type == "cpu" and x.dtype in _NUMBA_DTYPES
             and _numba_applicable(A)):
-        return selective_scan_numba(x, delta, A, B, C, D)
-    return selective_scan_chunked(x, delta, A, B, C, D, chunk=chunk)
+        return selective_scan_numba(x, delta, A, B, C, D, z)
+    return selective_scan_chunked(x, delta, A, B, C, D, chunk=chunk, z=z)
 
 
-def _scan_cuda(x, delta, A, B, C, D):
+def _scan_cuda(x, delta, A, B, C, D, z=None):
     if _mamba_selective_scan_fn is None:
         raise RuntimeError(
             "selective-scan backend 'cuda' needs the mamba_ssm package (pip install mamba-ssm, "
@@ -150,7 +156,7 @@ def _scan_cuda(x, delta, A, B, C, D):
         raise RuntimeError(f"selective-scan backend 'cuda' needs CUDA tensors, got {x.device}")
     tr = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731  (B, L, ·) -> (B, ·, L)
     D = D.float() if D is not None else None  # the kernel reads D as float32
-    y = _mamba_selective_scan_fn(tr(x), tr(delta), A.contiguous(), tr(B), tr(C), D)  # (B, E, L)
+    y = _mamba_selective_scan_fn(tr(x), tr(delta), A.contiguous(), tr(B), tr(C), D, None if z is None else tr(z))  # (B, E, L)
     return y.transpose(1, 2)  # (B, L, E)
 
 
