@@ -123,10 +123,10 @@ def _sigmoid(s):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _scan_fwd(x, dl, AT, Bm, Cm, D, z, gate, S, y, ck):
+def _scan_fwd(x, dl, AT, Bm, Cm, D, z, gate, S, y, u, ck):
     """x, dl (B, L, E); AT (N, E); Bm, Cm (B, L, N); D (E,); z (B, L, E), read only when
-    ``gate`` -> y (B, L, E) = (scan + D ⊙ x) [⊙ SiLU(z)]; ck (B, ⌈L/S⌉, N, E) gets the state
-    before steps 0, S, 2S, ..."""
+    ``gate`` -> y (B, L, E) = (scan + D ⊙ x) [⊙ SiLU(z)]; with the gate, u (B, L, E) gets
+    scan + D ⊙ x (for ∂/∂z); ck (B, ⌈L/S⌉, N, E) gets the state before steps 0, S, 2S, ..."""
     Bsz, L, E = x.shape
     N = AT.shape[0]
     for b in prange(Bsz):
@@ -153,6 +153,7 @@ def _scan_fwd(x, dl, AT, Bm, Cm, D, z, gate, S, y, ck):
             yt = y[b, t]
             if gate:
                 zt = z[b, t]
+                u[b, t] = acc
                 for e in range(E):
                     yt[e] = acc[e] * zt[e] * _sigmoid(zt[e])
             else:
@@ -161,7 +162,7 @@ def _scan_fwd(x, dl, AT, Bm, Cm, D, z, gate, S, y, ck):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _scan_bwd(x, dl, AT, Bm, Cm, D, z, gate, gout, ck, S, gx, gdl, gAT, gB, gC, gD, gz):
+def _scan_bwd(x, dl, AT, Bm, Cm, D, z, u, gate, gout, ck, S, gx, gdl, gAT, gB, gC, gD, gz):
     """Adjoints of ``_scan_fwd`` from gout = ∂loss/∂y: gx, gdl (B, L, E); gAT (B, N, E) and
     gD (B, E) per-row partials; gB, gC (B, L, N); gz (B, L, E), written only when ``gate``."""
     Bsz, L, E = x.shape
@@ -174,7 +175,6 @@ def _scan_bwd(x, dl, AT, Bm, Cm, D, z, gate, gout, ck, S, gx, gdl, gAT, gB, gC, 
         dx = np.empty(E, np.float32)
         gyt = np.empty(E, np.float32)  # ∂loss/∂(scan + D x) at step t
         sg = np.empty(E, np.float32)  # σ(z_t)
-        yt = np.empty(E, np.float32)  # scan + D x at step t (recomputed, for ∂/∂z)
         gdx = np.empty(E, np.float32)  # ∂loss/∂(Δx)
         gd = np.empty(E, np.float32)  # ∂loss/∂Δ through the decays
         gAb = gAT[b]
@@ -212,7 +212,6 @@ def _scan_bwd(x, dl, AT, Bm, Cm, D, z, gate, gout, ck, S, gx, gdl, gAT, gB, gC, 
                         gyt[e] = go[e]
                 for e in range(E):
                     dx[e] = dlt[e] * xt[e]
-                    yt[e] = D[e] * xt[e]
                     gdx[e] = 0
                     gd[e] = 0
                 for n in range(N):
@@ -229,7 +228,6 @@ def _scan_bwd(x, dl, AT, Bm, Cm, D, z, gate, gout, ck, S, gx, gdl, gAT, gB, gC, 
                     for e in range(E):
                         v = gn[e] + gyt[e] * cn  # total adjoint of h_t
                         sc += gyt[e] * hc[e]  # ∂/∂C_t
-                        yt[e] += hc[e] * cn
                         q = v * an[e] * hp[e]  # ∂/∂(Δ_t A)
                         gd[e] += q * An[e]
                         gAn[e] += q * dlt[e]
@@ -244,9 +242,10 @@ def _scan_bwd(x, dl, AT, Bm, Cm, D, z, gate, gout, ck, S, gx, gdl, gAT, gB, gC, 
                     gDb[e] += gyt[e] * xt[e]
                 if gate:  # SiLU'(z) = σ(z) (1 + z (1 - σ(z)))
                     zt = z[b, t]
+                    ut = u[b, t]
                     gzt = gz[b, t]
                     for e in range(E):
-                        gzt[e] = go[e] * yt[e] * sg[e] * (_ONE + zt[e] * (_ONE - sg[e]))
+                        gzt[e] = go[e] * ut[e] * sg[e] * (_ONE + zt[e] * (_ONE - sg[e]))
 
 
 @njit(inline="always", fastmath=True)
@@ -325,8 +324,9 @@ class NumbaScan(torch.autograd.Function):
 
     The D term and the gate are inside the kernels (as in mamba_ssm's ``selective_scan_fn``
     with ``z``): as separate torch ops they were ~6 passes over (B, L, E) forward and ~10
-    backward; here they cost one pass at the end of each step, and the backward recomputes
-    the pre-gate output from the states it reruns anyway instead of keeping it."""
+    backward; here they cost one pass at the end of each step. The forward keeps the
+    pre-gate output u for ∂/∂z (B·L·E floats); recomputing it in the backward's walk instead
+    cost a load and a store per state element there, 10-15% of the backward."""
 
     @staticmethod
     def forward(ctx, x, delta, A, B, C, D, z):
@@ -335,13 +335,13 @@ class NumbaScan(torch.autograd.Function):
         Bsz, L, E = x.shape
         Dk = x.new_zeros(E) if D is None else D.detach().contiguous()
         zk = x.new_empty(0, 0, 0) if z is None else z.contiguous()
-        y = x.new_empty(Bsz, L, E)
+        y, u = x.new_empty(Bsz, L, E), torch.empty_like(zk)
         S = SEGMENT
         ck = x.new_empty(Bsz, -(-L // S), AT.shape[0], E)
         with kernel_threads():
             _scan_fwd(x.numpy(), delta.numpy(), AT.numpy(), B.numpy(), C.numpy(), Dk.numpy(), zk.numpy(), z is not None,
-                      S, y.numpy(), ck.numpy())
-        ctx.save_for_backward(x, delta, AT, B, C, Dk, zk, ck)
+                      S, y.numpy(), u.numpy(), ck.numpy())
+        ctx.save_for_backward(x, delta, AT, B, C, Dk, zk, u, ck)
         ctx.S = S  # the backward must rerun segments of the length the states were kept at
         ctx.has_D, ctx.gate = D is not None, z is not None
         return y
@@ -349,7 +349,7 @@ class NumbaScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        x, delta, AT, B, C, Dk, zk, ck = ctx.saved_tensors
+        x, delta, AT, B, C, Dk, zk, u, ck = ctx.saved_tensors
         gy = gy.contiguous()
         gx, gdelta = torch.empty_like(x), torch.empty_like(x)
         gB, gC = torch.empty_like(B), torch.empty_like(C)
@@ -357,7 +357,7 @@ class NumbaScan(torch.autograd.Function):
         gD = x.new_zeros(x.shape[0], x.shape[2])  # (B, E)
         gz = torch.empty_like(zk)
         with kernel_threads():
-            _scan_bwd(x.numpy(), delta.numpy(), AT.numpy(), B.numpy(), C.numpy(), Dk.numpy(), zk.numpy(), ctx.gate,
+            _scan_bwd(x.numpy(), delta.numpy(), AT.numpy(), B.numpy(), C.numpy(), Dk.numpy(), zk.numpy(), u.numpy(), ctx.gate,
                       gy.numpy(), ck.numpy(), ctx.S, gx.numpy(), gdelta.numpy(), gAT.numpy(), gB.numpy(), gC.numpy(),
                       gD.numpy(), gz.numpy())
         return (gx, gdelta, gAT.sum(0).t(), gB, gC, gD.sum(0) if ctx.has_D else None, gz if ctx.gate else None)
