@@ -217,6 +217,58 @@ def test_fused_gate_matches_reference_in_value_and_every_gradient(L, E, with_D):
         torch.testing.assert_close(a.double(), b, **tol(b), msg=f"numba d/d{name}")
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_delta_softplus_matches_reference_in_value_and_every_gradient(with_bias):
+    # Δ = softplus(delta + delta_bias) inside the kernels (own vectorized log1p), with the
+    # pre-activations spread over ±30 so both branches of softplus and its flat ends are hit
+    from perseq.ops.scan_numba import selective_scan_numba
+
+    g = torch.Generator().manual_seed(7)
+    x, _, A, B, C, D = _scan_inputs(batch=2, L=40, E=37, N=6)
+    pre = torch.randn(2, 40, 37, generator=g, dtype=torch.float64) * 2 - 3
+    pre[0, :3] = torch.linspace(-30, 30, 37, dtype=torch.float64)
+    z = torch.randn(2, 40, 37, generator=g, dtype=torch.float64)
+    ins = [x, pre.requires_grad_(), A, B, C, D, z.requires_grad_()]
+    names = ["x", "delta", "A", "B", "C", "D", "z"]
+    if with_bias:
+        ins.append(torch.randn(37, generator=g, dtype=torch.float64).requires_grad_())
+        names.append("delta_bias")
+
+    def call(fn):  # inputs in the order of ``ins`` -> fn(x, delta, A, B, C, D, z=, delta_bias=, delta_softplus=True)
+        return lambda *t: fn(*t[:6], z=t[6], delta_bias=t[7] if with_bias else None, delta_softplus=True)
+
+    y_ref, g_ref = _value_and_grads(call(selective_scan_ref), ins)
+    # softplus really applied: Δ = delta + bias without it gives other numbers
+    assert not torch.allclose(y_ref, selective_scan_ref(*ins[:6], z=z, delta_bias=ins[7] if with_bias else None))
+    y, gr = _value_and_grads(call(selective_scan_numba), [t.detach().float().requires_grad_() for t in ins])
+    tol = lambda r: dict(rtol=1e-4, atol=1e-5 * r.abs().max().item())  # noqa: E731
+    torch.testing.assert_close(y.double(), y_ref, **tol(y_ref))
+    for name, a, b in zip(names, gr, g_ref):
+        torch.testing.assert_close(a.double(), b, **tol(b), msg=f"numba d/d{name}")
+    y, gr = _value_and_grads(call(lambda *a, **k: selective_scan_chunked(*a, chunk=8, **k)), ins)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    for name, a, b in zip(names, gr, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"chunked d/d{name}")
+
+
+def test_kernel_softplus_is_float32_accurate():
+    import numpy as np
+    from numba import njit
+
+    from perseq.ops.scan_numba import _softplus
+
+    @njit(fastmath=True)  # as the kernels compile it
+    def apply(a, out):
+        for i in range(a.size):
+            out[i] = _softplus(a[i])
+
+    v = np.linspace(-60, 60, 240_001).astype(np.float32)
+    out = np.empty_like(v)
+    apply(v, out)
+    exact = np.logaddexp(0, v.astype(np.float64))
+    assert np.max(np.abs(out - exact) / exact) < 1e-6
+
+
 @pytest.mark.parametrize("W,L", [(1, 9), (2, 9), (4, 9), (4, 2)])
 def test_numba_conv_silu_matches_torch_in_value_and_every_gradient(W, L):
     from perseq.ops.scan_numba import causal_conv1d_silu_numba

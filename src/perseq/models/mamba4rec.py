@@ -106,10 +106,12 @@ class Mamba(nn.Module):
         W = self.in_proj.weight  # (2E, d)
         x, z = F.linear(u, W[: self.E]), F.linear(u, W[self.E :])  # (B, L, E) each
         x = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu", backend=self.backend)
-        delta, B, C = self._ssm_inputs(x)  # (B, L, E), (B, L, N), (B, L, N)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.N, self.N], -1)  # (B, L, R), (B, L, N), (B, L, N)
         A = -torch.exp(self.A_log)  # (E, N)
-        # (scan + D x) ⊙ SiLU(z): the D term and the gate go inside the scan kernels
-        y = selective_scan(x, delta, A, B, C, self.D, backend=self.backend, chunk=self.chunk, z=z)  # (B, L, E)
+        # Δ = softplus(dt_proj(dt)), (scan + D x) ⊙ SiLU(z): the dt bias, the softplus, the D
+        # term and the gate go inside the scan kernels (as _ssm_inputs and step do in torch)
+        y = selective_scan(x, F.linear(dt, self.dt_proj.weight), A, B, C, self.D, backend=self.backend, chunk=self.chunk,
+                           z=z, delta_bias=self.dt_proj.bias, delta_softplus=True)  # (B, L, E)
         return self.out_proj(y)  # (B, L, d)
 
     def init_state(self, batch_size: int, device=None, dtype=None):

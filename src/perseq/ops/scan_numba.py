@@ -122,21 +122,51 @@ def _sigmoid(s):
     return (_ONE if s >= 0 else z) / (_ONE + z)
 
 
+_L3, _L5, _L7, _L9, _L11, _L13 = (np.float32(1 / k) for k in (3, 5, 7, 9, 11, 13))
+
+
+@njit(inline="always", fastmath=True)
+def _softplus(v):
+    """log(1 + e^v) = max(v, 0) + log1p(e^-|v|), vectorizable: with w = e^-|v| ∈ (0, 1] and
+    s = w / (2 + w) ≤ 1/3, log1p(w) = 2 atanh(s) = 2 (s + s³/3 + ... + s¹³/13); the next
+    term is below 2e-8 relative. (libm's log1p does not vectorize, as expf does not.)"""
+    w = _exp_nonpos(-abs(v))
+    sv = w / (np.float32(2) + w)
+    q = sv * sv
+    p = _ONE + q * (_L3 + q * (_L5 + q * (_L7 + q * (_L9 + q * (_L11 + q * _L13)))))
+    return max(v, np.float32(0)) + np.float32(2) * sv * p
+
+
+@njit(inline="always", fastmath=True)
+def _delta(dlr, dbias, sp, out):
+    """out (E,) <- Δ_t = dlr + dbias, through softplus when ``sp`` (mamba_ssm's delta_bias and
+    delta_softplus: the dt projection's bias add and softplus as passes of their own were
+    ~4 torch ops over (B, L, E) per step)."""
+    if sp:
+        for e in range(out.shape[0]):
+            out[e] = _softplus(dlr[e] + dbias[e])
+    else:
+        for e in range(out.shape[0]):
+            out[e] = dlr[e] + dbias[e]
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def _scan_fwd(x, dl, AT, Bm, Cm, D, z, gate, S, y, u, ck):
-    """x, dl (B, L, E); AT (N, E); Bm, Cm (B, L, N); D (E,); z (B, L, E), read only when
-    ``gate`` -> y (B, L, E) = (scan + D ⊙ x) [⊙ SiLU(z)]; with the gate, u (B, L, E) gets
-    scan + D ⊙ x (for ∂/∂z); ck (B, ⌈L/S⌉, N, E) gets the state before steps 0, S, 2S, ..."""
+def _scan_fwd(x, dl, dbias, sp, AT, Bm, Cm, D, z, gate, S, y, u, ck):
+    """x, dl (B, L, E); dbias (E,); AT (N, E); Bm, Cm (B, L, N); D (E,); z (B, L, E), read
+    only when ``gate`` -> y (B, L, E) = (scan + D ⊙ x) [⊙ SiLU(z)] with Δ = dl + dbias, or
+    softplus(dl + dbias) when ``sp``; with the gate, u (B, L, E) gets scan + D ⊙ x (for
+    ∂/∂z); ck (B, ⌈L/S⌉, N, E) gets the state before steps 0, S, 2S, ..."""
     Bsz, L, E = x.shape
     N = AT.shape[0]
     for b in prange(Bsz):
         h = np.zeros((N, E), np.float32)
         dx = np.empty(E, np.float32)
         acc = np.empty(E, np.float32)
+        dlt = np.empty(E, np.float32)  # Δ_t
         for t in range(L):
             if t % S == 0:
                 ck[b, t // S] = h
-            dlt = dl[b, t]
+            _delta(dl[b, t], dbias, sp, dlt)
             xt = x[b, t]
             for e in range(E):
                 dx[e] = dlt[e] * xt[e]
@@ -162,15 +192,17 @@ def _scan_fwd(x, dl, AT, Bm, Cm, D, z, gate, S, y, u, ck):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _scan_bwd(x, dl, AT, Bm, Cm, D, z, u, gate, gout, ck, S, gx, gdl, gAT, gB, gC, gD, gz):
-    """Adjoints of ``_scan_fwd`` from gout = ∂loss/∂y: gx, gdl (B, L, E); gAT (B, N, E) and
-    gD (B, E) per-row partials; gB, gC (B, L, N); gz (B, L, E), written only when ``gate``."""
+def _scan_bwd(x, dl, dbias, sp, AT, Bm, Cm, D, z, u, gate, gout, ck, S, gx, gdl, gAT, gB, gC, gD, gz):
+    """Adjoints of ``_scan_fwd`` from gout = ∂loss/∂y: gx, gdl (B, L, E) (gdl w.r.t. dl, so
+    through the softplus when ``sp``; its sum over (B, L) is dbias's); gAT (B, N, E) and gD
+    (B, E) per-row partials; gB, gC (B, L, N); gz (B, L, E), written only when ``gate``."""
     Bsz, L, E = x.shape
     N = AT.shape[0]
     nseg = (L + S - 1) // S
     for b in prange(Bsz):
         hs = np.empty((S + 1, N, E), np.float32)  # states of the segment being walked
         av = np.empty((S, N, E), np.float32)  # its decays
+        ds = np.empty((S, E), np.float32)  # and its Δ
         g = np.zeros((N, E), np.float32)  # adjoint of the state
         dx = np.empty(E, np.float32)
         gyt = np.empty(E, np.float32)  # ∂loss/∂(scan + D x) at step t
@@ -185,7 +217,8 @@ def _scan_bwd(x, dl, AT, Bm, Cm, D, z, u, gate, gout, ck, S, gx, gdl, gAT, gB, g
             hs[0] = ck[b, seg]
             for i in range(t1 - t0):  # rerun the segment
                 t = t0 + i
-                dlt = dl[b, t]
+                dlt = ds[i]
+                _delta(dl[b, t], dbias, sp, dlt)
                 xt = x[b, t]
                 for n in range(N):
                     An = AT[n]
@@ -199,7 +232,7 @@ def _scan_bwd(x, dl, AT, Bm, Cm, D, z, u, gate, gout, ck, S, gx, gdl, gAT, gB, g
                         hc[e] = a * hp[e] + dlt[e] * xt[e] * bn
             for i in range(t1 - t0 - 1, -1, -1):  # and walk it backwards
                 t = t0 + i
-                dlt = dl[b, t]
+                dlt = ds[i]
                 xt = x[b, t]
                 go = gout[b, t]
                 if gate:  # y = u ⊙ SiLU(z): ∂/∂u = go ⊙ SiLU(z)
@@ -240,6 +273,10 @@ def _scan_bwd(x, dl, AT, Bm, Cm, D, z, u, gate, gout, ck, S, gx, gdl, gAT, gB, g
                     gx[b, t, e] = gdx[e] * dlt[e] + D[e] * gyt[e]
                     gdl[b, t, e] = gdx[e] * xt[e] + gd[e]
                     gDb[e] += gyt[e] * xt[e]
+                if sp:  # softplus'(v) = σ(v)
+                    dlr = dl[b, t]
+                    for e in range(E):
+                        gdl[b, t, e] *= _sigmoid(dlr[e] + dbias[e])
                 if gate:  # SiLU'(z) = σ(z) (1 + z (1 - σ(z)))
                     zt = z[b, t]
                     ut = u[b, t]
@@ -319,8 +356,9 @@ def kernel_threads():
 
 
 class NumbaScan(torch.autograd.Function):
-    """y = (scan(x, Δ, A, B, C) + D ⊙ x) [⊙ SiLU(z)]; float32 CPU tensors x, delta (B, L, E),
-    A (E, N), B, C (B, L, N), D (E,) or None, z (B, L, E) or None.
+    """y = (scan(x, Δ, A, B, C) + D ⊙ x) [⊙ SiLU(z)] with Δ = delta + delta_bias, through
+    softplus when ``delta_softplus``; float32 CPU tensors x, delta (B, L, E), A (E, N), B, C
+    (B, L, N), D (E,) or None, z (B, L, E) or None, delta_bias (E,) or None.
 
     The D term and the gate are inside the kernels (as in mamba_ssm's ``selective_scan_fn``
     with ``z``): as separate torch ops they were ~6 passes over (B, L, E) forward and ~10
@@ -329,8 +367,9 @@ class NumbaScan(torch.autograd.Function):
     cost a load and a store per state element there, 10-15% of the backward."""
 
     @staticmethod
-    def forward(ctx, x, delta, A, B, C, D, z):
+    def forward(ctx, x, delta, A, B, C, D, z, delta_bias, delta_softplus):
         x, delta, B, C = (t.contiguous() for t in (x, delta, B, C))
+        bias = x.new_zeros(x.shape[2]) if delta_bias is None else delta_bias.detach().contiguous()
         AT = A.t().contiguous()  # (N, E)
         Bsz, L, E = x.shape
         Dk = x.new_zeros(E) if D is None else D.detach().contiguous()
@@ -339,9 +378,10 @@ class NumbaScan(torch.autograd.Function):
         S = SEGMENT
         ck = x.new_empty(Bsz, -(-L // S), AT.shape[0], E)
         with kernel_threads():
-            _scan_fwd(x.numpy(), delta.numpy(), AT.numpy(), B.numpy(), C.numpy(), Dk.numpy(), zk.numpy(), z is not None,
-                      S, y.numpy(), u.numpy(), ck.numpy())
-        ctx.save_for_backward(x, delta, AT, B, C, Dk, zk, u, ck)
+            _scan_fwd(x.numpy(), delta.numpy(), bias.numpy(), bool(delta_softplus), AT.numpy(), B.numpy(), C.numpy(),
+                      Dk.numpy(), zk.numpy(), z is not None, S, y.numpy(), u.numpy(), ck.numpy())
+        ctx.save_for_backward(x, delta, bias, AT, B, C, Dk, zk, u, ck)
+        ctx.softplus, ctx.has_bias = bool(delta_softplus), delta_bias is not None
         ctx.S = S  # the backward must rerun segments of the length the states were kept at
         ctx.has_D, ctx.gate = D is not None, z is not None
         return y
@@ -349,7 +389,7 @@ class NumbaScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        x, delta, AT, B, C, Dk, zk, u, ck = ctx.saved_tensors
+        x, delta, bias, AT, B, C, Dk, zk, u, ck = ctx.saved_tensors
         gy = gy.contiguous()
         gx, gdelta = torch.empty_like(x), torch.empty_like(x)
         gB, gC = torch.empty_like(B), torch.empty_like(C)
@@ -357,10 +397,12 @@ class NumbaScan(torch.autograd.Function):
         gD = x.new_zeros(x.shape[0], x.shape[2])  # (B, E)
         gz = torch.empty_like(zk)
         with kernel_threads():
-            _scan_bwd(x.numpy(), delta.numpy(), AT.numpy(), B.numpy(), C.numpy(), Dk.numpy(), zk.numpy(), u.numpy(), ctx.gate,
+            _scan_bwd(x.numpy(), delta.numpy(), bias.numpy(), ctx.softplus, AT.numpy(), B.numpy(), C.numpy(), Dk.numpy(),
+                      zk.numpy(), u.numpy(), ctx.gate,
                       gy.numpy(), ck.numpy(), ctx.S, gx.numpy(), gdelta.numpy(), gAT.numpy(), gB.numpy(), gC.numpy(),
                       gD.numpy(), gz.numpy())
-        return (gx, gdelta, gAT.sum(0).t(), gB, gC, gD.sum(0) if ctx.has_D else None, gz if ctx.gate else None)
+        return (gx, gdelta, gAT.sum(0).t(), gB, gC, gD.sum(0) if ctx.has_D else None, gz if ctx.gate else None,
+                gdelta.sum((0, 1)) if ctx.has_bias else None, None)
 
 
 class NumbaConvSiLU(torch.autograd.Function):
@@ -403,7 +445,7 @@ def _check_kernel_input(x):
         raise ValueError(f"the numba kernels run float32 (or half-precision, computed in float32) CPU tensors, got {x.dtype} on {x.device}")
 
 
-def selective_scan_numba(x, delta, A, B, C, D=None, z=None):
+def selective_scan_numba(x, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """Same signature and result as ``selective_scan_ref`` for float32 CPU tensors."""
     _check_kernel_input(x)
     if not applicable(A):
@@ -411,7 +453,7 @@ def selective_scan_numba(x, delta, A, B, C, D=None, z=None):
                          "non-positive arguments, with delta >= 0; use backend='torch' for other values")
     dtype = x.dtype
     f32 = lambda t: None if t is None else t.to(torch.float32)  # noqa: E731
-    y = NumbaScan.apply(*(f32(t) for t in (x, delta, A, B, C, D, z)))
+    y = NumbaScan.apply(*(f32(t) for t in (x, delta, A, B, C, D, z, delta_bias)), delta_softplus)
     return y.to(dtype)
 
 

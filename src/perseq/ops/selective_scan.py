@@ -85,10 +85,18 @@ def _gate(y, x, D, z):
     return y if z is None else y * F.silu(z)
 
 
-def selective_scan_ref(x, delta, A, B, C, D=None, z=None):
+def _delta(delta, delta_bias, delta_softplus):
+    """Δ = delta + delta_bias, through softplus when asked (mamba_ssm's convention)."""
+    if delta_bias is not None:
+        delta = delta + delta_bias
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def selective_scan_ref(x, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """Sequential reference: x, delta (B, L, E); A (E, N); B, C (B, L, N); D (E,); z (B, L, E)
-    -> y (B, L, E) = (scan + D ⊙ x) ⊙ SiLU(z), D and z optional (as mamba_ssm's
-    ``selective_scan_ref``)."""
+    -> y (B, L, E) = (scan + D ⊙ x) ⊙ SiLU(z), D and z optional, with Δ = delta + delta_bias,
+    through softplus when ``delta_softplus`` (as mamba_ssm's ``selective_scan_ref``)."""
+    delta = _delta(delta, delta_bias, delta_softplus)
     dtype = x.dtype
     x, delta, A, B, C = (t.to(_compute_dtype(dtype)) for t in (x, delta, A, B, C))
     h = x.new_zeros(x.shape[0], x.shape[2], A.shape[1])  # (B, E, N)
@@ -112,21 +120,26 @@ def selective_scan_step(h, x_t, delta_t, A, B_t, C_t, D=None):
     return h, y
 
 
-def selective_scan_chunked(x, delta, A, B, C, D=None, chunk: int | None = None, z=None):
+def selective_scan_chunked(x, delta, A, B, C, D=None, chunk: int | None = None, z=None, delta_bias=None,
+                           delta_softplus=False):
     """Chunked parallel scan (see the module docstring): same signature and result as
     ``selective_scan_ref``, differentiable in every input. ``chunk`` None: ``_auto_chunk``."""
     if chunk is None:
         chunk = _auto_chunk(x.shape[0], x.shape[1], A.shape[0], A.shape[1], x.device.type)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    delta = _delta(delta, delta_bias, delta_softplus)
     dtype = x.dtype
     x, delta, A, B, C = (t.to(_compute_dtype(dtype)) for t in (x, delta, A, B, C))
     y = _ChunkedScan.apply(x, delta, A, B, C, int(chunk))  # (B, L, E)
     return _gate(y, x, D, None if z is None else z.to(y.dtype)).to(dtype)
 
 
-def selective_scan(x, delta, A, B, C, D=None, backend: str = "auto", chunk: int | None = None, z=None):
-    """y = (scan + D ⊙ x) ⊙ SiLU(z) (D, z optional), by one of the backends. Dispatch:
+def selective_scan(x, delta, A, B, C, D=None, backend: str = "auto", chunk: int | None = None, z=None,
+                   delta_bias=None, delta_softplus: bool = False):
+    """y = (scan + D ⊙ x) ⊙ SiLU(z) (D, z optional) with Δ = delta + delta_bias, through
+    softplus when ``delta_softplus`` (as mamba_ssm's ``selective_scan_fn``), by one of the
+    backends. Dispatch:
     ``"cuda"`` = mamba_ssm's fused kernel (CUDA tensors, package installed),
     ``"numba"`` = the fused CPU kernels of ``scan_numba`` (CPU, float32 or half, A ≤ 0),
     ``"torch"`` = ``selective_scan_chunked`` (any device and dtype), ``"auto"`` = the first
@@ -134,19 +147,20 @@ def selective_scan(x, delta, A, B, C, D=None, backend: str = "auto", chunk: int 
     if backend not in BACKENDS:
         raise ValueError(f"unknown selective-scan backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "cuda" or (backend == "auto" and _mamba_selective_scan_fn is not None and x.is_cuda):
-        return _scan_cuda(x, delta, A, B, C, D, z)
+        return _scan_cuda(x, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if backend == "numba":
         if selective_scan_numba is None:
             raise RuntimeError("selective-scan backend 'numba' needs the numba package (pip install numba); "
                                "use backend='torch' or 'auto' to run without it")
-        return selective_scan_numba(x, delta, A, B, C, D, z)
+        return selective_scan_numba(x, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if (backend == "auto" and selective_scan_numba is not None and x.device.type == "cpu" and x.dtype in _NUMBA_DTYPES
             and _numba_applicable(A)):
-        return selective_scan_numba(x, delta, A, B, C, D, z)
-    return selective_scan_chunked(x, delta, A, B, C, D, chunk=chunk, z=z)
+        return selective_scan_numba(x, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return selective_scan_chunked(x, delta, A, B, C, D, chunk=chunk, z=z, delta_bias=delta_bias,
+                                  delta_softplus=delta_softplus)
 
 
-def _scan_cuda(x, delta, A, B, C, D, z=None):
+def _scan_cuda(x, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=False):
     if _mamba_selective_scan_fn is None:
         raise RuntimeError(
             "selective-scan backend 'cuda' needs the mamba_ssm package (pip install mamba-ssm, "
@@ -156,7 +170,9 @@ def _scan_cuda(x, delta, A, B, C, D, z=None):
         raise RuntimeError(f"selective-scan backend 'cuda' needs CUDA tensors, got {x.device}")
     tr = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731  (B, L, ·) -> (B, ·, L)
     D = D.float() if D is not None else None  # the kernel reads D as float32
-    y = _mamba_selective_scan_fn(tr(x), tr(delta), A.contiguous(), tr(B), tr(C), D, None if z is None else tr(z))  # (B, E, L)
+    bias = delta_bias.float() if delta_bias is not None else None
+    y = _mamba_selective_scan_fn(tr(x), tr(delta), A.contiguous(), tr(B), tr(C), D, None if z is None else tr(z),
+                                 bias, delta_softplus)  # (B, E, L)
     return y.transpose(1, 2)  # (B, L, E)
 
 
