@@ -1,4 +1,5 @@
 import json
+import os
 
 from perseq.bench import epoch, speed
 
@@ -48,6 +49,7 @@ def test_epoch_benchmark_counts_every_training_target(tmp_path):
     data, _ = make_synthetic()
     assert r["train_targets"] == int((data.lengths - 3).sum())
     assert r["epoch_seconds"] > 0 and r["sequences_per_second"] > 0
+    assert r["gomp_spincount"] == os.environ.get("GOMP_SPINCOUNT")  # the OpenMP spin it ran under
 
 
 def test_a_point_killed_by_the_oom_killer_says_so(monkeypatch):

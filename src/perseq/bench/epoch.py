@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -101,6 +102,8 @@ def main(argv=None) -> dict:
         "data_read_prepare_seconds": round(prep_s, 2),
         "torch_threads": torch.get_num_threads(),
         "malloc_tuned": malloc_tuned,
+        # libgomp's spin, as torch read it at import (perseq.runtime.limit_openmp_spin)
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "hardware": hardware_name(),
         "torch": torch.__version__,
         "commit": git_commit(),
