@@ -10,7 +10,8 @@ MurmurHash3's 32-bit finalizer, one 64-bit seed per call drawn from torch's gene
   torch's RNG state), like nn.Dropout;
 * the mask is never stored: the backward recomputes it from the seed (same kernel on the
   gradient), which also saves the mask's memory;
-* one vectorizable integer loop, about 7x faster than ``F.dropout`` on 6.5 M floats.
+* one vectorizable integer loop in 32-bit lanes (``_hash_keeps``), about 7x faster than
+  ``F.dropout`` on 6.5 M floats with the 64-bit version of session 9, twice that since.
 
 It applies to float32 CPU tensors with numba installed; anything else (CUDA, other dtypes,
 no numba) goes through ``F.dropout`` unchanged. Same semantics as nn.Dropout: identity in
@@ -34,21 +35,43 @@ _BLOCK = 1 << 14  # elements per parallel work item
 
 if njit is not None:
 
-    @njit(inline="always")
-    def _fmix32(z):
-        m = np.uint64(0xFFFFFFFF)
-        z = ((z ^ (z >> np.uint64(16))) * np.uint64(0x85EBCA6B)) & m
-        z = ((z ^ (z >> np.uint64(13))) * np.uint64(0xC2B2AE35)) & m
-        return z ^ (z >> np.uint64(16))
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _hash_keeps(typingctx, idx, lo_seed, hi_seed, threshold):
+        """fmix32(fmix32((idx + lo_seed) mod 2^32) ^ hi_seed) >= threshold, with every
+        operand cut to 32 bits and 32-bit wrapping arithmetic: the same bits as the same
+        hash in 64-bit integers masked to 32 (how numba types uint32 arithmetic), but in
+        16-lane vectors instead of 8, without the slow 64-bit vector multiply; the kernel
+        took half the time (3.8 M floats, one thread: 3.45 -> 1.74 ms; two: 1.67 -> 0.94)."""
+        if not all(isinstance(t, types.Integer) for t in (idx, lo_seed, hi_seed, threshold)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            lo = [builder.trunc(a, i32) for a in args]
+
+            def fmix32(z):  # MurmurHash3's 32-bit finalizer
+                z = builder.xor(z, builder.lshr(z, ir.Constant(i32, 16)))
+                z = builder.mul(z, ir.Constant(i32, 0x85EBCA6B))
+                z = builder.xor(z, builder.lshr(z, ir.Constant(i32, 13)))
+                z = builder.mul(z, ir.Constant(i32, 0xC2B2AE35))
+                return builder.xor(z, builder.lshr(z, ir.Constant(i32, 16)))
+
+            z = fmix32(builder.xor(fmix32(builder.add(lo[0], lo[1])), lo[2]))
+            return builder.icmp_unsigned(">=", z, lo[3])
+
+        return types.boolean(idx, lo_seed, hi_seed, threshold), codegen
 
     @njit(fastmath=True, cache=True, inline="never")
     def _masked_scale_span(x, out, base, lo_seed, hi_seed, threshold, scale):
         """One work item: x, out are its own contiguous slices, base the flat index of their
         first element (the hash counts from it)."""
         for j in range(x.size):
-            z = _fmix32((np.uint64(base + j) + lo_seed) & np.uint64(0xFFFFFFFF))
-            z = _fmix32(z ^ hi_seed)
-            out[j] = x[j] * (scale if z >= threshold else np.float32(0))  # NaN stays NaN, like x * 0
+            keep = _hash_keeps(np.uint64(base + j), lo_seed, hi_seed, threshold)
+            out[j] = x[j] * (scale if keep else np.float32(0))  # NaN stays NaN, like x * 0
 
     @njit(parallel=True, fastmath=True, cache=True)
     def _masked_scale(x, out, seed, threshold, scale):
