@@ -282,6 +282,14 @@ def test_refit_only_trains_every_event_but_the_test_for_a_fixed_epoch_count(smal
     saved = json.loads((tmp_path / "only" / "results.json").read_text())
     assert saved["refit"] == {"epochs": 2, "test": only["test"], "epoch_seconds": only["epoch_seconds"], "only": True}
     assert saved["valid"] is None  # the validation events were training data
+    # config.json: the phase's config under "run" (what resuming checks), the config as given
+    # under "requested", and the latter trains the same run again
+    meta = json.loads((tmp_path / "only" / "config.json").read_text())
+    assert meta["run"]["train"]["refit"] is False and meta["run"]["train"]["epochs"] == 2
+    assert meta["requested"] == json.loads(cfg.to_json())
+    from perseq.config import from_dict
+
+    assert fit(from_dict(meta["requested"]), split, **quiet)["test"] == only["test"]
     # resuming a finished refit-only run trains nothing more
     again = fit(cfg, split, out_dir=tmp_path / "only", resume=True, **quiet)
     assert again["test"] == only["test"] and again["history"] == only["history"]

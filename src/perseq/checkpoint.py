@@ -2,7 +2,9 @@
 loaded (no pickle anywhere, so a checkpoint from someone else cannot run code).
 
 A run directory holds:
-  config.json          the RunConfig plus n_items and the model's resolved config
+  config.json          the RunConfig plus n_items and the model's resolved config; a
+                       refit-only run (train.refit_epochs) keeps its single phase's config
+                       under "run" and the config as given under "requested"
   model.safetensors    best weights (what evaluate / predict / serve load)
   vocab/items.parquet  raw item ids by internal id (row 0 = padding)
   vocab/users.parquet  raw user ids by internal id

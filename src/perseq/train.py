@@ -339,4 +339,11 @@ def _refit_only(cfg: RunConfig, split: Split, out_dir, resume: bool, progress, l
     r["refit"] = {"epochs": epochs, "test": r["test"], "epoch_seconds": r["epoch_seconds"], "only": True}
     r["valid"] = None  # its events were trained on
     _write_results(out, r)  # again: the refit's own file lacks the refit-only marks
+    if out is not None:
+        # config.json's "run" is what the single phase trained under (refit split, refit off):
+        # resuming compares against it. "requested" keeps the config as given, the one that
+        # reproduces this folder (`perseq train` with it trains the same run again)
+        meta = json.loads((out / "config.json").read_text())
+        meta["requested"] = json.loads(cfg.to_json())
+        (out / "config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     return r
