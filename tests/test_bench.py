@@ -18,6 +18,15 @@ def test_speed_point_and_outputs(tmp_path):
     # --render redraws the table and plot from the JSON alone
     assert speed.main(["--render", str(tmp_path / "speed.json"), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again.md").read_text() == md and json.loads((tmp_path / "again.json").read_text()) == out
+    # every file says what produced it; a redraw keeps the original's provenance, and a file
+    # from before provenance was recorded stays without one instead of getting today's
+    from perseq.report import git_commit
+
+    assert out["provenance"]["commit"] == git_commit() and out["provenance"]["torch"]
+    old = {"points": out["points"], "step_vs_history": out["step_vs_history"]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert speed.main(["--render", str(tmp_path / "old.json"), "--out", str(tmp_path / "old_drawn")]) == 0
+    assert json.loads((tmp_path / "old_drawn.json").read_text())["provenance"] == {}
 
 
 def test_epoch_benchmark_measures_hstu_with_the_reference_attention_and_restores_the_kernels(tmp_path, monkeypatch):

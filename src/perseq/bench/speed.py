@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import torch
 from ..losses import sampled_softmax
 from ..models import MODELS, build_model
 from ..train import select_device
-from ..report import hardware_name
+from ..report import git_commit, hardware_name
 from ..runtime import tune_malloc_for_training
 
 N_ITEMS = 10_000
@@ -133,16 +134,29 @@ def _run_point(args, model: str, length: int, step: bool = False) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def _save_partial(rows: list[dict], steps: list[dict], out: Path) -> None:
+def provenance() -> dict:
+    """What produced a sweep: the code (``+dirty`` when tracked files differ from it), the
+    torch build, libgomp's spin setting (``perseq.runtime.limit_openmp_spin``) and the day.
+    The points are measured in subprocesses that import the working tree as it is then, so a
+    sweep is only one commit's if nothing is committed or edited while it runs."""
+    return {"commit": git_commit(), "torch": torch.__version__, "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def _save_partial(rows: list[dict], steps: list[dict], out: Path, meta: dict | None = None) -> None:
     """The JSON so far, after every point: a sweep stopped early (a time limit, ^C) keeps what
     it measured, and ``--render`` draws the table and plot from it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"points": rows, "step_vs_history": steps, "complete": False}, indent=1))
+    doc = {"points": rows, "step_vs_history": steps, "complete": False, "provenance": provenance() if meta is None else meta}
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
 
 
-def write_outputs(rows: list[dict], out: Path, steps: list[dict] = ()) -> None:
+def write_outputs(rows: list[dict], out: Path, steps: list[dict] = (), meta: dict | None = None) -> None:
+    """JSON, markdown table and PNG plot of a sweep; ``meta``: its provenance (``--render``
+    passes the earlier run's; None = this process's, ``provenance()``)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"points": rows, "step_vs_history": list(steps)}, indent=1))
+    doc = {"points": rows, "step_vs_history": list(steps), "provenance": provenance() if meta is None else meta}
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     lines = ["| model | length | device | train step (s) | re-encode (ms) | step (ms) | peak MiB |", "|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
@@ -218,9 +232,11 @@ def main(argv=None) -> int:
         return 0
     if args.render:
         saved = json.loads(Path(args.render).read_text())
-        write_outputs(saved["points"], Path(args.out), saved.get("step_vs_history", []))
+        # an older file has no provenance: {} keeps it unknown rather than stamping today's
+        write_outputs(saved["points"], Path(args.out), saved.get("step_vs_history", []), saved.get("provenance", {}))
         print(f"wrote {args.out}.json, .md and .png from {args.render}")
         return 0
+    meta = provenance()  # at the start: the code the sweep set out to measure
     rows = []
     for model in args.models.split(","):
         if model not in MODELS:
@@ -229,15 +245,15 @@ def main(argv=None) -> int:
             r = _run_point(args, model, length)
             rows.append(r)
             print(json.dumps(r), flush=True)
-            _save_partial(rows, [], Path(args.out))
+            _save_partial(rows, [], Path(args.out), meta)
     steps = []
     for model in filter(None, args.step_models.split(",")):
         for hist in [int(x) for x in args.step_histories.split(",") if x]:
             r = _run_point(args, model, hist, step=True)
             steps.append(r)
             print(json.dumps(r), flush=True)
-            _save_partial(rows, steps, Path(args.out))
-    write_outputs(rows, Path(args.out), steps)
+            _save_partial(rows, steps, Path(args.out), meta)
+    write_outputs(rows, Path(args.out), steps, meta)
     print(f"wrote {args.out}.json, .md and .png")
     return 0
 
