@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from perseq.ops.dropout import _BLOCK, Dropout, _apply, hash_dropout
+from perseq.ops.dropout import _BLOCK, SERIAL_BELOW, Dropout, _apply, hash_dropout
 
 
 def _fmix32(z):  # MurmurHash3's 32-bit finalizer, in numpy
@@ -17,11 +17,14 @@ def _fmix32(z):  # MurmurHash3's 32-bit finalizer, in numpy
 # the second seed's low half wraps past 2^32 within the tensor (the kernel hashes in 32-bit
 # lanes); the third has every bit set
 @pytest.mark.parametrize("seed", [0x0123_4567_89AB_CDEF, 0x0123_4567_FFFF_F000, 2**64 - 1])
-def test_mask_is_the_documented_hash_of_seed_and_element_index(seed):
+@pytest.mark.parametrize("n", [3 * _BLOCK + 1234, SERIAL_BELOW + 3 * _BLOCK + 1234])
+def test_mask_is_the_documented_hash_of_seed_and_element_index(seed, n):
     # element i is kept when fmix32(fmix32((i + seed_lo) mod 2^32) ^ seed_hi) >= p·2^32, on
-    # every element of a size that spans several parallel work items and a ragged tail (the
-    # mask must not depend on how the kernel splits the work: resumed runs rely on it)
-    n, p = 3 * _BLOCK + 1234, 0.3
+    # every element, for a size the serial path takes and one that spans several parallel
+    # work items and a ragged tail (the mask must not depend on which path ran or how the
+    # work was split: resumed runs rely on it)
+    assert 3 * _BLOCK + 1234 < SERIAL_BELOW
+    p = 0.3
     x = torch.rand(n) + 0.5
     i = np.arange(n, dtype=np.uint64)
     z = _fmix32(_fmix32((i + np.uint64(seed & 0xFFFFFFFF)) & np.uint64(0xFFFFFFFF)) ^ np.uint64(seed >> 32))
