@@ -30,7 +30,7 @@ import torch
 from numba import get_num_threads, njit, prange
 from torch.autograd.function import once_differentiable
 
-from .scan_numba import _ONE, _sigmoid, kernel_threads
+from .scan_numba import _sigmoid, _silu_grad, kernel_threads
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -81,7 +81,7 @@ def _bwd(s, rpos, ts_w, buckets, inv_n, n_parts, g, gs, grpos_parts, gts_parts):
                         for j in range(i + 1):
                             z = srow[j] + (prow[j] + ts_w[brow[j]])
                             sig = _sigmoid(z)
-                            v = grow[j] * sig * (_ONE + z * (_ONE - sig)) * inv_n
+                            v = _silu_grad(grow[j], z, sig) * inv_n
                             gsrow[j] = v
                             gprow[j] += v
                             gts[brow[j]] += v
@@ -89,7 +89,7 @@ def _bwd(s, rpos, ts_w, buckets, inv_n, n_parts, g, gs, grpos_parts, gts_parts):
                         for j in range(i + 1):
                             z = srow[j] + prow[j]
                             sig = _sigmoid(z)
-                            v = grow[j] * sig * (_ONE + z * (_ONE - sig)) * inv_n
+                            v = _silu_grad(grow[j], z, sig) * inv_n
                             gsrow[j] = v
                             gprow[j] += v
                     for j in range(i + 1, T):

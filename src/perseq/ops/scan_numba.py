@@ -122,6 +122,13 @@ def _sigmoid(s):
     return (_ONE if s >= 0 else z) / (_ONE + z)
 
 
+@njit(inline="always", fastmath=True)
+def _silu_grad(g, s, sig):
+    """g · SiLU'(s) with sig = σ(s): SiLU'(s) = σ(s) (1 + s (1 - σ(s))). One place for the
+    conv and HSTU attention backwards, each of which has σ(s) at hand already."""
+    return g * sig * (_ONE + s * (_ONE - sig))
+
+
 _L3, _L5, _L7, _L9, _L11, _L13 = (np.float32(1 / k) for k in (3, 5, 7, 9, 11, 13))
 
 
@@ -269,19 +276,20 @@ def _scan_bwd(x, dl, dbias, sp, AT, Bm, Cm, D, z, u, gate, gout, ck, S, gx, gdl,
                         gn[e] = v * an[e]  # handed back to step t - 1
                     gC[b, t, n] = sc
                     gB[b, t, n] = sb
+                dlr = dl[b, t]
                 for e in range(E):
                     gx[b, t, e] = gdx[e] * dlt[e] + D[e] * gyt[e]
-                    gdl[b, t, e] = gdx[e] * xt[e] + gd[e]
+                    gde = gdx[e] * xt[e] + gd[e]  # ∂loss/∂Δ_t
+                    # through the softplus when there is one: softplus'(v) = σ(v)
+                    gdl[b, t, e] = gde * _sigmoid(dlr[e] + dbias[e]) if sp else gde
                     gDb[e] += gyt[e] * xt[e]
-                if sp:  # softplus'(v) = σ(v)
-                    dlr = dl[b, t]
-                    for e in range(E):
-                        gdl[b, t, e] *= _sigmoid(dlr[e] + dbias[e])
-                if gate:  # SiLU'(z) = σ(z) (1 + z (1 - σ(z)))
+                if gate:
                     zt = z[b, t]
                     ut = u[b, t]
                     gzt = gz[b, t]
                     for e in range(E):
+                        # g · SiLU'(z) as _silu_grad, written out: through the helper
+                        # LLVM contracts it differently (last bits of ∂/∂z change)
                         gzt[e] = go[e] * ut[e] * sg[e] * (_ONE + zt[e] * (_ONE - sg[e]))
 
 
@@ -327,8 +335,7 @@ def _conv_silu_bwd(x, wT, bias, gy, gs, gx, gwT):
             gr = gy[b, t]
             gsr = gs[b, t]
             for e in range(E):
-                sg = _sigmoid(acc[e])
-                gsr[e] = gr[e] * sg * (_ONE + acc[e] * (_ONE - sg))
+                gsr[e] = _silu_grad(gr[e], acc[e], _sigmoid(acc[e]))
         for t in range(L):  # input t feeds output t + j through tap W-1-j
             xr = x[b, t]
             gxr = gx[b, t]
