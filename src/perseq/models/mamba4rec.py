@@ -94,9 +94,14 @@ class Mamba(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))  # (E, N)
         self.D = nn.Parameter(torch.ones(E))
 
+    def _x_proj(self, x):
+        """x (..., E) after conv+SiLU -> dt (..., R), B, C (..., N): Δ's low-rank input and the
+        state's input and read-out vectors."""
+        return self.x_proj(x).split([self.dt_rank, self.N, self.N], -1)
+
     def _ssm_inputs(self, x):
         """x (..., E) after conv+SiLU -> Δ (..., E), B, C (..., N)."""
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.N, self.N], -1)
+        dt, B, C = self._x_proj(x)
         return F.softplus(self.dt_proj(dt)), B, C
 
     def forward(self, u):
@@ -106,7 +111,7 @@ class Mamba(nn.Module):
         W = self.in_proj.weight  # (2E, d)
         x, z = F.linear(u, W[: self.E]), F.linear(u, W[self.E :])  # (B, L, E) each
         x = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu", backend=self.backend)
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.N, self.N], -1)  # (B, L, R), (B, L, N), (B, L, N)
+        dt, B, C = self._x_proj(x)  # (B, L, R), (B, L, N), (B, L, N)
         A = -torch.exp(self.A_log)  # (E, N)
         # Δ = softplus(dt_proj(dt)), (scan + D x) ⊙ SiLU(z): the dt bias, the softplus, the D
         # term and the gate go inside the scan kernels (as _ssm_inputs and step do in torch)
