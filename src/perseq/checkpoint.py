@@ -40,11 +40,15 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 def write_run_files(out: Path, cfg, model, data) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = dataclasses.asdict(model.cfg)
-    meta = {"run": cfg.to_dict(), "n_items": data.n_items, "model_config": model_cfg, "perseq_format": 1}
-    (out / "config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    write_run_meta(out, {"run": cfg.to_dict(), "n_items": data.n_items, "model_config": model_cfg, "perseq_format": 1})
     (out / "vocab").mkdir(exist_ok=True)
     pl.DataFrame({"item_id": data.item_ids.astype(str)}).write_parquet(out / "vocab" / "items.parquet")
     pl.DataFrame({"user_id": data.user_ids.astype(str)}).write_parquet(out / "vocab" / "users.parquet")
+
+
+def write_run_meta(out: Path, meta: dict) -> None:
+    """config.json of a run folder (``write_run_files`` makes it; ``train`` adds to it)."""
+    (out / "config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
 
 
 def saved_model_config(meta: dict) -> dict:

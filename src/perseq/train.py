@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import load_train_state, load_weights, save_train_state, save_weights, saved_model_config, write_run_files
+from .checkpoint import load_train_state, load_weights, save_train_state, save_weights, saved_model_config, write_run_files, write_run_meta
 from .config import RunConfig
 from .data.batching import Batch, TrainWindows
 from .data.sequences import Split
@@ -345,5 +345,5 @@ def _refit_only(cfg: RunConfig, split: Split, out_dir, resume: bool, progress, l
         # reproduces this folder (`perseq train` with it trains the same run again)
         meta = json.loads((out / "config.json").read_text())
         meta["requested"] = json.loads(cfg.to_json())
-        (out / "config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        write_run_meta(out, meta)
     return r
