@@ -143,20 +143,22 @@ def provenance() -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
+def _write_json(rows: list[dict], steps, out: Path, meta: dict | None, **extra) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"points": rows, "step_vs_history": list(steps), **extra, "provenance": provenance() if meta is None else meta}
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+
+
 def _save_partial(rows: list[dict], steps: list[dict], out: Path, meta: dict | None = None) -> None:
     """The JSON so far, after every point: a sweep stopped early (a time limit, ^C) keeps what
     it measured, and ``--render`` draws the table and plot from it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"points": rows, "step_vs_history": steps, "complete": False, "provenance": provenance() if meta is None else meta}
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    _write_json(rows, steps, out, meta, complete=False)
 
 
 def write_outputs(rows: list[dict], out: Path, steps: list[dict] = (), meta: dict | None = None) -> None:
     """JSON, markdown table and PNG plot of a sweep; ``meta``: its provenance (``--render``
     passes the earlier run's; None = this process's, ``provenance()``)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"points": rows, "step_vs_history": list(steps), "provenance": provenance() if meta is None else meta}
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    _write_json(rows, steps, out, meta)
     lines = ["| model | length | device | train step (s) | re-encode (ms) | step (ms) | peak MiB |", "|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
