@@ -90,3 +90,58 @@ def test_module_semantics_match_nn_dropout():
     assert torch.isnan(hash_dropout(torch.full((1000,), float("nan")), 0.5)).all()
     with pytest.raises(ValueError, match="probability"):
         hash_dropout(x, -0.1, training=False)
+
+
+# ---- ops/gelu_dropout.py: dropout(GELU(h + b)) fused -------------------------------------
+
+from perseq.ops.gelu_dropout import bias_gelu_dropout  # noqa: E402
+
+
+def _gelu64(s):
+    return s * 0.5 * (1 + torch.erf(s / 2**0.5))
+
+
+@pytest.mark.parametrize("rows", [7, 3 * SERIAL_BELOW // 256])  # the serial path and the parallel one
+def test_bias_gelu_dropout_is_hash_dropout_of_exact_gelu_values_and_gradients(rows):
+    # the fused kernels keep the elements hash_dropout keeps under the same torch seed (the
+    # zero pattern and scale, so a run's masks do not change with the kernel) and compute the
+    # exact erf GELU and its derivative to ~1e-7 absolute, over |s| up to 14 (both tails,
+    # including the cut-off where exp(-s²/2) is taken as 0)
+    torch.manual_seed(0)
+    C, p = 256, 0.2
+    h = torch.cat([torch.linspace(-14, 14, rows * C // 2), torch.randn(rows * C - rows * C // 2) * 3]).view(rows, C)
+    b = torch.randn(C) * 0.5
+    g = torch.randn(rows, C)
+    torch.manual_seed(5)
+    kept = hash_dropout(torch.ones(rows, C), p)  # 1/(1-p) where kept, else 0
+    hf, bf = h.clone().requires_grad_(), b.clone().requires_grad_()
+    torch.manual_seed(5)
+    y = bias_gelu_dropout(hf, bf, p)
+    y.backward(g)
+    h64, b64 = h.double().requires_grad_(), b.double().requires_grad_()
+    y64 = _gelu64(h64 + b64) * kept.double()
+    y64.backward(g.double())
+    s = (h + b).abs()
+    assert (y[kept == 0] == 0).all()  # dropped: exact zeros
+    assert (y[(kept != 0) & (s > 1e-3) & (s < 8)] != 0).all()  # kept: GELU's value
+    torch.testing.assert_close(y.double(), y64, atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(hf.grad.double(), h64.grad, atol=1e-6, rtol=1e-5)
+    # the bias gradient sums `rows` entries per column (float32 partials per block)
+    torch.testing.assert_close(bf.grad.double(), b64.grad, atol=1e-6 * rows, rtol=1e-5)
+
+
+def test_bias_gelu_dropout_falls_back_to_the_torch_line_and_checks_its_input():
+    h, b = torch.randn(5, 8, 16), torch.randn(16)
+    assert torch.equal(bias_gelu_dropout(h, b, 0.3, training=False), F.gelu(h + b))
+    assert torch.equal(bias_gelu_dropout(h, b, 0.0), F.gelu(h + b))
+    torch.manual_seed(2)
+    ref = hash_dropout(F.gelu(h.double() + b.double()), 0.3)
+    torch.manual_seed(2)
+    assert torch.equal(bias_gelu_dropout(h.double(), b.double(), 0.3), ref)  # float64: torch ops
+    with pytest.raises(ValueError, match="bias of shape"):
+        bias_gelu_dropout(h, torch.randn(8), 0.3)
+    with pytest.raises(ValueError, match="probability"):
+        bias_gelu_dropout(h, b, 1.2)
+    # NaN propagates (dropped or not), so divergence is not hidden
+    y = bias_gelu_dropout(torch.full((4, 16), float("nan")), b, 0.5)
+    assert torch.isnan(y).all()

@@ -251,6 +251,52 @@ def test_fused_delta_softplus_matches_reference_in_value_and_every_gradient(with
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"chunked d/d{name}")
 
 
+@pytest.mark.parametrize("softplus", [True, False])
+def test_fused_dt_projection_matches_reference_in_value_and_every_gradient(softplus):
+    # Δ = softplus(dt W_Δᵀ + bias) with dt (B, L, R) the low-rank input and W_Δ (E, R):
+    # the numba kernels fuse the projection (their gradients of W_Δ and the bias are per-row
+    # partials); every other backend applies F.linear first. L=40 crosses a checkpoint
+    # segment, E=37 runs the vector lanes plus a remainder.
+    from perseq.ops.scan_numba import selective_scan_numba
+
+    g = torch.Generator().manual_seed(11)
+    x, _, A, B, C, D = _scan_inputs(batch=3, L=40, E=37, N=6)
+    dt = torch.randn(3, 40, 3, generator=g, dtype=torch.float64).requires_grad_()
+    W = (torch.randn(37, 3, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    bias = (torch.randn(37, generator=g, dtype=torch.float64) * 0.5 + (0.0 if softplus else 3.0)).requires_grad_()
+    z = torch.randn(3, 40, 37, generator=g, dtype=torch.float64).requires_grad_()
+    if not softplus:  # Δ ≥ 0 without the softplus too (the kernel's exp assumes Δ A ≤ 0)
+        W = (W.detach().abs() * 0.1).requires_grad_()
+        dt = (dt.detach().abs()).requires_grad_()
+    ins = [x, dt, A, B, C, D, z, bias, W]
+    names = ["x", "dt", "A", "B", "C", "D", "z", "delta_bias", "delta_proj"]
+
+    def call(fn):
+        return lambda *t: fn(*t[:6], z=t[6], delta_bias=t[7], delta_softplus=softplus, delta_proj=t[8])
+
+    y_ref, g_ref = _value_and_grads(call(selective_scan_ref), ins)
+    # the projection is really applied: Δ = softplus(dt W_Δᵀ + b) against the explicit form
+    expect = selective_scan_ref(x, F.linear(dt, W), A, B, C, D, z=z, delta_bias=bias, delta_softplus=softplus)
+    torch.testing.assert_close(y_ref, expect, rtol=0, atol=0)
+    y, gr = _value_and_grads(call(selective_scan_numba), [t.detach().float().requires_grad_() for t in ins])
+    tol = lambda r: dict(rtol=1e-4, atol=1e-5 * r.abs().max().item())  # noqa: E731
+    torch.testing.assert_close(y.double(), y_ref, **tol(y_ref))
+    for name, a, b in zip(names, gr, g_ref):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a.double(), b, **tol(b), msg=f"numba d/d{name}")
+    y, gr = _value_and_grads(call(lambda *a, **k: selective_scan(*a, backend="torch", chunk=8, **k)), ins)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    for name, a, b in zip(names, gr, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"torch d/d{name}")
+    # shapes are checked before any kernel indexes (the kernels do not bounds-check)
+    with pytest.raises(ValueError, match=r"delta of shape \(3, 40, 3\) expected"):
+        selective_scan(x, dt[..., :2], A, B, C, delta_proj=W)
+    with pytest.raises(ValueError, match=r"delta_proj \(36, 3\)"):
+        selective_scan(x, dt, A, B, C, delta_proj=W[:36])
+    with pytest.raises(ValueError, match=r"delta of shape \(3, 40, 37\) expected"):
+        selective_scan(x, dt, A, B, C)
+
+
 def test_kernel_softplus_is_float32_accurate():
     import numpy as np
     from numba import njit

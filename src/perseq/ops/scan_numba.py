@@ -145,24 +145,38 @@ def _softplus(v):
 
 
 @njit(inline="always", fastmath=True)
-def _delta(dlr, dbias, sp, out):
-    """out (E,) <- Δ_t = dlr + dbias, through softplus when ``sp`` (mamba_ssm's delta_bias and
-    delta_softplus: the dt projection's bias add and softplus as passes of their own were
-    ~4 torch ops over (B, L, E) per step)."""
-    if sp:
-        for e in range(out.shape[0]):
-            out[e] = _softplus(dlr[e] + dbias[e])
+def _delta(dlr, WT, lr, dbias, sp, v, out):
+    """out (E,) <- Δ_t = softplus(v) when ``sp``, else v, where v (E,) <- dlr WT + dbias when
+    ``lr`` (dlr (R,): Δ's low-rank input, WT (R, E): the dt projection's weight, transposed),
+    else dlr + dbias (dlr (E,)). mamba_ssm's delta_bias and delta_softplus, plus the dt
+    projection itself: as torch ops those were a rank-R matmul forward and two backward, a
+    bias add, a softplus and a bias-gradient sum, each a pass over (B, L, E) per step."""
+    E = out.shape[0]
+    if lr:
+        for e in range(E):
+            v[e] = dbias[e]
+        for r in range(WT.shape[0]):
+            c = dlr[r]
+            wr = WT[r]
+            for e in range(E):
+                v[e] += c * wr[e]
     else:
-        for e in range(out.shape[0]):
-            out[e] = dlr[e] + dbias[e]
+        for e in range(E):
+            v[e] = dlr[e] + dbias[e]
+    if sp:
+        for e in range(E):
+            out[e] = _softplus(v[e])
+    else:
+        for e in range(E):
+            out[e] = v[e]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _scan_fwd(x, dl, dbias, sp, AT, Bm, Cm, D, z, gate, S, y, u, ck):
-    """x, dl (B, L, E); dbias (E,); AT (N, E); Bm, Cm (B, L, N); D (E,); z (B, L, E), read
-    only when ``gate`` -> y (B, L, E) = (scan + D ⊙ x) [⊙ SiLU(z)] with Δ = dl + dbias, or
-    softplus(dl + dbias) when ``sp``; with the gate, u (B, L, E) gets scan + D ⊙ x (for
-    ∂/∂z); ck (B, ⌈L/S⌉, N, E) gets the state before steps 0, S, 2S, ..."""
+def _scan_fwd(x, dl, WT, lr, dbias, sp, AT, Bm, Cm, D, z, gate, S, y, u, ck):
+    """x (B, L, E); dl (B, L, R) with WT (R, E) when ``lr``, else dl (B, L, E); dbias (E,);
+    AT (N, E); Bm, Cm (B, L, N); D (E,); z (B, L, E), read only when ``gate`` -> y (B, L, E)
+    = (scan + D ⊙ x) [⊙ SiLU(z)] with Δ as ``_delta`` makes it; with the gate, u (B, L, E)
+    gets scan + D ⊙ x (for ∂/∂z); ck (B, ⌈L/S⌉, N, E) gets the state before steps 0, S, 2S, ..."""
     Bsz, L, E = x.shape
     N = AT.shape[0]
     for b in prange(Bsz):
@@ -170,10 +184,11 @@ def _scan_fwd(x, dl, dbias, sp, AT, Bm, Cm, D, z, gate, S, y, u, ck):
         dx = np.empty(E, np.float32)
         acc = np.empty(E, np.float32)
         dlt = np.empty(E, np.float32)  # Δ_t
+        vt = np.empty(E, np.float32)  # Δ_t before the softplus
         for t in range(L):
             if t % S == 0:
                 ck[b, t // S] = h
-            _delta(dl[b, t], dbias, sp, dlt)
+            _delta(dl[b, t], WT, lr, dbias, sp, vt, dlt)
             xt = x[b, t]
             for e in range(E):
                 dx[e] = dlt[e] * xt[e]
@@ -199,10 +214,12 @@ def _scan_fwd(x, dl, dbias, sp, AT, Bm, Cm, D, z, gate, S, y, u, ck):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _scan_bwd(x, dl, dbias, sp, AT, Bm, Cm, D, z, u, gate, gout, ck, S, gx, gdl, gAT, gB, gC, gD, gz):
-    """Adjoints of ``_scan_fwd`` from gout = ∂loss/∂y: gx, gdl (B, L, E) (gdl w.r.t. dl, so
-    through the softplus when ``sp``; its sum over (B, L) is dbias's); gAT (B, N, E) and gD
-    (B, E) per-row partials; gB, gC (B, L, N); gz (B, L, E), written only when ``gate``."""
+def _scan_bwd(x, dl, WT, lr, dbias, sp, AT, Bm, Cm, D, z, u, gate, gout, ck, S, gx, gdl, gWT, gbias, gAT, gB, gC, gD,
+              gz):
+    """Adjoints of ``_scan_fwd`` from gout = ∂loss/∂y: gx (B, L, E), gdl (shaped as dl);
+    per-row partials (summed by the caller) gWT (B, R, E), written only when ``lr``, gbias
+    (B, E), gAT (B, N, E) and gD (B, E); gB, gC (B, L, N); gz (B, L, E), written only when
+    ``gate``."""
     Bsz, L, E = x.shape
     N = AT.shape[0]
     nseg = (L + S - 1) // S
@@ -210,14 +227,17 @@ def _scan_bwd(x, dl, dbias, sp, AT, Bm, Cm, D, z, u, gate, gout, ck, S, gx, gdl,
         hs = np.empty((S + 1, N, E), np.float32)  # states of the segment being walked
         av = np.empty((S, N, E), np.float32)  # its decays
         ds = np.empty((S, E), np.float32)  # and its Δ
+        vs = np.empty((S, E), np.float32)  # and Δ before the softplus
         g = np.zeros((N, E), np.float32)  # adjoint of the state
         dx = np.empty(E, np.float32)
         gyt = np.empty(E, np.float32)  # ∂loss/∂(scan + D x) at step t
         sg = np.empty(E, np.float32)  # σ(z_t)
         gdx = np.empty(E, np.float32)  # ∂loss/∂(Δx)
         gd = np.empty(E, np.float32)  # ∂loss/∂Δ through the decays
+        gv = np.empty(E, np.float32)  # ∂loss/∂(Δ before the softplus)
         gAb = gAT[b]
         gDb = gD[b]
+        gbb = gbias[b]
         for seg in range(nseg - 1, -1, -1):
             t0 = seg * S
             t1 = min(L, t0 + S)
@@ -225,7 +245,7 @@ def _scan_bwd(x, dl, dbias, sp, AT, Bm, Cm, D, z, u, gate, gout, ck, S, gx, gdl,
             for i in range(t1 - t0):  # rerun the segment
                 t = t0 + i
                 dlt = ds[i]
-                _delta(dl[b, t], dbias, sp, dlt)
+                _delta(dl[b, t], WT, lr, dbias, sp, vs[i], dlt)
                 xt = x[b, t]
                 for n in range(N):
                     An = AT[n]
@@ -276,13 +296,30 @@ def _scan_bwd(x, dl, dbias, sp, AT, Bm, Cm, D, z, u, gate, gout, ck, S, gx, gdl,
                         gn[e] = v * an[e]  # handed back to step t - 1
                     gC[b, t, n] = sc
                     gB[b, t, n] = sb
-                dlr = dl[b, t]
+                vt = vs[i]
                 for e in range(E):
                     gx[b, t, e] = gdx[e] * dlt[e] + D[e] * gyt[e]
                     gde = gdx[e] * xt[e] + gd[e]  # ∂loss/∂Δ_t
                     # through the softplus when there is one: softplus'(v) = σ(v)
-                    gdl[b, t, e] = gde * _sigmoid(dlr[e] + dbias[e]) if sp else gde
+                    gve = gde * _sigmoid(vt[e]) if sp else gde
+                    gv[e] = gve
+                    gbb[e] += gve
                     gDb[e] += gyt[e] * xt[e]
+                gdlt = gdl[b, t]
+                if lr:  # v = dl WT + dbias
+                    dlr = dl[b, t]
+                    for r in range(WT.shape[0]):
+                        wr = WT[r]
+                        gwr = gWT[b, r]
+                        c = dlr[r]
+                        sr = np.float32(0)
+                        for e in range(E):
+                            sr += gv[e] * wr[e]
+                            gwr[e] += c * gv[e]
+                        gdlt[r] = sr
+                else:
+                    for e in range(E):
+                        gdlt[e] = gv[e]
                 if gate:
                     zt = z[b, t]
                     ut = u[b, t]
@@ -363,9 +400,10 @@ def kernel_threads():
 
 
 class NumbaScan(torch.autograd.Function):
-    """y = (scan(x, Δ, A, B, C) + D ⊙ x) [⊙ SiLU(z)] with Δ = delta + delta_bias, through
-    softplus when ``delta_softplus``; float32 CPU tensors x, delta (B, L, E), A (E, N), B, C
-    (B, L, N), D (E,) or None, z (B, L, E) or None, delta_bias (E,) or None.
+    """y = (scan(x, Δ, A, B, C) + D ⊙ x) [⊙ SiLU(z)] with Δ = delta W_Δᵀ + delta_bias, through
+    softplus when ``delta_softplus``; float32 CPU tensors x (B, L, E), delta (B, L, R) with
+    delta_proj W_Δ (E, R), or delta (B, L, E) and delta_proj None (W_Δ = identity), A (E, N),
+    B, C (B, L, N), D (E,) or None, z (B, L, E) or None, delta_bias (E,) or None.
 
     The D term and the gate are inside the kernels (as in mamba_ssm's ``selective_scan_fn``
     with ``z``): as separate torch ops they were ~6 passes over (B, L, E) forward and ~10
@@ -374,9 +412,10 @@ class NumbaScan(torch.autograd.Function):
     cost a load and a store per state element there, 10-15% of the backward."""
 
     @staticmethod
-    def forward(ctx, x, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def forward(ctx, x, delta, A, B, C, D, z, delta_bias, delta_softplus, delta_proj):
         x, delta, B, C = (t.contiguous() for t in (x, delta, B, C))
         bias = x.new_zeros(x.shape[2]) if delta_bias is None else delta_bias.detach().contiguous()
+        WT = x.new_empty(0, x.shape[2]) if delta_proj is None else delta_proj.detach().t().contiguous()  # (R, E)
         AT = A.t().contiguous()  # (N, E)
         Bsz, L, E = x.shape
         Dk = x.new_zeros(E) if D is None else D.detach().contiguous()
@@ -385,10 +424,11 @@ class NumbaScan(torch.autograd.Function):
         S = SEGMENT
         ck = x.new_empty(Bsz, -(-L // S), AT.shape[0], E)
         with kernel_threads():
-            _scan_fwd(x.numpy(), delta.numpy(), bias.numpy(), bool(delta_softplus), AT.numpy(), B.numpy(), C.numpy(),
-                      Dk.numpy(), zk.numpy(), z is not None, S, y.numpy(), u.numpy(), ck.numpy())
-        ctx.save_for_backward(x, delta, bias, AT, B, C, Dk, zk, u, ck)
-        ctx.softplus, ctx.has_bias = bool(delta_softplus), delta_bias is not None
+            _scan_fwd(x.numpy(), delta.numpy(), WT.numpy(), delta_proj is not None, bias.numpy(), bool(delta_softplus),
+                      AT.numpy(), B.numpy(), C.numpy(), Dk.numpy(), zk.numpy(), z is not None, S, y.numpy(), u.numpy(),
+                      ck.numpy())
+        ctx.save_for_backward(x, delta, WT, bias, AT, B, C, Dk, zk, u, ck)
+        ctx.softplus, ctx.has_bias, ctx.lowrank = bool(delta_softplus), delta_bias is not None, delta_proj is not None
         ctx.S = S  # the backward must rerun segments of the length the states were kept at
         ctx.has_D, ctx.gate = D is not None, z is not None
         return y
@@ -396,20 +436,22 @@ class NumbaScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        x, delta, bias, AT, B, C, Dk, zk, u, ck = ctx.saved_tensors
+        x, delta, WT, bias, AT, B, C, Dk, zk, u, ck = ctx.saved_tensors
         gy = gy.contiguous()
-        gx, gdelta = torch.empty_like(x), torch.empty_like(x)
+        gx, gdelta = torch.empty_like(x), torch.empty_like(delta)
+        gWT = x.new_zeros(x.shape[0], *WT.shape)  # (B, R, E)
+        gbias = x.new_zeros(x.shape[0], x.shape[2])  # (B, E)
         gB, gC = torch.empty_like(B), torch.empty_like(C)
         gAT = x.new_zeros(x.shape[0], *AT.shape)  # (B, N, E)
         gD = x.new_zeros(x.shape[0], x.shape[2])  # (B, E)
         gz = torch.empty_like(zk)
         with kernel_threads():
-            _scan_bwd(x.numpy(), delta.numpy(), bias.numpy(), ctx.softplus, AT.numpy(), B.numpy(), C.numpy(), Dk.numpy(),
-                      zk.numpy(), u.numpy(), ctx.gate,
-                      gy.numpy(), ck.numpy(), ctx.S, gx.numpy(), gdelta.numpy(), gAT.numpy(), gB.numpy(), gC.numpy(),
+            _scan_bwd(x.numpy(), delta.numpy(), WT.numpy(), ctx.lowrank, bias.numpy(), ctx.softplus, AT.numpy(),
+                      B.numpy(), C.numpy(), Dk.numpy(), zk.numpy(), u.numpy(), ctx.gate, gy.numpy(), ck.numpy(), ctx.S,
+                      gx.numpy(), gdelta.numpy(), gWT.numpy(), gbias.numpy(), gAT.numpy(), gB.numpy(), gC.numpy(),
                       gD.numpy(), gz.numpy())
         return (gx, gdelta, gAT.sum(0).t(), gB, gC, gD.sum(0) if ctx.has_D else None, gz if ctx.gate else None,
-                gdelta.sum((0, 1)) if ctx.has_bias else None, None)
+                gbias.sum(0) if ctx.has_bias else None, None, gWT.sum(0).t() if ctx.lowrank else None)
 
 
 class NumbaConvSiLU(torch.autograd.Function):
@@ -452,7 +494,7 @@ def _check_kernel_input(x):
         raise ValueError(f"the numba kernels run float32 (or half-precision, computed in float32) CPU tensors, got {x.dtype} on {x.device}")
 
 
-def selective_scan_numba(x, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def selective_scan_numba(x, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, delta_proj=None):
     """Same signature and result as ``selective_scan_ref`` for float32 CPU tensors."""
     _check_kernel_input(x)
     if not applicable(A):
@@ -460,7 +502,7 @@ def selective_scan_numba(x, delta, A, B, C, D=None, z=None, delta_bias=None, del
                          "non-positive arguments, with delta >= 0; use backend='torch' for other values")
     dtype = x.dtype
     f32 = lambda t: None if t is None else t.to(torch.float32)  # noqa: E731
-    y = NumbaScan.apply(*(f32(t) for t in (x, delta, A, B, C, D, z, delta_bias)), delta_softplus)
+    y = NumbaScan.apply(*(f32(t) for t in (x, delta, A, B, C, D, z, delta_bias)), delta_softplus, f32(delta_proj))
     return y.to(dtype)
 
 

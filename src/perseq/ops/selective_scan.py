@@ -85,18 +85,24 @@ def _gate(y, x, D, z):
     return y if z is None else y * F.silu(z)
 
 
-def _delta(delta, delta_bias, delta_softplus):
-    """Δ = delta + delta_bias, through softplus when asked (mamba_ssm's convention)."""
+def _delta(delta, delta_bias, delta_softplus, delta_proj=None):
+    """Δ = delta W_Δᵀ + delta_bias (W_Δ = delta_proj, or the identity when None), through
+    softplus when asked (mamba_ssm's convention, plus the dt projection)."""
+    if delta_proj is not None:
+        delta = F.linear(delta, delta_proj)  # (B, L, R) -> (B, L, E)
     if delta_bias is not None:
         delta = delta + delta_bias
     return F.softplus(delta) if delta_softplus else delta
 
 
-def selective_scan_ref(x, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def selective_scan_ref(x, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, delta_proj=None):
     """Sequential reference: x, delta (B, L, E); A (E, N); B, C (B, L, N); D (E,); z (B, L, E)
     -> y (B, L, E) = (scan + D ⊙ x) ⊙ SiLU(z), D and z optional, with Δ = delta + delta_bias,
-    through softplus when ``delta_softplus`` (as mamba_ssm's ``selective_scan_ref``)."""
-    delta = _delta(delta, delta_bias, delta_softplus)
+    through softplus when ``delta_softplus`` (as mamba_ssm's ``selective_scan_ref``). With
+    ``delta_proj`` W_Δ (E, R), delta is Δ's low-rank input (B, L, R) and Δ = delta W_Δᵀ +
+    delta_bias (Mamba's dt_proj, which the numba kernels fuse)."""
+    _check_delta(x, delta, delta_proj)
+    delta = _delta(delta, delta_bias, delta_softplus, delta_proj)
     dtype = x.dtype
     x, delta, A, B, C = (t.to(_compute_dtype(dtype)) for t in (x, delta, A, B, C))
     h = x.new_zeros(x.shape[0], x.shape[2], A.shape[1])  # (B, E, N)
@@ -121,14 +127,15 @@ def selective_scan_step(h, x_t, delta_t, A, B_t, C_t, D=None):
 
 
 def selective_scan_chunked(x, delta, A, B, C, D=None, chunk: int | None = None, z=None, delta_bias=None,
-                           delta_softplus=False):
+                           delta_softplus=False, delta_proj=None):
     """Chunked parallel scan (see the module docstring): same signature and result as
     ``selective_scan_ref``, differentiable in every input. ``chunk`` None: ``_auto_chunk``."""
     if chunk is None:
         chunk = _auto_chunk(x.shape[0], x.shape[1], A.shape[0], A.shape[1], x.device.type)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    delta = _delta(delta, delta_bias, delta_softplus)
+    _check_delta(x, delta, delta_proj)
+    delta = _delta(delta, delta_bias, delta_softplus, delta_proj)
     dtype = x.dtype
     x, delta, A, B, C = (t.to(_compute_dtype(dtype)) for t in (x, delta, A, B, C))
     y = _ChunkedScan.apply(x, delta, A, B, C, int(chunk))  # (B, L, E)
@@ -136,9 +143,11 @@ def selective_scan_chunked(x, delta, A, B, C, D=None, chunk: int | None = None, 
 
 
 def selective_scan(x, delta, A, B, C, D=None, backend: str = "auto", chunk: int | None = None, z=None,
-                   delta_bias=None, delta_softplus: bool = False):
+                   delta_bias=None, delta_softplus: bool = False, delta_proj=None):
     """y = (scan + D ⊙ x) ⊙ SiLU(z) (D, z optional) with Δ = delta + delta_bias, through
-    softplus when ``delta_softplus`` (as mamba_ssm's ``selective_scan_fn``), by one of the
+    softplus when ``delta_softplus`` (as mamba_ssm's ``selective_scan_fn``), or with
+    ``delta_proj`` W_Δ (E, R) and delta (B, L, R), Δ = delta W_Δᵀ + delta_bias (the numba
+    kernels fuse that projection; the other backends apply it first), by one of the
     backends. Dispatch:
     ``"cuda"`` = mamba_ssm's fused kernel (CUDA tensors, package installed),
     ``"numba"`` = the fused CPU kernels of ``scan_numba`` (CPU, float32 or half, A ≤ 0),
@@ -146,18 +155,29 @@ def selective_scan(x, delta, A, B, C, D=None, backend: str = "auto", chunk: int 
     of cuda, numba, torch that can run these tensors."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown selective-scan backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    _check_delta(x, delta, delta_proj)
     if backend == "cuda" or (backend == "auto" and _mamba_selective_scan_fn is not None and x.is_cuda):
-        return _scan_cuda(x, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return _scan_cuda(x, _delta(delta, None, False, delta_proj), A, B, C, D, z, delta_bias, delta_softplus)
     if backend == "numba":
         if selective_scan_numba is None:
             raise RuntimeError("selective-scan backend 'numba' needs the numba package (pip install numba); "
                                "use backend='torch' or 'auto' to run without it")
-        return selective_scan_numba(x, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return selective_scan_numba(x, delta, A, B, C, D, z, delta_bias, delta_softplus, delta_proj)
     if (backend == "auto" and selective_scan_numba is not None and x.device.type == "cpu" and x.dtype in _NUMBA_DTYPES
             and _numba_applicable(A)):
-        return selective_scan_numba(x, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return selective_scan_numba(x, delta, A, B, C, D, z, delta_bias, delta_softplus, delta_proj)
     return selective_scan_chunked(x, delta, A, B, C, D, chunk=chunk, z=z, delta_bias=delta_bias,
-                                  delta_softplus=delta_softplus)
+                                  delta_softplus=delta_softplus, delta_proj=delta_proj)
+
+
+def _check_delta(x, delta, delta_proj):
+    """delta must be (B, L, E) like x, or (B, L, R) with delta_proj (E, R): the numba kernels
+    index without bounds checks."""
+    B, L, E = x.shape
+    want = (B, L, E) if delta_proj is None else (B, L, delta_proj.shape[-1])
+    if tuple(delta.shape) != want or (delta_proj is not None and (delta_proj.dim() != 2 or delta_proj.shape[0] != E)):
+        proj = "" if delta_proj is None else f" and delta_proj {tuple(delta_proj.shape)} (E={E}, R)"
+        raise ValueError(f"delta of shape {want} expected for x of shape {tuple(x.shape)}{proj}, got {tuple(delta.shape)}")
 
 
 def _scan_cuda(x, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=False):
