@@ -478,3 +478,58 @@ def test_predict_scores_time_query_models_at_the_held_out_events_time():
         with torch.no_grad():
             want = m.scores(x, torch.from_numpy(positions.astype(np.int64)), ts, torch.from_numpy(request)).topk(3, dim=1)
         np.testing.assert_allclose(val, want.values.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("timed", [False, True])
+@pytest.mark.parametrize("block", [1, 5, 8, 40])  # single rows, a ragged last block, one block covering T
+def test_blocked_attention_equals_the_full_line_in_value_and_every_gradient(timed, block):
+    """Long sequences run the attention in blocks of query rows and recompute each block's
+    weights in the backward; against causal_silu_attention(q kᵀ) @ v with the (B, T, T)
+    bucket table made at once: same outputs and gradients for q, k, v and both bias tables."""
+    from perseq.models.hstu import blocked_silu_attention, causal_silu_attention, time_buckets
+
+    g = torch.Generator().manual_seed(3)
+    B, H, T, dqk, dv, P, NB, n = 2, 2, 23, 4, 3, 30, 12, 30
+    q, k = (torch.randn(B, H, T, dqk, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(B, H, T, dv, generator=g, dtype=torch.float64, requires_grad=True)
+    pos_w = torch.randn(P, generator=g, dtype=torch.float64, requires_grad=True)
+    ts_w = torch.randn(NB + 1, generator=g, dtype=torch.float64, requires_grad=True)
+    times = torch.cumsum(torch.randint(0, 5000, (B, T), generator=g), 1)
+    qt = times + torch.randint(0, 100, (B, T), generator=g)  # query times differ from key times ("next")
+    up = torch.randn(B, H, T, dv, generator=g, dtype=torch.float64)
+    inputs = [q, k, v, pos_w] + ([ts_w] if timed else [])
+    buckets = time_buckets(qt[:, :, None] - times[:, None, :], NB) if timed else None
+    ref = causal_silu_attention(q @ k.transpose(-2, -1), pos_w, ts_w, buckets, n) @ v
+    if timed:
+        assert buckets.unique().numel() > 5  # the time bias really varies
+    out = blocked_silu_attention(q, k, v, pos_w, ts_w, qt if timed else None, times if timed else None, n, NB, block)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for name, got, want in zip(["q", "k", "v", "pos_w", "ts_w"], torch.autograd.grad(out, inputs, up),
+                               torch.autograd.grad(ref, inputs, up)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+    with pytest.raises(ValueError, match="position bias table has 30 entries, sequence length is 31"):
+        blocked_silu_attention(*(torch.zeros(1, 1, 31, 2) for _ in range(3)), torch.zeros(30), None, None, None, n)
+    with pytest.raises(ValueError, match="query times, key times and the table"):
+        blocked_silu_attention(q, k, v, pos_w, None, qt, times, n)
+
+
+def test_long_sequences_take_the_blocked_attention_with_the_same_output(monkeypatch):
+    """At BLOCKED_FROM positions and beyond, HSTU.encode runs the blocked attention with
+    per-block time buckets; the model's output equals the full line's (float32, fused kernel)."""
+    import perseq.models.hstu as hstu
+
+    torch.manual_seed(0)
+    m = HSTU(HSTUConfig(n_items=50, max_len=64, d=16, n_blocks=2, n_heads=2)).eval()
+    items = torch.randint(1, 51, (3, 40))
+    times = torch.cumsum(torch.randint(1, 10_000, (3, 40)), 1)
+    full, full_untimed = m.encode(items, times), m.encode(items)
+    calls = []
+    real = hstu.blocked_silu_attention
+    monkeypatch.setattr(hstu, "blocked_silu_attention", lambda *a, **kw: calls.append(1) or real(*a, block=7))
+    monkeypatch.setattr(hstu, "BLOCKED_FROM", 40)
+    blocked = m.encode(items, times)
+    assert len(calls) == 2  # both blocks
+    torch.testing.assert_close(blocked, full, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(full, full_untimed)  # the time bias took part
+    torch.testing.assert_close(m.encode(items), full_untimed, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 4

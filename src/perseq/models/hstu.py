@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ..ops.dropout import Dropout
 from .base import SeqRecModel
@@ -147,11 +148,97 @@ def causal_silu_attention(s, pos_w, ts_w, buckets, n):
     return F.silu(s + bias) / n * causal
 
 
+#: From this many positions on, a block's attention runs in query blocks of
+#: ``ATTENTION_BLOCK`` rows (``blocked_silu_attention``): memory O(T · block) instead of
+#: O(T²) per block and head, and only the causal half of Q Kᵀ is computed. Below it the
+#: whole (B, H, T, T) line is cheaper (one fused kernel pass, no Python loop).
+BLOCKED_FROM = 1024
+ATTENTION_BLOCK = 256
+
+
+def _block_weights(q, k, pos_w, ts_w, qt, kt, i0, n, num_buckets):
+    """Rows i0 … i0+b-1 of A = SiLU(Q Kᵀ + rab) / n ⊙ causal against keys 0 … i0+b-1:
+    q (B, H, b, dqk), k (B, H, i1, dqk), qt (B, b) and kt (B, i1) times or None ->
+    (z (B, H, b, i1) before the SiLU, causal (b, i1), rel (b, i1) = i - j clamped at 0,
+    buckets (B, b, i1) or None)."""
+    b, i1 = q.shape[2], k.shape[2]
+    rel = torch.arange(i0, i0 + b, device=q.device)[:, None] - torch.arange(i1, device=q.device)  # (b, i1)
+    causal = rel >= 0
+    rel = rel.clamp(min=0)
+    z = q @ k.transpose(-2, -1) + pos_w[rel]  # (B, H, b, i1)
+    buckets = None
+    if qt is not None:
+        buckets = time_buckets(qt[:, :, None] - kt[:, None, :], num_buckets)  # (B, b, i1)
+        z = z + _lookup(ts_w, buckets).unsqueeze(1)  # shared by the heads
+    return z, causal, rel, buckets
+
+
+class _BlockedSiluAttention(torch.autograd.Function):
+    """(A V) for A = SiLU(Q Kᵀ + rab_pos + rab_time) / n ⊙ causal, one block of query rows at
+    a time; the backward recomputes each block's weights (as flash attention does), so
+    nothing of size T² is kept. Values and gradients as ``causal_silu_attention`` followed
+    by ``@ v`` (tests/test_hstu_llama.py)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pos_w, ts_w, qt, kt, n, num_buckets, block):
+        B, H, T, _ = q.shape
+        out = v.new_empty(B, H, T, v.shape[-1])
+        for i0 in range(0, T, block):
+            i1 = min(T, i0 + block)
+            z, causal, _, _ = _block_weights(q[:, :, i0:i1], k[:, :, :i1], pos_w, ts_w,
+                                             None if qt is None else qt[:, i0:i1], None if kt is None else kt[:, :i1],
+                                             i0, n, num_buckets)
+            out[:, :, i0:i1] = (F.silu(z) * (causal.to(z.dtype) / n)) @ v[:, :, :i1]  # (B, H, b, dv)
+        ctx.save_for_backward(q, k, v, pos_w, ts_w, qt, kt)
+        ctx.n, ctx.num_buckets, ctx.block = n, num_buckets, block
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        q, k, v, pos_w, ts_w, qt, kt = ctx.saved_tensors
+        n, block = ctx.n, ctx.block
+        T = q.shape[2]
+        gq, gk, gv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        gpos = torch.zeros_like(pos_w)
+        gts = None if qt is None else torch.zeros_like(ts_w)
+        for i0 in range(0, T, block):
+            i1 = min(T, i0 + block)
+            qb, kb, vb, gb = q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], g[:, :, i0:i1]
+            z, causal, rel, buckets = _block_weights(qb, kb, pos_w, ts_w, None if qt is None else qt[:, i0:i1],
+                                                     None if kt is None else kt[:, :i1], i0, n, ctx.num_buckets)
+            mask = causal.to(z.dtype) / n  # (b, i1)
+            sig = torch.sigmoid(z)
+            gv[:, :, :i1] += (z * sig * mask).transpose(-2, -1) @ gb  # Aᵀ ∂out
+            # ∂z = (∂out Vᵀ) · SiLU'(z) / n on the causal part; SiLU' = σ (1 + z (1 - σ))
+            gz = (gb @ vb.transpose(-2, -1)) * (sig * (1 + z * (1 - sig))) * mask  # (B, H, b, i1)
+            gq[:, :, i0:i1] = gz @ kb
+            gk[:, :, :i1] += gz.transpose(-2, -1) @ qb
+            gzh = gz.sum(1)  # (B, b, i1): the biases are shared by the heads
+            gpos.index_add_(0, rel[causal], gzh.sum(0)[causal])
+            if gts is not None:
+                gts.index_add_(0, buckets[:, causal].reshape(-1), gzh[:, causal].reshape(-1))
+        return gq, gk, gv, gpos, gts, None, None, None, None, None
+
+
+def blocked_silu_attention(q, k, v, pos_w, ts_w, qt, kt, n, num_buckets: int = 128, block: int = ATTENTION_BLOCK):
+    """``causal_silu_attention(q kᵀ, ...) @ v`` in blocks of ``block`` query rows, with the
+    time buckets made per block from qt (B, T), the query times, and kt (B, T), the key
+    times (both None: no time bias): q, k (B, H, T, dqk), v (B, H, T, dv) -> (B, H, T, dv).
+    Peak memory O(B H T · block) instead of O(B H T²), for long sequences."""
+    if pos_w.shape[0] < q.shape[2]:
+        raise ValueError(f"position bias table has {pos_w.shape[0]} entries, sequence length is {q.shape[2]}")
+    if (qt is None) != (kt is None) or (qt is not None and ts_w is None):
+        raise ValueError("the time bias needs query times, key times and the table ts_w together")
+    return _BlockedSiluAttention.apply(q, k, v, pos_w, ts_w, qt, kt, n, num_buckets, block)
+
+
 class HSTUBlock(nn.Module):
     def __init__(self, cfg: HSTUConfig):
         super().__init__()
         H = cfg.n_heads
         self.n_heads, self.max_len, self.d = H, cfg.max_len, cfg.d
+        self.num_buckets = cfg.num_time_buckets
         self.dqk = cfg.attn_dim or cfg.d // H
         self.dv = cfg.linear_dim or cfg.d // H
         self.uvqk = nn.Linear(cfg.d, H * (2 * self.dv + 2 * self.dqk), bias=False)
@@ -174,8 +261,9 @@ class HSTUBlock(nn.Module):
         # one LN over all heads together, as in the reference (_norm_attn_output)
         return x + self.o(self.drop(u * F.layer_norm(av, (av.shape[-1],), eps=_EPS)))
 
-    def forward(self, x, buckets):
-        # x (B, T, D); buckets (B, T, T) time-gap buckets | None
+    def forward(self, x, buckets, times=None):
+        # x (B, T, D); buckets (B, T, T) time-gap buckets | None; or, for the blocked
+        # attention of long sequences, times = (query times, key times), each (B, T) | None
         B, T, _ = x.shape
         H = self.n_heads
         u, v, q, k = self._uvqk(x)
@@ -185,8 +273,13 @@ class HSTUBlock(nn.Module):
         # n = max_len, a constant (the reference divides by the padded length, which its data
         # pipeline always pads to the max sequence length); a constant keeps a position's
         # output independent of how much right padding its batch carries
-        a = causal_silu_attention(q @ k.transpose(-2, -1), self.pos_w, self.ts_w, buckets, self.max_len)  # (B, H, T, T)
-        av = (a @ v).transpose(1, 2).reshape(B, T, H * self.dv)  # (B, T, H*dv)
+        if T >= BLOCKED_FROM:
+            qt, kt = times if times is not None else (None, None)
+            av = blocked_silu_attention(q, k, v, self.pos_w, self.ts_w, qt, kt, self.max_len, self.num_buckets)
+        else:
+            a = causal_silu_attention(q @ k.transpose(-2, -1), self.pos_w, self.ts_w, buckets, self.max_len)  # (B, H, T, T)
+            av = a @ v  # (B, H, T, dv)
+        av = av.transpose(1, 2).reshape(B, T, H * self.dv)  # (B, T, H*dv)
         return self._out(x, u, av)
 
     def step(self, x, k_cache, v_cache, buckets):
@@ -266,12 +359,15 @@ class HSTU(SeqRecModel):
         # right padding: real positions precede padding, so the causal mask (in the blocks)
         # alone keeps padding out of their view; padding rows see only finite values (no NaN).
         # Time bias: gap of query i's time (its own event's, or the next one's) to key j's
-        buckets = None
+        buckets, qk_times = None, None
         if self._use_time(times):
             qt = self._query_times(times, query_times)  # (B, T)
-            buckets = time_buckets(qt[:, :, None] - times[:, None, :], self.cfg.num_time_buckets)  # (B, T, T)
+            if T >= BLOCKED_FROM:  # the blocked attention buckets per block: no (B, T, T) table
+                qk_times = (qt, times)
+            else:
+                buckets = time_buckets(qt[:, :, None] - times[:, None, :], self.cfg.num_time_buckets)  # (B, T, T)
         for block in self.blocks:
-            x = block(x, buckets)
+            x = block(x, buckets, qk_times)
         return self._finish(x)  # (B, T, D)
 
     def output_embeddings(self):
