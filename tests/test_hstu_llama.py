@@ -513,6 +513,38 @@ def test_blocked_attention_equals_the_full_line_in_value_and_every_gradient(time
         blocked_silu_attention(q, k, v, pos_w, None, qt, times, n)
 
 
+@pytest.mark.parametrize("timed", [False, True])
+def test_blocked_attention_runs_the_fused_kernels_per_block_on_float32_cpu(timed, monkeypatch):
+    """float32 CPU blocks go through ops/hstu_numba's kernels with a row offset (their bias
+    gradients accumulate over the blocks); against the float64 torch line of the whole
+    matrix: float32-accurate values and gradients."""
+    import perseq.ops.hstu_numba as hn
+    from perseq.models.hstu import blocked_silu_attention, causal_silu_attention, time_buckets
+
+    g = torch.Generator().manual_seed(4)
+    B, H, T, dqk, dv, P, NB, n = 2, 2, 45, 8, 5, 50, 20, 50
+    q, k = (torch.randn(B, H, T, dqk, generator=g) for _ in range(2))
+    v = torch.randn(B, H, T, dv, generator=g)
+    pos_w, ts_w = torch.randn(P, generator=g), torch.randn(NB + 1, generator=g)
+    times = torch.cumsum(torch.randint(0, 5000, (B, T), generator=g), 1)
+    up = torch.randn(B, H, T, dv, generator=g)
+    f64 = [t.double().requires_grad_() for t in (q, k, v, pos_w, ts_w)]
+    buckets = time_buckets(times[:, :, None] - times[:, None, :], NB) if timed else None
+    ref = causal_silu_attention(f64[0] @ f64[1].transpose(-2, -1), f64[3], f64[4], buckets, n) @ f64[2]
+    names = ["q", "k", "v", "pos_w"] + (["ts_w"] if timed else [])
+    ref_g = torch.autograd.grad(ref, f64[: len(names)], up.double())
+    calls = []
+    real = hn.weights_backward
+    monkeypatch.setattr(hn, "weights_backward", lambda *a, **kw: calls.append(a[-1]) or real(*a, **kw))
+    f32 = [t.clone().requires_grad_() for t in (q, k, v, pos_w, ts_w)]
+    out = blocked_silu_attention(*f32[:5], times if timed else None, times if timed else None, n, NB, block=16)
+    grads = torch.autograd.grad(out, f32[: len(names)], up)
+    assert calls == [0, 16, 32]  # the kernels ran, one call per block, at each block's first row
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    for name, got, want in zip(names, grads, ref_g):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=name)
+
+
 def test_long_sequences_take_the_blocked_attention_with_the_same_output(monkeypatch):
     """At BLOCKED_FROM positions and beyond, HSTU.encode runs the blocked attention with
     per-block time buckets; the model's output equals the full line's (float32, fused kernel)."""

@@ -156,69 +156,91 @@ BLOCKED_FROM = 1024
 ATTENTION_BLOCK = 256
 
 
-def _block_weights(q, k, pos_w, ts_w, qt, kt, i0, n, num_buckets):
-    """Rows i0 … i0+b-1 of A = SiLU(Q Kᵀ + rab) / n ⊙ causal against keys 0 … i0+b-1:
-    q (B, H, b, dqk), k (B, H, i1, dqk), qt (B, b) and kt (B, i1) times or None ->
-    (z (B, H, b, i1) before the SiLU, causal (b, i1), rel (b, i1) = i - j clamped at 0,
-    buckets (B, b, i1) or None)."""
-    b, i1 = q.shape[2], k.shape[2]
-    rel = torch.arange(i0, i0 + b, device=q.device)[:, None] - torch.arange(i1, device=q.device)  # (b, i1)
-    causal = rel >= 0
-    rel = rel.clamp(min=0)
-    z = q @ k.transpose(-2, -1) + pos_w[rel]  # (B, H, b, i1)
-    buckets = None
-    if qt is not None:
-        buckets = time_buckets(qt[:, :, None] - kt[:, None, :], num_buckets)  # (B, b, i1)
+def _block_scores(q, k, qt, kt, num_buckets):
+    """Rows i0 … i0+b-1 of Q Kᵀ against keys 0 … i0+b-1 and their time buckets: q (B, H, b,
+    dqk), k (B, H, i1, dqk), qt (B, b) and kt (B, i1) times or None -> (s (B, H, b, i1),
+    buckets (B, b, i1) int32 or None)."""
+    buckets = None if qt is None else time_buckets(qt[:, :, None] - kt[:, None, :], num_buckets)
+    return q @ k.transpose(-2, -1), buckets
+
+
+def _block_bias(s, pos_w, ts_w, buckets, i0):
+    """The torch line of one block (any device or dtype): (z = s + rab, causal (b, i1) 0/1)."""
+    b, i1 = s.shape[-2:]
+    rel = torch.arange(i0, i0 + b, device=s.device)[:, None] - torch.arange(i1, device=s.device)  # (b, i1) = i - j
+    z = s + pos_w[rel.clamp(min=0)]
+    if buckets is not None:
         z = z + _lookup(ts_w, buckets).unsqueeze(1)  # shared by the heads
-    return z, causal, rel, buckets
+    return z, (rel >= 0).to(s.dtype), rel
 
 
 class _BlockedSiluAttention(torch.autograd.Function):
     """(A V) for A = SiLU(Q Kᵀ + rab_pos + rab_time) / n ⊙ causal, one block of query rows at
-    a time; the backward recomputes each block's weights (as flash attention does), so
-    nothing of size T² is kept. Values and gradients as ``causal_silu_attention`` followed
-    by ``@ v`` (tests/test_hstu_llama.py)."""
+    a time against the keys up to its last row (the causal half of Q Kᵀ only); the backward
+    recomputes each block's weights (as flash attention does), so nothing of size T² is
+    kept. float32 CPU runs each block's weights through the fused kernels of
+    ``ops/hstu_numba.py``, everything else through the torch line. Values and gradients as
+    ``causal_silu_attention`` followed by ``@ v`` (tests/test_hstu_llama.py)."""
 
     @staticmethod
     def forward(ctx, q, k, v, pos_w, ts_w, qt, kt, n, num_buckets, block):
         B, H, T, _ = q.shape
+        fused = _hstu_numba is not None and _hstu_numba.applicable(q)
         out = v.new_empty(B, H, T, v.shape[-1])
-        for i0 in range(0, T, block):
-            i1 = min(T, i0 + block)
-            z, causal, _, _ = _block_weights(q[:, :, i0:i1], k[:, :, :i1], pos_w, ts_w,
-                                             None if qt is None else qt[:, i0:i1], None if kt is None else kt[:, :i1],
-                                             i0, n, num_buckets)
-            out[:, :, i0:i1] = (F.silu(z) * (causal.to(z.dtype) / n)) @ v[:, :, :i1]  # (B, H, b, dv)
+        for i0, i1, s, buckets in _blocks(q, k, qt, kt, num_buckets, block):
+            if fused:
+                a = _hstu_numba.weights(s, *_hstu_numba.tables(pos_w, ts_w, buckets, T), n, i0)
+            else:
+                z, causal, _ = _block_bias(s, pos_w, ts_w, buckets, i0)
+                a = F.silu(z) * (causal / n)
+            out[:, :, i0:i1] = a @ v[:, :, :i1]  # (B, H, b, dv)
         ctx.save_for_backward(q, k, v, pos_w, ts_w, qt, kt)
-        ctx.n, ctx.num_buckets, ctx.block = n, num_buckets, block
+        ctx.n, ctx.num_buckets, ctx.block, ctx.fused = n, num_buckets, block, fused
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
         q, k, v, pos_w, ts_w, qt, kt = ctx.saved_tensors
-        n, block = ctx.n, ctx.block
-        T = q.shape[2]
+        n, T, timed = ctx.n, q.shape[2], qt is not None
         gq, gk, gv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        gpos = torch.zeros_like(pos_w)
-        gts = None if qt is None else torch.zeros_like(ts_w)
-        for i0 in range(0, T, block):
-            i1 = min(T, i0 + block)
-            qb, kb, vb, gb = q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], g[:, :, i0:i1]
-            z, causal, rel, buckets = _block_weights(qb, kb, pos_w, ts_w, None if qt is None else qt[:, i0:i1],
-                                                     None if kt is None else kt[:, :i1], i0, n, ctx.num_buckets)
-            mask = causal.to(z.dtype) / n  # (b, i1)
-            sig = torch.sigmoid(z)
-            gv[:, :, :i1] += (z * sig * mask).transpose(-2, -1) @ gb  # Aᵀ ∂out
-            # ∂z = (∂out Vᵀ) · SiLU'(z) / n on the causal part; SiLU' = σ (1 + z (1 - σ))
-            gz = (gb @ vb.transpose(-2, -1)) * (sig * (1 + z * (1 - sig))) * mask  # (B, H, b, i1)
-            gq[:, :, i0:i1] = gz @ kb
-            gk[:, :, :i1] += gz.transpose(-2, -1) @ qb
-            gzh = gz.sum(1)  # (B, b, i1): the biases are shared by the heads
-            gpos.index_add_(0, rel[causal], gzh.sum(0)[causal])
-            if gts is not None:
-                gts.index_add_(0, buckets[:, causal].reshape(-1), gzh[:, causal].reshape(-1))
+        if ctx.fused:
+            acc = _hstu_numba.BiasGrads()
+        else:
+            gpos, gts = torch.zeros_like(pos_w), torch.zeros_like(ts_w) if timed else None
+        for i0, i1, s, buckets in _blocks(q, k, qt, kt, ctx.num_buckets, ctx.block):
+            gb, vb = g[:, :, i0:i1], v[:, :, :i1]
+            if ctx.fused:
+                tabs = _hstu_numba.tables(pos_w, ts_w, buckets, T)
+                a = _hstu_numba.weights(s, *tabs, n, i0)
+                gv[:, :, :i1] += a.transpose(-2, -1) @ gb  # Aᵀ ∂out
+                gs = _hstu_numba.weights_backward(s, *tabs, n, gb @ vb.transpose(-2, -1), acc, i0)
+            else:
+                z, causal, rel = _block_bias(s, pos_w, ts_w, buckets, i0)
+                sig, mask = torch.sigmoid(z), causal / n
+                gv[:, :, :i1] += (z * sig * mask).transpose(-2, -1) @ gb
+                # ∂z = (∂out Vᵀ) · SiLU'(z) / n on the causal part; SiLU' = σ (1 + z (1 - σ))
+                gs = (gb @ vb.transpose(-2, -1)) * (sig * (1 + z * (1 - sig))) * mask  # (B, H, b, i1)
+                gsh = gs.sum(1)  # (B, b, i1): the biases are shared by the heads
+                keep = causal.bool()
+                gpos.index_add_(0, rel[keep], gsh.sum(0)[keep])
+                if timed:
+                    gts.index_add_(0, buckets[:, keep].reshape(-1), gsh[:, keep].reshape(-1))
+            gq[:, :, i0:i1] = gs @ k[:, :, :i1]
+            gk[:, :, :i1] += gs.transpose(-2, -1) @ q[:, :, i0:i1]
+        if ctx.fused:
+            gpos, gts = acc.result(q.dtype, timed)
         return gq, gk, gv, gpos, gts, None, None, None, None, None
+
+
+def _blocks(q, k, qt, kt, num_buckets, block):
+    """(i0, i1, scores (B, H, i1-i0, i1), buckets or None) per block of query rows."""
+    T = q.shape[2]
+    for i0 in range(0, T, block):
+        i1 = min(T, i0 + block)
+        s, buckets = _block_scores(q[:, :, i0:i1], k[:, :, :i1], None if qt is None else qt[:, i0:i1],
+                                   None if kt is None else kt[:, :i1], num_buckets)
+        yield i0, i1, s, buckets
 
 
 def blocked_silu_attention(q, k, v, pos_w, ts_w, qt, kt, n, num_buckets: int = 128, block: int = ATTENTION_BLOCK):

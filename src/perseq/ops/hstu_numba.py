@@ -34,21 +34,24 @@ from .scan_numba import _sigmoid, _silu_grad, kernel_threads
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _fwd(s, rpos, ts_w, buckets, inv_n, n_parts, a):
-    """a[b, h, i, j] = silu(s + (pos_w[i - j] + ts_w[buckets[b, i, j]])) * inv_n for j <= i,
-    else 0; without time bias (buckets of shape (0, 0, 0)) the ts_w term is left out.
-    rpos = pos_w reversed (P,): row i's position biases rpos[P-1-i : P] run forward in j."""
-    B, H, T, _ = s.shape
+def _fwd(s, rpos, ts_w, buckets, inv_n, n_parts, i0, a):
+    """a[b, h, r, j] = silu(s + (pos_w[i - j] + ts_w[buckets[b, r, j]])) * inv_n for j <= i,
+    else 0, where row r is query i = i0 + r (s (B, H, R, K): R query rows from i0 on, against
+    keys 0 … K-1; the whole matrix is i0 = 0, R = K = T); without time bias (buckets of shape
+    (0, 0, 0)) the ts_w term is left out. rpos = pos_w reversed (P,): query i's position
+    biases rpos[P-1-i : P] run forward in j."""
+    B, H, R, K = s.shape
     P = rpos.shape[0]
     timed = buckets.shape[0] > 0
     share = (B + n_parts - 1) // n_parts
     for blk in prange(n_parts):
         for b in range(blk * share, min(B, (blk + 1) * share)):
             for h in range(H):
-                for i in range(T):
-                    srow, arow, prow = s[b, h, i], a[b, h, i], rpos[P - 1 - i:]
+                for r in range(R):
+                    i = i0 + r
+                    srow, arow, prow = s[b, h, r], a[b, h, r], rpos[P - 1 - i:]
                     if timed:
-                        brow = buckets[b, i]
+                        brow = buckets[b, r]
                         for j in range(i + 1):
                             z = srow[j] + (prow[j] + ts_w[brow[j]])
                             arow[j] = z * _sigmoid(z) * inv_n
@@ -56,16 +59,17 @@ def _fwd(s, rpos, ts_w, buckets, inv_n, n_parts, a):
                         for j in range(i + 1):
                             z = srow[j] + prow[j]
                             arow[j] = z * _sigmoid(z) * inv_n
-                    for j in range(i + 1, T):
+                    for j in range(i + 1, K):
                         arow[j] = 0
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _bwd(s, rpos, ts_w, buckets, inv_n, n_parts, g, gs, grpos_parts, gts_parts):
-    """gs = g * silu'(z) * inv_n on the lower triangle (0 above); each share of rows adds its
-    part of the bias gradients into its own row of grpos_parts (n_parts, P) (reversed, as
-    rpos) and gts_parts (n_parts, n_buckets + 1) (by bucket), float64 accumulators."""
-    B, H, T, _ = s.shape
+def _bwd(s, rpos, ts_w, buckets, inv_n, n_parts, i0, g, gs, grpos_parts, gts_parts):
+    """gs = g * silu'(z) * inv_n on the causal part (0 elsewhere), rows as in ``_fwd``; each
+    share of rows adds its part of the bias gradients into its own row of grpos_parts
+    (n_parts, P) (reversed, as rpos) and gts_parts (n_parts, n_buckets + 1) (by bucket),
+    float64 accumulators."""
+    B, H, R, K = s.shape
     P = rpos.shape[0]
     timed = buckets.shape[0] > 0
     share = (B + n_parts - 1) // n_parts
@@ -73,11 +77,12 @@ def _bwd(s, rpos, ts_w, buckets, inv_n, n_parts, g, gs, grpos_parts, gts_parts):
         grpos, gts = grpos_parts[blk], gts_parts[blk]
         for b in range(blk * share, min(B, (blk + 1) * share)):
             for h in range(H):
-                for i in range(T):
-                    srow, grow, gsrow = s[b, h, i], g[b, h, i], gs[b, h, i]
+                for r in range(R):
+                    i = i0 + r
+                    srow, grow, gsrow = s[b, h, r], g[b, h, r], gs[b, h, r]
                     prow, gprow = rpos[P - 1 - i:], grpos[P - 1 - i:]
                     if timed:
-                        brow = buckets[b, i]
+                        brow = buckets[b, r]
                         for j in range(i + 1):
                             z = srow[j] + (prow[j] + ts_w[brow[j]])
                             sig = _sigmoid(z)
@@ -92,8 +97,58 @@ def _bwd(s, rpos, ts_w, buckets, inv_n, n_parts, g, gs, grpos_parts, gts_parts):
                             v = _silu_grad(grow[j], z, sig) * inv_n
                             gsrow[j] = v
                             gprow[j] += v
-                    for j in range(i + 1, T):
+                    for j in range(i + 1, K):
                         gsrow[j] = 0
+
+
+def tables(pos_w, ts_w, buckets, T):
+    """Checked kernel inputs: (rpos, ts_w, buckets), with empty stand-ins without time bias."""
+    if pos_w.shape[0] < T:
+        raise ValueError(f"position bias table has {pos_w.shape[0]} entries, sequence length is {T}")
+    rpos = pos_w.detach().flip(0)  # flip copies: contiguous
+    if buckets is None:
+        return rpos, rpos.new_zeros(0), torch.zeros(0, 0, 0, dtype=torch.int32)
+    # int32, as models/hstu.time_buckets makes them (another type compiles anew)
+    if ts_w is None:
+        raise ValueError("time buckets given without the time bias table ts_w")
+    lo, hi = torch.aminmax(buckets)  # the kernels index unchecked: refuse what would read or write outside ts_w
+    if lo < 0 or hi >= ts_w.shape[0]:
+        raise ValueError(f"time buckets span [{lo}, {hi}], the time bias table has {ts_w.shape[0]} entries")
+    return rpos, ts_w.detach().contiguous(), buckets.contiguous()
+
+
+def weights(s, rpos, ts_w, buckets, n, i0: int = 0):
+    """A = SiLU(S + rab) / n ⊙ causal for query rows i0 … i0+R-1 (s (B, H, R, K)), inputs as
+    ``tables`` returns them."""
+    a = torch.empty_like(s)
+    with kernel_threads():
+        _fwd(s.numpy(), rpos.numpy(), ts_w.numpy(), buckets.numpy(), np.float32(1.0 / n), get_num_threads(), i0, a.numpy())
+    return a
+
+
+class BiasGrads:
+    """Per-thread float64 accumulators of the two bias tables' gradients, filled by any
+    number of ``weights_backward`` calls (the query blocks of one attention), summed once."""
+
+    def __init__(self):
+        self.grpos = self.gts = None
+
+    def result(self, dtype, timed: bool):
+        """(∂/∂pos_w, ∂/∂ts_w or None)"""
+        return self.grpos.sum(0).flip(0).to(dtype), self.gts.sum(0).to(dtype) if timed else None
+
+
+def weights_backward(s, rpos, ts_w, buckets, n, g, acc: BiasGrads, i0: int = 0):
+    """∂loss/∂S from g = ∂loss/∂A (same rows as ``weights``); adds the bias gradients to acc."""
+    gs = torch.empty_like(s)
+    with kernel_threads():
+        parts = get_num_threads()
+        if acc.grpos is None or acc.grpos.shape[0] < parts:
+            acc.grpos = torch.zeros(parts, rpos.shape[0], dtype=torch.float64)
+            acc.gts = torch.zeros(parts, ts_w.shape[0], dtype=torch.float64)
+        _bwd(s.numpy(), rpos.numpy(), ts_w.numpy(), buckets.numpy(), np.float32(1.0 / n), parts, i0, g.numpy(), gs.numpy(),
+             acc.grpos.numpy(), acc.gts.numpy())
+    return gs
 
 
 class CausalSiluAttention(torch.autograd.Function):
@@ -104,41 +159,21 @@ class CausalSiluAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s, pos_w, ts_w, buckets, n):
-        T = s.shape[-1]
-        if pos_w.shape[0] < T:
-            raise ValueError(f"position bias table has {pos_w.shape[0]} entries, sequence length is {T}")
-        s, rpos = s.contiguous(), pos_w.detach().flip(0)  # flip copies: contiguous
-        if buckets is None:
-            ts_w, buckets = rpos.new_zeros(0), torch.zeros(0, 0, 0, dtype=torch.int32)
-        else:  # int32, as models/hstu.time_buckets makes them (another type compiles anew)
-            if ts_w is None:
-                raise ValueError("time buckets given without the time bias table ts_w")
-            lo, hi = torch.aminmax(buckets)  # the kernels index unchecked: refuse what would read or write outside ts_w
-            if lo < 0 or hi >= ts_w.shape[0]:
-                raise ValueError(f"time buckets span [{lo}, {hi}], the time bias table has {ts_w.shape[0]} entries")
-            ts_w, buckets = ts_w.detach().contiguous(), buckets.contiguous()
-        a = torch.empty_like(s)
-        inv_n = np.float32(1.0 / n)
-        with kernel_threads():
-            _fwd(s.numpy(), rpos.numpy(), ts_w.numpy(), buckets.numpy(), inv_n, get_num_threads(), a.numpy())
-        ctx.save_for_backward(s, rpos, ts_w, buckets)
-        ctx.inv_n = inv_n
+        s = s.contiguous()
+        rpos, ts_k, buckets_k = tables(pos_w, ts_w, buckets, s.shape[-1])
+        a = weights(s, rpos, ts_k, buckets_k, n)
+        ctx.save_for_backward(s, rpos, ts_k, buckets_k)
+        ctx.n = n
         return a
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
         s, rpos, ts_w, buckets = ctx.saved_tensors
-        g = g.contiguous()
-        gs = torch.empty_like(s)
-        with kernel_threads():
-            parts = get_num_threads()
-            grpos = torch.zeros(parts, rpos.shape[0], dtype=torch.float64)
-            gts = torch.zeros(parts, ts_w.shape[0], dtype=torch.float64)
-            _bwd(s.numpy(), rpos.numpy(), ts_w.numpy(), buckets.numpy(), ctx.inv_n, parts, g.numpy(), gs.numpy(),
-                 grpos.numpy(), gts.numpy())
-        g_ts = gts.sum(0).to(s.dtype) if buckets.shape[0] > 0 else None
-        return gs, grpos.sum(0).flip(0).to(s.dtype), g_ts, None, None
+        acc = BiasGrads()
+        gs = weights_backward(s, rpos, ts_w, buckets, ctx.n, g.contiguous(), acc)
+        g_pos, g_ts = acc.result(s.dtype, buckets.shape[0] > 0)
+        return gs, g_pos, g_ts, None, None
 
 
 def applicable(s: torch.Tensor) -> bool:
