@@ -95,13 +95,33 @@ if njit is not None:
 SERIAL_BELOW = 1 << 19
 
 
+def check_p(p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+
+
+def draw_seed() -> int:
+    """One 64-bit mask seed per call, from torch's generator (reproducible, resumable)."""
+    return int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64))
+
+
+def seed_halves(seed: int):
+    """(low, high) 32 bits of the seed as the kernels' ``_hash_keeps`` takes them."""
+    return np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+
+
+def mask_params(p: float):
+    """(threshold, scale): element kept when its hash ≥ threshold = p · 2^32, scaled by 1/(1-p)."""
+    return np.uint64(int(p * 2**32)), np.float32(1.0 / (1.0 - p))
+
+
 def _apply(t: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     t = t.contiguous()
     out = torch.empty_like(t)
     x, o = t.view(-1).numpy(), out.view(-1).numpy()
-    threshold, scale = np.uint64(int(p * 2**32)), np.float32(1.0 / (1.0 - p))
+    threshold, scale = mask_params(p)
     if x.size < SERIAL_BELOW:
-        _masked_scale_span(x, o, 0, np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32), threshold, scale)
+        _masked_scale_span(x, o, 0, *seed_halves(seed), threshold, scale)
         return out
     with kernel_threads():
         _masked_scale(x, o, np.uint64(seed), threshold, scale)
@@ -121,16 +141,14 @@ class _HashDropout(torch.autograd.Function):
 
 def hash_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)`` with the counter-based mask where it applies."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    check_p(p)
     if not training or p == 0.0:
         return x
     if p == 1.0:
         return x * 0.0
     if njit is None or x.device.type != "cpu" or x.dtype != torch.float32:
         return F.dropout(x, p, True)
-    seed = int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64))  # from torch's generator
-    return _HashDropout.apply(x, p, seed)
+    return _HashDropout.apply(x, p, draw_seed())
 
 
 class Dropout(nn.Dropout):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dropout import _BLOCK, SERIAL_BELOW, hash_dropout, njit
+from .dropout import _BLOCK, SERIAL_BELOW, check_p, draw_seed, hash_dropout, mask_params, njit, seed_halves
 
 if njit is not None:
     from numba import prange
@@ -118,11 +118,10 @@ if njit is not None:
             _bwd_rows(h[r0:r1], bias, g[r0:r1], gh[r0:r1], gb[blk], r0 * C, lo_seed, hi_seed, threshold, scale)
 
 
-def _kernel_args(h, p, seed):
-    """(h as (R, C) numpy, rows per block, 64-bit seed, threshold, scale, serial?)"""
+def _kernel_args(h, p):
+    """(h as (R, C) numpy, rows per block, threshold, scale, serial?)"""
     h2 = h.reshape(-1, h.shape[-1]).numpy()
-    rows = max(1, _BLOCK // h2.shape[1])
-    return h2, rows, np.uint64(seed), np.uint64(int(p * 2**32)), np.float32(1.0 / (1.0 - p)), h2.size < SERIAL_BELOW
+    return (h2, max(1, _BLOCK // h2.shape[1]), *mask_params(p), h2.size < SERIAL_BELOW)
 
 
 class _BiasGeluDropout(torch.autograd.Function):
@@ -130,13 +129,13 @@ class _BiasGeluDropout(torch.autograd.Function):
     def forward(ctx, h, bias, p: float, seed: int):
         h, bias = h.contiguous(), bias.detach().contiguous()
         y = torch.empty_like(h)
-        h2, rows, sd, thr, scale, serial = _kernel_args(h, p, seed)
+        h2, rows, thr, scale, serial = _kernel_args(h, p)
         y2, b = y.view(h2.shape).numpy(), bias.numpy()
         if serial:
-            _fwd_rows(h2, b, y2, 0, sd & np.uint64(0xFFFFFFFF), sd >> np.uint64(32), thr, scale)
+            _fwd_rows(h2, b, y2, 0, *seed_halves(seed), thr, scale)
         else:
             with kernel_threads():
-                _fwd(h2, b, y2, rows, sd, thr, scale)
+                _fwd(h2, b, y2, rows, np.uint64(seed), thr, scale)
         ctx.save_for_backward(h, bias)
         ctx.p, ctx.seed = p, seed
         return y
@@ -146,27 +145,25 @@ class _BiasGeluDropout(torch.autograd.Function):
         h, bias = ctx.saved_tensors
         g = g.contiguous()
         gh = torch.empty_like(h)
-        h2, rows, sd, thr, scale, serial = _kernel_args(h, ctx.p, ctx.seed)
+        h2, rows, thr, scale, serial = _kernel_args(h, ctx.p)
         g2, gh2, b = g.view(h2.shape).numpy(), gh.view(h2.shape).numpy(), bias.numpy()
         if serial:
             gb = bias.new_zeros(1, bias.shape[0])
-            _bwd_rows(h2, b, g2, gh2, gb[0].numpy(), 0, sd & np.uint64(0xFFFFFFFF), sd >> np.uint64(32), thr, scale)
+            _bwd_rows(h2, b, g2, gh2, gb[0].numpy(), 0, *seed_halves(ctx.seed), thr, scale)
         else:
             gb = bias.new_zeros(-(-h2.shape[0] // rows), bias.shape[0])
             with kernel_threads():
-                _bwd(h2, b, g2, gh2, gb.numpy(), rows, sd, thr, scale)
+                _bwd(h2, b, g2, gh2, gb.numpy(), rows, np.uint64(ctx.seed), thr, scale)
         return gh, gb.sum(0), None, None
 
 
 def bias_gelu_dropout(h: torch.Tensor, bias: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``hash_dropout(F.gelu(h + bias), p, training)``, fused on float32 CPU tensors in
     training (h (…, C), bias (C,)); everything else takes that torch line."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    check_p(p)
     if bias.shape != h.shape[-1:]:
         raise ValueError(f"bias of shape ({h.shape[-1]},) expected for h of shape {tuple(h.shape)}, got {tuple(bias.shape)}")
     fused = training and 0.0 < p < 1.0 and njit is not None and h.device.type == "cpu" and h.dtype == bias.dtype == torch.float32
     if not fused:
         return hash_dropout(F.gelu(h + bias), p, training)
-    seed = int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64))  # drawn as hash_dropout draws it
-    return _BiasGeluDropout.apply(h, bias, p, seed)
+    return _BiasGeluDropout.apply(h, bias, p, draw_seed())  # the seed hash_dropout would draw
