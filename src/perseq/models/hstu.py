@@ -162,14 +162,6 @@ def _blocked(T: int, device: torch.device) -> bool:
     return T >= BLOCKED_FROM and device.type == "cpu"
 
 
-def _block_scores(q, k, qt, kt, num_buckets):
-    """Rows i0 … i0+b-1 of Q Kᵀ against keys 0 … i0+b-1 and their time buckets: q (B, H, b,
-    dqk), k (B, H, i1, dqk), qt (B, b) and kt (B, i1) times or None -> (s (B, H, b, i1),
-    buckets (B, b, i1) int32 or None)."""
-    buckets = None if qt is None else time_buckets(qt[:, :, None] - kt[:, None, :], num_buckets)
-    return q @ k.transpose(-2, -1), buckets
-
-
 def _block_bias(s, pos_w, ts_w, buckets, i0):
     """The torch line of one block (any device or dtype): (z = s + rab, causal (b, i1) as 0/1
     in s's dtype, rel (b, i1) = i - j)."""
@@ -241,13 +233,14 @@ class _BlockedSiluAttention(torch.autograd.Function):
 
 
 def _blocks(q, k, qt, kt, num_buckets, block):
-    """(i0, i1, scores (B, H, i1-i0, i1), buckets or None) per block of query rows."""
+    """Per block of query rows i0 … i1-1: (i0, i1, their rows of Q Kᵀ against keys 0 … i1-1
+    (B, H, i1-i0, i1), time buckets (B, i1-i0, i1) int32 or None), from q, k (B, H, T, dqk)
+    and query / key times qt, kt (B, T) or None."""
     T = q.shape[2]
     for i0 in range(0, T, block):
         i1 = min(T, i0 + block)
-        s, buckets = _block_scores(q[:, :, i0:i1], k[:, :, :i1], None if qt is None else qt[:, i0:i1],
-                                   None if kt is None else kt[:, :i1], num_buckets)
-        yield i0, i1, s, buckets
+        buckets = None if qt is None else time_buckets(qt[:, i0:i1, None] - kt[:, None, :i1], num_buckets)
+        yield i0, i1, q[:, :, i0:i1] @ k[:, :, :i1].transpose(-2, -1), buckets
 
 
 def blocked_silu_attention(q, k, v, pos_w, ts_w, qt, kt, n, num_buckets: int = 128, block: int = ATTENTION_BLOCK):

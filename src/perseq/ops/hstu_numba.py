@@ -127,8 +127,10 @@ def weights(s, rpos, ts_w, buckets, n, i0: int = 0):
 
 
 class BiasGrads:
-    """Per-thread float64 accumulators of the two bias tables' gradients, filled by any
-    number of ``weights_backward`` calls (the query blocks of one attention), summed once."""
+    """Per-share float64 accumulators of the two bias tables' gradients, filled by any
+    number of ``weights_backward`` calls (the query blocks of one attention), summed once.
+    Allocated at the first call, one row per kernel thread then; later calls split their
+    rows into that many shares, so nothing accumulated is ever dropped."""
 
     def __init__(self):
         self.grpos = self.gts = None
@@ -142,12 +144,11 @@ def weights_backward(s, rpos, ts_w, buckets, n, g, acc: BiasGrads, i0: int = 0):
     """∂loss/∂S from g = ∂loss/∂A (same rows as ``weights``); adds the bias gradients to acc."""
     gs = torch.empty_like(s)
     with kernel_threads():
-        parts = get_num_threads()
-        if acc.grpos is None or acc.grpos.shape[0] < parts:
-            acc.grpos = torch.zeros(parts, rpos.shape[0], dtype=torch.float64)
-            acc.gts = torch.zeros(parts, ts_w.shape[0], dtype=torch.float64)
-        _bwd(s.numpy(), rpos.numpy(), ts_w.numpy(), buckets.numpy(), np.float32(1.0 / n), parts, i0, g.numpy(), gs.numpy(),
-             acc.grpos.numpy(), acc.gts.numpy())
+        if acc.grpos is None:
+            acc.grpos = torch.zeros(get_num_threads(), rpos.shape[0], dtype=torch.float64)
+            acc.gts = torch.zeros(get_num_threads(), ts_w.shape[0], dtype=torch.float64)
+        _bwd(s.numpy(), rpos.numpy(), ts_w.numpy(), buckets.numpy(), np.float32(1.0 / n), acc.grpos.shape[0], i0, g.numpy(),
+             gs.numpy(), acc.grpos.numpy(), acc.gts.numpy())
     return gs
 
 
