@@ -545,6 +545,20 @@ def test_blocked_attention_runs_the_fused_kernels_per_block_on_float32_cpu(timed
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=name)
 
 
+def test_blocked_attention_is_chosen_by_length_or_by_the_size_of_the_whole_score_tensor():
+    """CPU: blocked from BLOCKED_FROM positions, or when B·H·T² would pass WHOLE_MAX_SCORES
+    (a large batch at a moderate length); the GPU keeps the whole line at any size."""
+    import perseq.models.hstu as hstu
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert hstu.WHOLE_MAX_SCORES == 4 * 2 * 2048**2  # HSTU-large, batch 4, 2048: still whole
+    assert not hstu._blocked(4, 2, 2048, cpu) and hstu._blocked(4, 2, 2049, cpu)
+    assert not hstu._blocked(128, 2, 200, cpu)  # ML-1M training batches: whole
+    assert hstu._blocked(128, 2, 512, cpu)  # 67 M scores per block call: blocked
+    assert hstu._blocked(1, 1, hstu.BLOCKED_FROM, cpu) and not hstu._blocked(1, 1, hstu.BLOCKED_FROM - 1, cpu)
+    assert not hstu._blocked(128, 2, 8192, gpu)
+
+
 def test_long_sequences_take_the_blocked_attention_with_the_same_output(monkeypatch):
     """At BLOCKED_FROM positions and beyond, HSTU.encode runs the blocked attention with
     per-block time buckets; the model's output equals the full line's (float32, fused kernel)."""

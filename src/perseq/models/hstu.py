@@ -148,18 +148,24 @@ def causal_silu_attention(s, pos_w, ts_w, buckets, n):
     return F.silu(s + bias) / n * causal
 
 
-#: From this many positions on, a block's attention on CPU runs in query blocks of
-#: ``ATTENTION_BLOCK`` rows (``blocked_silu_attention``): memory O(T · block) instead of
-#: O(T²) per block and head, and only the causal half of Q Kᵀ is computed. Below it the
-#: whole (B, H, T, T) line is cheaper (one fused kernel pass, no Python loop). GPUs keep the
-#: whole line (measured fast there, 0.25 s per step at 8192 on an H100; the blocked path
-#: runs on CUDA too but has not been timed on one).
-BLOCKED_FROM = 1024
+#: On CPU a block's attention runs in query blocks of ``ATTENTION_BLOCK`` rows
+#: (``blocked_silu_attention``: memory O(T · block) instead of O(T²) per block and head,
+#: only the causal half of Q Kᵀ computed) from ``BLOCKED_FROM`` positions on, or sooner when
+#: the whole line's (B, H, T, T) scores would exceed ``WHOLE_MAX_SCORES`` elements. Below
+#: both, the whole line is faster (one fused kernel pass, no Python loop) but keeps about ten
+#: floats per score for the backward. Training step, batch 4, 2 threads (session 16,
+#: whole vs blocked, s): HSTU 0.10 vs 0.13 at 1024, 0.35 vs 0.39 at 2048 (peak 1.3 vs 0.7
+#: GB), 1.79 vs 1.43 at 4096 (3.3 vs 0.9 GB); HSTU-large 0.47 vs 0.68 at 1024, 1.9-2.3 vs
+#: 2.3-2.5 at 2048 (3.6-4.0 vs 0.9 GB), 6.8 vs 8.2 at 4096 (13.1 vs 1.3 GB: the memory
+#: decides there). GPUs keep the whole line (measured fast there, 0.25 s per step at 8192
+#: on an H100; the blocked path runs on CUDA too but has not been timed on one).
+BLOCKED_FROM = 4096
+WHOLE_MAX_SCORES = 2**25  # 128 MiB of float32 scores per block call: HSTU-large, batch 4, T 2048
 ATTENTION_BLOCK = 256
 
 
-def _blocked(T: int, device: torch.device) -> bool:
-    return T >= BLOCKED_FROM and device.type == "cpu"
+def _blocked(B: int, H: int, T: int, device: torch.device) -> bool:
+    return device.type == "cpu" and (T >= BLOCKED_FROM or B * H * T * T > WHOLE_MAX_SCORES)
 
 
 def _block_bias(s, pos_w, ts_w, buckets, i0):
@@ -295,7 +301,7 @@ class HSTUBlock(nn.Module):
         # n = max_len, a constant (the reference divides by the padded length, which its data
         # pipeline always pads to the max sequence length); a constant keeps a position's
         # output independent of how much right padding its batch carries
-        if _blocked(T, x.device):
+        if _blocked(B, H, T, x.device):
             qt, kt = times if times is not None else (None, None)
             av = blocked_silu_attention(q, k, v, self.pos_w, self.ts_w, qt, kt, self.max_len, self.num_buckets)
         else:
@@ -384,7 +390,7 @@ class HSTU(SeqRecModel):
         buckets, qk_times = None, None
         if self._use_time(times):
             qt = self._query_times(times, query_times)  # (B, T)
-            if _blocked(T, items.device):  # the blocked attention buckets per block: no (B, T, T) table
+            if _blocked(B, self.cfg.n_heads, T, items.device):  # the blocked attention buckets per block: no (B, T, T) table
                 qk_times = (qt, times)
             else:
                 buckets = time_buckets(qt[:, :, None] - times[:, None, :], self.cfg.num_time_buckets)  # (B, T, T)
