@@ -152,8 +152,8 @@ def causal_silu_attention(s, pos_w, ts_w, buckets, n):
 #: (``blocked_silu_attention``: memory O(T · block) instead of O(T²) per block and head,
 #: only the causal half of Q Kᵀ computed) from ``BLOCKED_FROM`` positions on, or sooner when
 #: the whole line's (B, H, T, T) scores would exceed ``WHOLE_MAX_SCORES`` elements. Below
-#: both, the whole line is faster (one fused kernel pass, no Python loop) but keeps about ten
-#: floats per score for the backward. Training step, batch 4, 2 threads (session 16,
+#: both, the whole line is faster (one fused kernel pass, no Python loop) but keeps 3-5
+#: floats per score and layer for the backward (from the peaks below). Training step, batch 4, 2 threads (session 16,
 #: whole vs blocked, s): HSTU 0.10 vs 0.13 at 1024, 0.35 vs 0.39 at 2048 (peak 1.3 vs 0.7
 #: GB), 1.79 vs 1.43 at 4096 (3.3 vs 0.9 GB); HSTU-large 0.47 vs 0.68 at 1024, 1.9-2.3 vs
 #: 2.3-2.5 at 2048 (3.6-4.0 vs 0.9 GB), 6.8 vs 8.2 at 4096 (13.1 vs 1.3 GB: the memory
