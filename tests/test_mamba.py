@@ -26,6 +26,27 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(params=["numba", "native"])
+def cpu_kernel(request, monkeypatch):
+    """Runs a test of ``selective_scan_numba`` once with the numba kernels and once with the
+    AVX-512 C kernels (``ops/native.py``), checking that the latter really ran."""
+    from perseq.ops import native, scan_numba
+
+    use = request.param == "native"
+    if use and native.library() is None:
+        pytest.skip("the AVX-512 C kernels do not load here (no AVX-512 or no C compiler)")
+    monkeypatch.setattr(scan_numba, "USE_NATIVE", use)
+    calls = []
+    for name in ("scan_fwd", "scan_bwd"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    yield request.param
+    if use:
+        assert calls, "the native kernels were never called"
+    else:
+        assert not calls
+
+
 def _scan_inputs(batch=2, L=7, E=3, N=4, dtype=torch.float64, seed=0, dt_scale=1.0, a_scale=4.0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, L, E, generator=g, dtype=dtype)
@@ -170,9 +191,10 @@ def test_backend_switch(monkeypatch):
 
 
 # L below, at, across and far across the kernel's checkpoint segment; batch 1 and 3; E = 37
-# runs the vectorized channel loop (8/16 lanes) plus a remainder, as E = 128 does in training
-@pytest.mark.parametrize("L,batch,E", [(1, 2, 5), (31, 3, 5), (32, 1, 5), (33, 2, 5), (100, 2, 5), (70, 2, 37)])
-def test_numba_kernel_matches_reference_in_value_and_every_gradient(L, batch, E):
+# runs the vectorized channel loop (8/16 lanes) plus a remainder, as E = 128 does in training;
+# E = 144 is 9 vectors of 16: the C forward's blocks of 8 plus 1, its backward's 4 + 4 + 1
+@pytest.mark.parametrize("L,batch,E", [(1, 2, 5), (31, 3, 5), (32, 1, 5), (33, 2, 5), (100, 2, 5), (70, 2, 37), (40, 3, 144)])
+def test_numba_kernel_matches_reference_in_value_and_every_gradient(L, batch, E, cpu_kernel):
     from perseq.ops.scan_numba import SEGMENT, selective_scan_numba
 
     assert SEGMENT == 32  # the lengths above are chosen around it
@@ -189,7 +211,7 @@ def test_numba_kernel_matches_reference_in_value_and_every_gradient(L, batch, E)
 
 @pytest.mark.parametrize("with_D", [True, False])
 @pytest.mark.parametrize("L,E", [(33, 5), (70, 37)])
-def test_fused_gate_matches_reference_in_value_and_every_gradient(L, E, with_D):
+def test_fused_gate_matches_reference_in_value_and_every_gradient(L, E, with_D, cpu_kernel):
     # y = (scan + D x) ⊙ SiLU(z): the numba kernels fuse D and the gate (their backward
     # recomputes the pre-gate output from the rerun states); the chunked path applies them in
     # torch. Both against the reference, including d/dz and d/dD.
@@ -218,7 +240,7 @@ def test_fused_gate_matches_reference_in_value_and_every_gradient(L, E, with_D):
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_fused_delta_softplus_matches_reference_in_value_and_every_gradient(with_bias):
+def test_fused_delta_softplus_matches_reference_in_value_and_every_gradient(with_bias, cpu_kernel):
     # Δ = softplus(delta + delta_bias) inside the kernels (own vectorized log1p), with the
     # pre-activations spread over ±30 so both branches of softplus and its flat ends are hit
     from perseq.ops.scan_numba import selective_scan_numba
@@ -252,7 +274,7 @@ def test_fused_delta_softplus_matches_reference_in_value_and_every_gradient(with
 
 
 @pytest.mark.parametrize("softplus", [True, False])
-def test_fused_dt_projection_matches_reference_in_value_and_every_gradient(softplus):
+def test_fused_dt_projection_matches_reference_in_value_and_every_gradient(softplus, cpu_kernel):
     # Δ = softplus(dt W_Δᵀ + bias) with dt (B, L, R) the low-rank input and W_Δ (E, R):
     # the numba kernels fuse the projection (their gradients of W_Δ and the bias are per-row
     # partials); every other backend applies F.linear first. L=40 crosses a checkpoint
@@ -363,7 +385,7 @@ def test_numba_kernel_refuses_positive_A_and_auto_then_takes_the_torch_path():
     torch.testing.assert_close(selective_scan(*inputs, backend="auto"), selective_scan_chunked(*inputs))
 
 
-def test_numba_kernels_are_safe_to_call_from_several_threads():
+def test_numba_kernels_are_safe_to_call_from_several_threads(cpu_kernel):
     # numba's workqueue pool aborts the whole process on concurrent entry; perseq serializes
     import threading
 
@@ -390,7 +412,7 @@ def test_numba_kernels_are_safe_to_call_from_several_threads():
     assert not errors and len(outs) == 80 and all(outs)
 
 
-def test_numba_kernel_scans_half_precision_in_float32():
+def test_numba_kernel_scans_half_precision_in_float32(cpu_kernel):
     from perseq.ops.scan_numba import selective_scan_numba
 
     inputs = [t.detach() for t in _scan_inputs(L=9)]
@@ -523,3 +545,37 @@ def test_init_option_reproduces_the_authors_code_or_mamba_ssm():
     assert d.min() >= 1e-4 and d.max() <= 0.1 + 1e-6
     with pytest.raises(ValueError, match="init"):
         Mamba4RecConfig(n_items=10, init="xavier")
+
+
+def test_native_kernels_switch_off_and_fall_back_with_a_warning(monkeypatch, tmp_path):
+    # PERSEQ_NATIVE=0 never builds; a compiler that fails warns once and leaves the numba
+    # kernels in charge; a good build lands in the cache under a source hash and is reused
+    from perseq.ops import native
+
+    def fresh():
+        monkeypatch.setattr(native, "_tried", False)
+        monkeypatch.setattr(native, "_lib", None)
+
+    monkeypatch.setenv("PERSEQ_CACHE_DIR", str(tmp_path))
+    fresh()
+    monkeypatch.setenv("PERSEQ_NATIVE", "0")
+    assert native.library() is None
+    assert not (tmp_path / "native").exists()
+    if not native._host_has_avx512():
+        pytest.skip("no AVX-512 on this CPU: the kernels are never built here")
+    monkeypatch.setenv("PERSEQ_NATIVE", "1")
+    fresh()
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    with pytest.warns(RuntimeWarning, match="could not be built.*numba kernels run instead"):
+        assert native.library() is None
+    assert native.library() is None  # tried once per process, no second warning
+    assert list((tmp_path / "native").iterdir()) == []  # no half-written library left behind
+    monkeypatch.delenv("CC")
+    fresh()
+    if native.library() is None:
+        pytest.skip("no working C compiler here")
+    built = list((tmp_path / "native").glob("scan_avx512-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    fresh()
+    assert native.library() is not None and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
