@@ -1,6 +1,7 @@
 """Time the selective scan alone, forward and backward, for every CPU implementation
-(chunked PyTorch scan, fused numba kernels; the sequential reference on request), on one
-random batch of Mamba-shaped inputs; writes a JSON result.
+(chunked PyTorch scan, fused numba kernels, the AVX-512 C kernels where they load; the
+sequential reference on request), on one random batch of Mamba-shaped inputs; writes a
+JSON result.
 
     perseq bench scan --batch 128 --length 200 --threads 2 --out benchmarks/results/scan_cpu.json
 """
@@ -14,10 +15,30 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..ops import native
 from ..ops.selective_scan import selective_scan_chunked, selective_scan_numba, selective_scan_ref
 from ..report import git_commit, hardware_name
 
-IMPLEMENTATIONS = {"torch": selective_scan_chunked, "numba": selective_scan_numba, "reference": selective_scan_ref}
+
+def _fused(use_native: bool):
+    """selective_scan_numba with its kernels pinned: the numba pair or the C pair (the
+    backward follows the forward's choice)."""
+    if selective_scan_numba is None:
+        return None
+    from ..ops import scan_numba
+
+    def run(*args):
+        prev, scan_numba.USE_NATIVE = scan_numba.USE_NATIVE, use_native
+        try:
+            return selective_scan_numba(*args)
+        finally:
+            scan_numba.USE_NATIVE = prev
+
+    return run
+
+
+IMPLEMENTATIONS = {"torch": selective_scan_chunked, "numba": _fused(False), "native": _fused(True),
+                   "reference": selective_scan_ref}
 
 
 def inputs(batch: int, length: int, E: int, N: int, seed: int = 0):
@@ -54,7 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--length", type=int, default=200)
     ap.add_argument("--inner", type=int, default=128, help="E = expand * d")
     ap.add_argument("--state", type=int, default=32, help="N = d_state")
-    ap.add_argument("--impls", default="torch,numba", help=f"comma-separated: {', '.join(IMPLEMENTATIONS)}")
+    ap.add_argument("--impls", default=None, help=f"comma-separated: {', '.join(IMPLEMENTATIONS)} (default: "
+                    "torch, numba and native where the C kernels load)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", help="JSON file to write")
@@ -63,12 +85,16 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     args = inputs(a.batch, a.length, a.inner, a.state)
     res = {"batch": a.batch, "length": a.length, "inner": a.inner, "state": a.state, "impls": {}}
-    for name in a.impls.split(","):
+    impls = a.impls or "torch,numba" + (",native" if native.library() is not None else "")
+    for name in impls.split(","):
         if name not in IMPLEMENTATIONS:
             raise SystemExit(f"error: unknown implementation {name!r}; valid: {', '.join(IMPLEMENTATIONS)}")
         fn = IMPLEMENTATIONS[name]
         if fn is None:
             raise SystemExit(f"error: {name!r} is unavailable here (is numba installed?)")
+        if name == "native" and native.library() is None:
+            raise SystemExit("error: the AVX-512 C kernels do not load here (no AVX-512, no C compiler, or "
+                             "PERSEQ_NATIVE=0); leave 'native' out of --impls")
         res["impls"][name] = time_impl(fn, args, a.repeat)
         print(f"{name}: forward {res['impls'][name]['forward_s']:.4f} s, backward {res['impls'][name]['backward_s']:.4f} s", flush=True)
     res.update(hardware=hardware_name(), torch=torch.__version__, commit=git_commit())
