@@ -30,6 +30,12 @@ from ..runtime import tune_malloc_for_training
 from ..train import seed_everything, train_step
 
 
+def _scan_kernels() -> str:
+    from ..ops import native, scan_numba
+
+    return "avx512-c" if scan_numba.USE_NATIVE and native.library() is not None else "numba"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="ml-1m")
@@ -87,6 +93,8 @@ def main(argv=None) -> dict:
         "model": a.model,
         "loss": a.loss if a.loss != "sampled" else f"sampled({a.n_neg}, {a.negatives}, t={a.temperature})",
         "hstu_attention": a.hstu_attention if a.model.startswith("hstu") else None,
+        # which fused CPU scan ran (the C kernels where they load, else numba's)
+        "scan_kernels": _scan_kernels() if a.model == "mamba4rec" else None,
         "max_len": a.max_len,
         "d": a.d,
         "blocks": a.blocks,
