@@ -5,9 +5,9 @@ the same reference; anything that stops it (no AVX-512 on this CPU, no compiler,
 build, ``PERSEQ_NATIVE=0``) leaves the numba kernels in charge, with one warning when a
 build was tried and failed.
 
-Why C: see the file's header. Measured at B=128, L=116, E=128, N=32, 2 threads (the
-mean ML-1M batch of a Mamba4Rec epoch): forward 7.2 against 10.8 ms, backward 17.6
-against 24-27 ms for the numba kernels (BENCHMARKS.md, session 17).
+Why C: see the file's header. ``perseq bench scan`` at B=128, L=116, E=128, N=32, 2 threads
+(the mean ML-1M batch of a Mamba4Rec epoch): forward 6.5 against 10.8-11.2 ms, backward
+15.4-15.9 against 23.8-25.5 ms for the numba kernels (BENCHMARKS.md, session 17).
 
 The build: ``$CC`` (default ``cc``) with ``-O3 -mavx512f -mavx512dq -mfma``, into
 ``$PERSEQ_CACHE_DIR`` (default ``~/.cache/perseq``)/native/, under a name that hashes the
