@@ -31,9 +31,9 @@ from ..train import seed_everything, train_step
 
 
 def _scan_kernels() -> str:
-    from ..ops import native, scan_numba
+    from ..ops import scan_numba
 
-    return "avx512-c" if scan_numba.USE_NATIVE and native.library() is not None else "numba"
+    return "avx512-c" if scan_numba._native_lib() is not None else "numba"
 
 
 def main(argv=None) -> dict:

@@ -16,8 +16,9 @@
  * first block and added to by the others. Rows are split across ``nthreads`` pthreads, each
  * writing only its own rows and per-row partials, as the numba kernels' prange does.
  *
- * Layouts (all float32, C-contiguous), B = batch, L = length, E = channels (a multiple of
- * 16), N = states, R = Δ's rank, S = steps between kept states:
+ * Layouts (all float32, C-contiguous), B = batch, L = length, E = channels (any number:
+ * the last vector of a row is masked), N = states, R = Δ's rank, S = steps between kept
+ * states:
  *   x, z, u, y, gx, gz (B, L, E); dl, gdl (B, L, R) when lr else (B, L, E); WT (R, E);
  *   dbias, D (E); AT (N, E); Bm, Cm, gB, gC (B, L, N); ck (B, ceil(L/S), N, E);
  *   per-row partials gWT (B, R, E), gbias (B, E), gAT (B, N, E), gD (B, E), zeroed by the
