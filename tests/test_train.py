@@ -332,3 +332,28 @@ def test_folder_saved_before_an_off_by_default_option_resumes(small, tmp_path):
     assert fit(cfg(2), split, out_dir=out, resume=True, progress=False, log=lambda s: None)["epochs"] == 2
     with pytest.raises(ValueError, match="model.last_only_prob: 0.0 -> 0.1"):
         fit(cfg(3, last_only_prob=0.1), split, out_dir=out, resume=True, progress=False, log=lambda s: None)
+
+
+def test_monitor_test_records_every_epoch_and_changes_nothing_it_must_not(small, tmp_path):
+    _, _, split = small
+    quiet = dict(progress=False, log=lambda s: None)
+    plain = fit(_cfg(epochs=3), split, **quiet)
+    mon_cfg = dataclasses.replace(_cfg(epochs=3), eval=dataclasses.replace(_cfg().eval, monitor_test=True))
+    watched = fit(mon_cfg, split, **quiet)
+    # the same training, selection and reported test: monitoring draws no randomness and
+    # nothing reads it back
+    assert watched["test"] == plain["test"] and watched["best_epoch"] == plain["best_epoch"]
+    assert [r["loss"] for r in watched["history"]] == [r["loss"] for r in plain["history"]]
+    assert all("test_monitor" not in r for r in plain["history"])
+    peeks = [r["test_monitor"]["ndcg@10"] for r in watched["history"]]
+    assert len(peeks) == 3
+    # the record at the selected epoch is the test of the weights that were kept
+    assert peeks[watched["best_epoch"] - 1] == pytest.approx(watched["test"]["ndcg@10"], abs=1e-12)
+    # a refit-only run monitors each of its epochs too, and its last record is its test
+    only = fit(dataclasses.replace(mon_cfg, train=dataclasses.replace(mon_cfg.train, refit=True, refit_epochs=2)), split,
+               out_dir=tmp_path / "only", **quiet)
+    assert len(only["history"]) == 2 and only["history"][-1]["test_monitor"]["ndcg@10"] == pytest.approx(
+        only["test"]["ndcg@10"], abs=1e-12)
+    # switching the monitor on for a resumption is allowed (it only adds records)
+    fit(dataclasses.replace(_cfg(epochs=3), train=dataclasses.replace(_cfg().train, refit=True, refit_epochs=2)), split,
+        out_dir=tmp_path / "only", resume=True, **quiet)

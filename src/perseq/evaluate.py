@@ -20,6 +20,13 @@ class EvalConfig:
     batch_size: int = 512
     metric: str = "ndcg@10"  # what early stopping watches
     head_frac: float = 0.2  # the most popular items that make up this fraction of the catalogue are "head"
+    # diagnostic only: also evaluate the test split after every epoch and record it in the
+    # history ("test_monitor"). Nothing reads it back: early stopping, the saved weights and
+    # the reported test stay on validation. It shows how a protocol's reported epoch compares
+    # with the test's own best epoch (generative-recommenders' trainer evaluates each user's
+    # last event every interval, and its maintainers read results at an epoch chosen by the
+    # user: meta-recsys/generative-recommenders issue #61)
+    monitor_test: bool = False
 
 
 def train_item_counts(split: Split) -> np.ndarray:

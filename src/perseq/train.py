@@ -103,8 +103,10 @@ def train_step(model, batch: Batch, loss_fn, optimizer=None, *, grad_clip: float
 
 
 # settings that may differ between an interrupted run and its resumption
-# (refit only adds a phase after early stopping, so it can be switched on for a finished run)
-_RESUMABLE_CHANGES = {("train", "threads"), ("train", "device"), ("train", "epochs"), ("train", "patience"), ("train", "refit")}
+# (refit only adds a phase after early stopping, so it can be switched on for a finished run;
+# monitoring the test only adds records to the history)
+_RESUMABLE_CHANGES = {("train", "threads"), ("train", "device"), ("train", "epochs"), ("train", "patience"), ("train", "refit"),
+                      ("eval", "monitor_test")}
 
 
 def _json(x):
@@ -231,6 +233,10 @@ def fit(
             log(f"epoch {epoch + 1}: loss {rec['loss']:.4f}  valid {metric} {val[metric]:.4f}  best {state['best']:.4f}@{state['best_epoch']}  {secs:.1f}s")
         else:
             log(f"epoch {epoch + 1}: loss {rec['loss']:.4f}  {secs:.1f}s")
+        if cfg.eval.monitor_test:
+            peek = evaluate(model, split, "test", cfg.eval, device)
+            rec["test_monitor"] = {k: v for k, v in peek.items() if isinstance(v, float)}
+            log(f"epoch {epoch + 1}: test (monitored, never selected on) {metric} {peek[metric]:.4f}")
         state["history"].append(rec)
         state["epoch"] = epoch + 1
         if out is not None and rank == 0:
