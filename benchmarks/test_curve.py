@@ -2,7 +2,8 @@
 and what each way of reading a result off them gives.
 
     python benchmarks/test_curve.py runs/bench/ml-1m-hstu-large-refinit-s0 \\
-        runs/bench/ml-1m-hstu-large-101-refinit-monitor-s0 --out benchmarks/results/test_curve_ml-1m_hstu-large
+        runs/bench/ml-1m-hstu-large-101-refinit-monitor-s0 --out benchmarks/results/test_curve_ml-1m_hstu-large \\
+        --published 0.1893 --ymin 0.14
 
 writes ``<out>.json`` and ``<out>.png``. Per run:
   * ``at_valid_best``: the test at the epoch early stopping chose on validation (the
@@ -30,10 +31,10 @@ def load_history(run: Path) -> list[dict]:
 
 
 def summarize(history: list[dict], metric: str) -> dict:
-    epochs = [r["epoch"] for r in history if "test_monitor" in r]
-    if not epochs:
-        raise ValueError("no epoch has a test_monitor record: train with eval.monitor_test: true")
     test = {r["epoch"]: r["test_monitor"][metric] for r in history if "test_monitor" in r}
+    if not test:
+        raise ValueError("no epoch has a test_monitor record: train with eval.monitor_test: true")
+    epochs = list(test)
     valid = {r["epoch"]: r["valid"][metric] for r in history if r.get("valid")}
     out = {"epochs": len(history), "at_last": {"epoch": epochs[-1], metric: test[epochs[-1]]}}
     peek = max(test, key=lambda e: (test[e], -e))  # the first epoch reaching the maximum
@@ -46,15 +47,15 @@ def summarize(history: list[dict], metric: str) -> dict:
     return out
 
 
-def plot(summaries: dict, metric: str, path: Path) -> None:
+def plot(summaries: dict, metric: str, path: Path, published: float | None = None, ymin: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for (name, s), color in zip(summaries.items(), ("C0", "C1", "C2", "C3")):
-        c = s["curve"]
+    for i, (name, s) in enumerate(summaries.items()):
+        color, c = f"C{i % 10}", s["curve"]
         ax.plot(c["epoch"], c["test"], color=color, label=f"{name}: test (monitored)")
         if any(v is not None for v in c["valid"]) and "at_valid_best" in s:
             ax.plot(c["epoch"], c["valid"], color=color, ls=":", label=f"{name}: validation")
@@ -62,10 +63,11 @@ def plot(summaries: dict, metric: str, path: Path) -> None:
             ax.plot([b["epoch"]], [b[metric]], "o", color=color, label=f"test at validation's best epoch ({b[metric]:.4f})")
         p = s["peek_best"]
         ax.plot([p["epoch"]], [p[metric]], "x", color=color, ms=9, label=f"highest test, epoch {p['epoch']} ({p[metric]:.4f}, not a result)")
-    ax.axhline(0.1893, color="k", lw=0.8, ls="--", label="published HSTU-large (0.1893)")
+    if published is not None:
+        ax.axhline(published, color="k", lw=0.8, ls="--", label=f"published ({published})")
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
-    ax.set_ylim(bottom=0.14)
+    ax.set_ylim(bottom=ymin)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -77,11 +79,13 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path, help="run folders trained with eval.monitor_test: true")
     ap.add_argument("--metric", default="ndcg@10")
     ap.add_argument("--out", type=Path, required=True, help="output stem: writes <out>.json and <out>.png")
+    ap.add_argument("--published", type=float, help="a published figure to draw as a dashed line")
+    ap.add_argument("--ymin", type=float, help="lower end of the plot's y axis (default: the lowest value)")
     args = ap.parse_args()
     summaries = {run.name: summarize(load_history(run), args.metric) for run in args.runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"metric": args.metric, "runs": summaries}, indent=1))
-    plot(summaries, args.metric, args.out.with_suffix(".png"))
+    plot(summaries, args.metric, args.out.with_suffix(".png"), args.published, args.ymin)
     for name, s in summaries.items():
         parts = [f"last epoch {s['at_last']['epoch']}: {s['at_last'][args.metric]:.4f}"]
         if "at_valid_best" in s:

@@ -354,6 +354,7 @@ def test_monitor_test_records_every_epoch_and_changes_nothing_it_must_not(small,
                out_dir=tmp_path / "only", **quiet)
     assert len(only["history"]) == 2 and only["history"][-1]["test_monitor"]["ndcg@10"] == pytest.approx(
         only["test"]["ndcg@10"], abs=1e-12)
-    # switching the monitor on for a resumption is allowed (it only adds records)
-    fit(dataclasses.replace(_cfg(epochs=3), train=dataclasses.replace(_cfg().train, refit=True, refit_epochs=2)), split,
-        out_dir=tmp_path / "only", resume=True, **quiet)
+    # switching the monitor off (or on) for a resumption is allowed: it only adds records
+    again = fit(dataclasses.replace(_cfg(epochs=3), train=dataclasses.replace(_cfg().train, refit=True, refit_epochs=2)),
+                split, out_dir=tmp_path / "only", resume=True, **quiet)
+    assert again["test"] == only["test"] and again["history"] == only["history"]

@@ -109,6 +109,11 @@ _RESUMABLE_CHANGES = {("train", "threads"), ("train", "device"), ("train", "epoc
                       ("eval", "monitor_test")}
 
 
+def _metrics_only(result: dict) -> dict:
+    """An ``evaluate`` result's float metrics, as an epoch's history record keeps them."""
+    return {k: v for k, v in result.items() if isinstance(v, float)}
+
+
 def _json(x):
     return json.loads(json.dumps(x))  # tuples -> lists, as a config.json holds them
 
@@ -221,7 +226,7 @@ def fit(
         rec = {"epoch": epoch + 1, "loss": tot_loss / max(tot_n, 1), "seconds": secs, "hardware": hardware}
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
             val = evaluate(model, split, "valid", cfg.eval, device)
-            rec["valid"] = {k: v for k, v in val.items() if isinstance(v, float)}
+            rec["valid"] = _metrics_only(val)
             if val[metric] > state["best"] or state["best_epoch"] < 0:
                 state.update(best=val[metric], best_epoch=epoch + 1, bad=0)
                 if out is not None and rank == 0:
@@ -235,7 +240,7 @@ def fit(
             log(f"epoch {epoch + 1}: loss {rec['loss']:.4f}  {secs:.1f}s")
         if cfg.eval.monitor_test:
             peek = evaluate(model, split, "test", cfg.eval, device)
-            rec["test_monitor"] = {k: v for k, v in peek.items() if isinstance(v, float)}
+            rec["test_monitor"] = _metrics_only(peek)
             log(f"epoch {epoch + 1}: test (monitored, never selected on) {metric} {peek[metric]:.4f}")
         state["history"].append(rec)
         state["epoch"] = epoch + 1
