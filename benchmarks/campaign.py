@@ -96,8 +96,10 @@ def main(argv=None) -> int:
                 print(f"[{time.strftime('%H:%M:%S')}] restored {stem}-s{s} from {kept}", flush=True)
                 collect_if_complete(c)
             return
+        # the campaign names its runs (and result rows) by config: its --set overrides apply to
+        # every config alike, so they are part of the campaign, not of one run's name
         cmd = [sys.executable, "-m", "perseq.cli", "train", "--config", str(c), "--seeds", str(s), "--out", a.out,
-               "--resume", "--no-progress"]
+               "--name", stem, "--resume", "--no-progress"]
         if a.threads:
             cmd += ["--set", f"train.threads={a.threads}"]
         for o in a.overrides:

@@ -14,7 +14,7 @@ SMALL = ["--set", "data.synthetic={n_users: 150, n_items: 40, n_clusters: 4, mea
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    assert main(["train", *SMALL, "--out", str(out), "--no-progress", "--seeds", "0,1"]) == 0
+    assert main(["train", *SMALL, "--out", str(out), "--no-progress", "--seeds", "0,1", "--name", "synthetic-sasrec"]) == 0
     return out
 
 
@@ -123,7 +123,8 @@ def test_refit_via_resume_then_collect_reports_both_protocols(run_dir, tmp_path)
     work = tmp_path / "runs"  # a copy: the module's run folders stay as the other tests expect
     shutil.copytree(run_dir, work)
     # switch refit on for the finished runs: only the refit phase trains
-    assert main(["train", *SMALL, "--set", "train.refit=true", "--out", str(work), "--no-progress", "--seeds", "0,1", "--resume"]) == 0
+    assert main(["train", *SMALL, "--set", "train.refit=true", "--out", str(work), "--no-progress", "--seeds", "0,1", "--resume",
+                 "--name", "synthetic-sasrec"]) == 0
     runs = [work / f"synthetic-sasrec-s{s}" for s in (0, 1)]
     res = [json.loads((d / "results.json").read_text()) for d in runs]
     assert all((d / "refit" / "model.safetensors").exists() for d in runs)

@@ -9,12 +9,27 @@ A run directory holds:
   vocab/items.parquet  raw item ids by internal id (row 0 = padding)
   vocab/users.parquet  raw user ids by internal id
   last.safetensors, optimizer.safetensors, trainer_state.json   resumable training state
+  results.json         the finished run's metrics
+
+Every write goes through :func:`commit`, which replaces a *set* of files so that a kill at
+any moment leaves either the whole old set or the whole new one: each new file is written
+to ``<name>.tmp`` and fsynced, then a journal (``.commit.json``, itself written to a temp
+name and renamed, so it exists only complete) lists the set, then the renames happen and
+the journal goes. :func:`recover`, which every reader calls first, finishes the renames of a
+journalled set (roll forward) and deletes the temp files of a set whose journal never
+appeared (roll back). So epoch N+1's weights can never be paired with epoch N's optimizer or
+trainer state, which replacing the files one after another allowed.
+
+A file that is missing or cannot be parsed raises :class:`RunFolderError`: one line naming
+the file and what to do.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -24,31 +39,167 @@ from safetensors.torch import load_file, save_file
 from .models import build_model
 from .models.registry import model_class
 
+RUN_FILES = ("config.json", "trainer_state.json", "model.safetensors", "results.json")
+_JOURNAL = ".commit.json"
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
+#: Tests set this to a callable that receives a label after every single write and rename
+#: of a commit ("write last.safetensors", "journal", "rename trainer_state.json", ...) and
+#: may raise there, which is how a kill at that exact point is simulated.
+crash_hook: Callable[[str], None] | None = None
+
+
+class RunFolderError(ValueError):
+    """A run folder's file is missing or damaged (the message names it and what to do)."""
+
+
+def _after(op: str) -> None:
+    if crash_hook is not None:
+        crash_hook(op)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk, so a rename never lands before the data
+    it names. Folders cannot be opened for this on some systems; there it is skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _apply(out: Path, names: list[str]) -> None:
+    for name in names:
+        tmp = out / (name + ".tmp")
+        if tmp.exists():
+            tmp.replace(out / name)
+            _after(f"rename {name}")
+    _fsync(out)
+
+
+def recover(out: Path) -> None:
+    """Finish or undo an interrupted :func:`commit` in ``out`` (idempotent; cheap when there
+    is nothing to do). Stray temp files of an uncommitted set are removed."""
+    out = Path(out)
+    journal = out / _JOURNAL
+    if journal.exists():
+        _apply(out, json.loads(journal.read_text()))  # complete: it appears by rename only
+        journal.unlink()
+    for stray in [*out.glob("*.tmp"), *out.glob("vocab/*.tmp")]:
+        stray.unlink()
+
+
+def commit(out: Path, writers: dict[str, Callable[[Path], None]]) -> None:
+    """Replace the files ``writers`` names (paths relative to ``out``) as one set: each
+    writer writes its file's new content to the path it is given. See the module docs."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    recover(out)
+    names = list(writers)
+    for name in names:
+        tmp = out / (name + ".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        writers[name](tmp)
+        _fsync(tmp)
+        _after(f"write {name}")
+    tmp = out / (_JOURNAL + ".tmp")
+    tmp.write_text(json.dumps(names))
+    _fsync(tmp)
+    _after("write journal")
+    tmp.replace(out / _JOURNAL)
+    _fsync(out)
+    _after("journal")
+    _apply(out, names)
+    (out / _JOURNAL).unlink()
+    _after("done")
+
+
+def _json_writer(obj) -> Callable[[Path], None]:
+    text = json.dumps(obj, indent=1, sort_keys=True)
+    return lambda p: p.write_text(text)
+
+
+def _weights_writer(model: torch.nn.Module) -> Callable[[Path], None]:
     # clone: safetensors refuses tensors that share storage (tied embeddings would)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)  # atomic: an interrupted save never leaves a torn checkpoint
+    return lambda p: save_file(state, str(p))
+
+
+# what to do about a damaged or missing file, by file
+_TODO_WEIGHTS = "restore it from a copy, or train the run again with 'perseq train ... --overwrite'"
+_TODO_STATE = ("restore it from a copy, or start the run over with 'perseq train ... --overwrite' "
+               "(model.safetensors, the best weights so far, can still be evaluated)")
+_TODO = {
+    "config.json": "restore it from a copy; without it the folder cannot be used (or retrain with --overwrite)",
+    "model.safetensors": _TODO_WEIGHTS,
+    "last.safetensors": _TODO_STATE,
+    "optimizer.safetensors": _TODO_STATE,
+    "trainer_state.json": _TODO_STATE,
+    "results.json": "run 'perseq train ... --resume' to evaluate the run again and rewrite it",
+    "vocab/items.parquet": "restore it from a copy (it maps internal ids to your raw ids), or retrain with --overwrite",
+    "vocab/users.parquet": "restore it from a copy (it maps internal ids to your raw ids), or retrain with --overwrite",
+}
+
+
+def read_run_file(out: Path, name: str, reader: Callable[[Path], object]):
+    """``reader(out / name)``, with a missing or unreadable file turned into one
+    :class:`RunFolderError` line that names the file and what to do."""
+    path = Path(out) / name
+    todo = _TODO.get(name, "restore it from a copy")
+    if not path.exists():
+        raise RunFolderError(f"{path} is missing; {todo}")
+    try:
+        return reader(path)
+    except Exception as e:  # noqa: BLE001 - any parse failure means the same thing here
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        kind = "empty" if path.stat().st_size == 0 else "damaged or truncated"
+        raise RunFolderError(f"{path} is {kind} ({type(e).__name__}: {why}); {todo}") from e
+
+
+def read_json(out: Path, name: str) -> dict:
+    return read_run_file(out, name, lambda p: json.loads(p.read_text()))
+
+
+def holds_run(out: Path) -> bool:
+    """Whether ``out`` holds (part of) a perseq run: its files or an interrupted commit."""
+    out = Path(out)
+    return any((out / f).exists() for f in (*RUN_FILES, _JOURNAL, "last.safetensors"))
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """One weights file, replaced atomically (a run folder's sets go through ``commit``)."""
+    path = Path(path)
+    commit(path.parent, {path.name: _weights_writer(model)})
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    model.load_state_dict(load_file(str(path)))
+    path = Path(path)
+    read_run_file(path.parent, path.name, lambda p: model.load_state_dict(load_file(str(p))))
 
 
-def write_run_files(out: Path, cfg, model, data) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def write_run_files(out: Path, cfg, model, data, extra: dict | None = None) -> None:
+    """config.json and the vocabulary, as one set. ``extra`` adds keys to config.json (the
+    data fingerprint)."""
     model_cfg = dataclasses.asdict(model.cfg)
-    write_run_meta(out, {"run": cfg.to_dict(), "n_items": data.n_items, "model_config": model_cfg, "perseq_format": 1})
-    (out / "vocab").mkdir(exist_ok=True)
-    pl.DataFrame({"item_id": data.item_ids.astype(str)}).write_parquet(out / "vocab" / "items.parquet")
-    pl.DataFrame({"user_id": data.user_ids.astype(str)}).write_parquet(out / "vocab" / "users.parquet")
+    meta = {"run": cfg.to_dict(), "n_items": data.n_items, "model_config": model_cfg, "perseq_format": 1, **(extra or {})}
+    items = pl.DataFrame({"item_id": data.item_ids.astype(str)})
+    users = pl.DataFrame({"user_id": data.user_ids.astype(str)})
+    commit(Path(out), {"config.json": _json_writer(meta),
+                       "vocab/items.parquet": lambda p: items.write_parquet(p),
+                       "vocab/users.parquet": lambda p: users.write_parquet(p)})
 
 
 def write_run_meta(out: Path, meta: dict) -> None:
     """config.json of a run folder (``write_run_files`` makes it; ``train`` adds to it)."""
-    (out / "config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    commit(Path(out), {"config.json": _json_writer(meta)})
+
+
+def write_results(out: Path, result: dict) -> None:
+    commit(Path(out), {"results.json": lambda p: p.write_text(json.dumps(result, indent=1))})
 
 
 def saved_model_config(meta: dict) -> dict:
@@ -75,17 +226,22 @@ def saved_model_config(meta: dict) -> dict:
 def load_model(run_dir: str | Path, weights: str = "model.safetensors", device="cpu"):
     """-> (model in eval mode, config dict, raw item ids array)."""
     d = Path(run_dir)
-    cfg_path = d / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{d} is not a perseq run directory (no config.json)")
-    meta = json.loads(cfg_path.read_text())
-    mc = saved_model_config(meta)
-    name = meta["run"]["model"]["name"]
-    n_items = mc.pop("n_items")
-    model = build_model(name, n_items, **mc)
+    if not d.is_dir():
+        raise RunFolderError(f"{d}: no such run folder (give the folder 'perseq train' printed, e.g. runs/ml-1m-sasrec-s0)")
+    if not holds_run(d):
+        raise RunFolderError(f"{d} is not a perseq run folder (no config.json, model.safetensors or training state)")
+    recover(d)
+    meta = read_json(d, "config.json")
+    try:
+        mc = saved_model_config(meta)
+        name = meta["run"]["model"]["name"]
+        n_items = mc.pop("n_items")
+        model = build_model(name, n_items, **mc)
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunFolderError(f"{d / 'config.json'} does not describe a model ({type(e).__name__}: {e}); {_TODO['config.json']}") from e
     load_weights(model, d / weights)
     model.to(device).eval()
-    items = pl.read_parquet(d / "vocab" / "items.parquet")["item_id"].to_numpy().astype(object)
+    items = read_run_file(d, "vocab/items.parquet", lambda p: pl.read_parquet(p)["item_id"].to_numpy().astype(object))
     return model, meta, items
 
 
@@ -113,30 +269,39 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_train_state(out: Path, model, opt, state: dict) -> None:
-    save_weights(model, out / "last.safetensors")
+def save_train_state(out: Path, model, opt, state: dict, best_model: torch.nn.Module | None = None) -> None:
+    """The resumable state (last weights, optimizer + RNG, trainer state) as one set, with
+    the best weights in the same set when ``best_model`` is given (an improved epoch)."""
     tensors, meta = _flatten_optimizer(opt)
     tensors["__rng_cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["__rng_cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, str(out / "optimizer.safetensors.tmp"))
-    (out / "optimizer.safetensors.tmp").replace(out / "optimizer.safetensors")
-    tmp = out / "trainer_state.json.tmp"
-    tmp.write_text(json.dumps({**state, "optimizer": meta, "np_rng": None}, indent=1))
-    tmp.replace(out / "trainer_state.json")
+    writers = {"last.safetensors": _weights_writer(model),
+               "optimizer.safetensors": lambda p: save_file(tensors, str(p)),
+               "trainer_state.json": lambda p: p.write_text(json.dumps({**state, "optimizer": meta, "np_rng": None}, indent=1))}
+    if best_model is not None:
+        writers["model.safetensors"] = _weights_writer(best_model)
+    commit(Path(out), writers)
 
 
 def load_train_state(out: Path, model, opt) -> dict | None:
+    recover(out)
     if not (out / "trainer_state.json").exists():
         return None
-    state = json.loads((out / "trainer_state.json").read_text())
+    state = read_json(out, "trainer_state.json")
     load_weights(model, out / "last.safetensors")
-    tensors = load_file(str(out / "optimizer.safetensors"))
-    torch.set_rng_state(tensors.pop("__rng_cpu"))
-    cuda_rng = tensors.pop("__rng_cuda", None)
+    tensors = read_run_file(out, "optimizer.safetensors", lambda p: load_file(str(p)))
+    try:
+        opt.load_state_dict(_unflatten_optimizer({k: v for k, v in tensors.items() if not k.startswith("__")}, state["optimizer"]))
+        rng = tensors["__rng_cpu"]
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise RunFolderError(f"{out / 'optimizer.safetensors'} does not match {out / 'trainer_state.json'} "
+                             f"({type(e).__name__}: {e}); {_TODO_STATE}") from e
+    torch.set_rng_state(rng)
+    cuda_rng = tensors.get("__rng_cuda")
     if cuda_rng is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda_rng)
-    opt.load_state_dict(_unflatten_optimizer(tensors, state.pop("optimizer")))
+    state.pop("optimizer")
     state.pop("np_rng", None)
     return state
 

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 EXAMPLES = """examples:
   perseq quickstart                                   synthetic data, SASRec + GRU4Rec, vs the Bayes-optimal ceiling
+  perseq models                                       the models, one line each
+  perseq config show --config configs/ml-1m/sasrec.yaml   every setting, its value, default and meaning
   perseq train --config configs/ml-1m/sasrec.yaml --seeds 0,1,2
   perseq train --set data.dataset=amazon-beauty --set model.name=sasrec --set data.max_len=50
   perseq evaluate runs/ml-1m-sasrec-s0 --breakdown
@@ -23,37 +27,105 @@ def _add_config_args(p):
                    help="override one config value, dotted, e.g. --set train.lr=3e-4 (repeatable)")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
 def _parse_seeds(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise SystemExit(f"error: --seeds expects comma-separated integers, got {text!r}")
+        seeds = []
+    if not seeds:
+        raise ValueError(f"--seeds expects comma-separated integers such as 0,1,2; got {text!r}")
+    return seeds
+
+
+def run_folder_base(cfg, cfg_file, config_path: str | None, data_label: str) -> str:
+    """The run folder's name before ``-s<seed>``. ``name`` (the config's, or ``--name``) is
+    used as given. Otherwise: ``<data>-<config file stem>`` (or ``<data>-<model>`` without a
+    file), plus a 6-hex hash of the settings ``--set`` changed, so two runs that differ in
+    config never share a folder. Settings ``--resume`` may change (threads, device, epochs,
+    patience, checkpoint_minutes, refit, eval.monitor_test) and the seed leave the name alone."""
+    import hashlib
+
+    from .train import RESUMABLE_CHANGES
+
+    if cfg.name:
+        return cfg.name
+    base = f"{data_label}-{Path(config_path).stem}" if config_path else f"{data_label}-{cfg.model['name']}"
+    now, given = _flat(json.loads(cfg.to_json())), _flat(json.loads(cfg_file.to_json()))
+    free = {".".join(k) for k in RESUMABLE_CHANGES} | {"train.seed"}
+    changed = sorted((k, now.get(k)) for k in set(now) | set(given) if k not in free and now.get(k) != given.get(k))
+    if not changed:
+        return base
+    return f"{base}-{hashlib.sha256(json.dumps(changed, default=str).encode()).hexdigest()[:6]}"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "synthetic" and k != "columns":
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _data_label(dc) -> str:
+    """The data's short name in run folders, from a resolved DataConfig: a registry name as
+    is, a data file or prepared folder by its stem."""
+    from .data.registry import DATASETS
+
+    if dc.dataset == "file":
+        return Path(dc.path).stem
+    return dc.dataset if dc.dataset in DATASETS or dc.dataset == "synthetic" else Path(dc.dataset).stem
 
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .data.loading import load_data
+    from .data.loading import data_fingerprint, load_data, resolve_data_config
     from .data.sequences import make_split
+    from .models.registry import check_params
     from .report import after_refit, summarize_seeds, write_benchmark_json
-    from .train import fit, init_distributed_from_env
+    from .train import fit, init_distributed_from_env, prepare_run_folder
+
+    # everything that can be wrong with the arguments is reported before the data loads
+    seeds = _parse_seeds(args.seeds)
+    cfg_file = load_config(args.config, [])
+    overrides = list(args.overrides) + ([f"name={args.name}"] if args.name else [])
+    cfg = load_config(args.config, overrides)
+    check_params(cfg.model["name"], {k: v for k, v in cfg.model.items() if k != "name"})
+    name = run_folder_base(cfg, cfg_file, args.config, _data_label(resolve_data_config(cfg.data)))
+    # paths are stored absolute, so evaluate/predict work from any directory
+    cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
+    seeds = seeds or [cfg.train.seed]
+    outs = {seed: Path(args.out) / f"{name}-s{seed}" for seed in seeds}
+    for out in outs.values():
+        prepare_run_folder(out, args.resume, args.overwrite, dry_run=True)
 
     init_distributed_from_env()
-    cfg = load_config(args.config, args.overrides)
     t0 = time.perf_counter()
     data, gen = load_data(cfg.data)
     split = make_split(data, cfg.data.split)
+    fingerprint = data_fingerprint(cfg.data)
     print(f"data {data.name}: {data.n_users} users, {data.n_items} items, {data.n_interactions} events "
           f"({time.perf_counter() - t0:.1f}s); split {split.kind}; model {cfg.model['name']}")
-    seeds = _parse_seeds(args.seeds) or [cfg.train.seed]
-    # a config file names its runs (two configs of one model must never share a folder)
-    name = cfg.name or (f"{data.name}-{Path(args.config).stem}" if args.config else f"{data.name}-{cfg.model['name']}")
     results = []
-    for seed in seeds:
-        run_cfg = load_config(args.config, list(args.overrides) + [f"train.seed={seed}"])
-        out = Path(args.out) / f"{name}-s{seed}"
-        r = fit(run_cfg, split, out_dir=out, resume=args.resume, progress=None if not args.no_progress else False)
+    for seed, out in outs.items():
+        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+        print(f"seed {seed}: run folder {out}")
+        r = fit(run_cfg, split, out_dir=out, resume=args.resume, overwrite=args.overwrite,
+                progress=None if not args.no_progress else False, extra_meta={"data_fingerprint": fingerprint})
         r.pop("model_obj")
         results.append(r)
         only = r.get("refit", {}).get("only", False)
@@ -76,18 +148,22 @@ def _metrics_line(metrics: dict) -> str:
 
 
 def _rebuild_split(meta: dict):
+    """The run's data and split, from its config.json; the data is checked against the
+    fingerprint the run recorded, so a moved or changed file is named, not mis-scored."""
     from .config import from_dict
-    from .data.loading import load_data
+    from .data.loading import check_fingerprint, load_data
     from .data.sequences import make_split
 
     cfg = from_dict(meta["run"])
+    check_fingerprint(cfg.data, meta.get("data_fingerprint"))
     data, _ = load_data(cfg.data)
     return cfg, make_split(data, cfg.data.split)
 
 
 def _check_vocab(items_ckpt, data) -> None:
     if len(items_ckpt) != len(data.item_ids) or (items_ckpt != data.item_ids.astype(str).astype(object)).any():
-        raise SystemExit("error: the data's item vocabulary differs from the checkpoint's; was the data file changed?")
+        raise ValueError("the data's item vocabulary differs from the run's (vocab/items.parquet): "
+                         "the data file was changed since training")
 
 
 def cmd_evaluate(args) -> int:
@@ -116,6 +192,8 @@ def cmd_predict(args) -> int:
     from .predict import predict_topk
 
     model, meta, items = load_model(args.run)
+    if args.k > len(items) - 1:
+        raise ValueError(f"--k {args.k} is more than the run's catalogue of {len(items) - 1} items")
     cfg, split = _rebuild_split(meta)
     _check_vocab(items, split.data)
     n = predict_topk(model, split, args.stage, args.k, args.out, exclude_seen=not args.include_seen)
@@ -127,22 +205,27 @@ def cmd_data(args) -> int:
     from .config import DataConfig
     from .data.loading import load_data
 
-    kw = {"dataset": args.dataset}
-    if args.path:
-        kw.update(dataset="file", path=args.path, format=args.format, times_path=args.times)
-        if args.columns:
-            try:
-                kw["columns"] = dict(part.split("=", 1) for part in args.columns.split(","))
-            except ValueError:
-                raise SystemExit(f"error: --columns expects role=column pairs, e.g. user=userId,item=movieId; got {args.columns!r}")
-    cfg = DataConfig(**kw, min_user=args.min_user, min_item=args.min_item, download=args.download)
+    columns = None
+    if args.columns:
+        pairs = [part.split("=", 1) for part in args.columns.split(",") if part.strip()]
+        if any(len(pr) != 2 or not pr[0].strip() or not pr[1].strip() for pr in pairs):
+            raise ValueError(f"--columns expects role=column pairs, e.g. user=userId,item=movieId,time=timestamp; "
+                             f"got {args.columns!r}")
+        columns = {k.strip(): v.strip() for k, v in pairs}
+    # --kcore N is min_user = min_item = N; an explicit --min-user/--min-item wins for its side
+    min_user = args.min_user if args.min_user is not None else (args.kcore or 0)
+    min_item = args.min_item if args.min_item is not None else (args.kcore or 0)
+    cfg = DataConfig(dataset="file" if args.path else args.dataset, path=args.path, format=args.format,
+                     times_path=args.times, columns=columns, on_error="skip" if args.skip_bad_lines else "raise",
+                     min_rating=args.min_rating, min_user=min_user, min_item=min_item, dedup=args.dedup,
+                     download=args.download)
     t0 = time.perf_counter()
     data, _ = load_data(cfg)
     secs = time.perf_counter() - t0
     if args.action == "prepare":
         from .data.registry import cache_dir
 
-        out = Path(args.out) if args.out else cache_dir() / "prepared" / data.name
+        out = (Path(args.out) if args.out else cache_dir() / "prepared" / data.name).expanduser().absolute()
         data.save(out)
         print(f"prepared {data.name} in {secs:.2f}s -> {out}  (train with --set data.dataset={out})")
     print(json.dumps(data.stats(), indent=1))
@@ -153,6 +236,28 @@ def cmd_quickstart(args) -> int:
     from .quickstart import run_quickstart
 
     run_quickstart(epochs=args.epochs, out=args.out)
+    return 0
+
+
+def cmd_config(args) -> int:
+    from .config import describe, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    for key, value, default, help_ in describe(cfg):
+        mark = "" if value == default or (isinstance(value, tuple) and list(value) == default) else f"   (default {default!r})"
+        print(f"{key} = {json.dumps(value, default=str)}{mark}")
+        if help_:
+            print(f"    {help_}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models.registry import describe_models
+
+    rows = describe_models()
+    width = max(len(n) for n, _ in rows)
+    for name, line in rows:
+        print(f"{name:<{width}}  {line}")
     return 0
 
 
@@ -177,38 +282,65 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", default="runs", help="parent folder of the run folders (default: runs)")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: train.seed)")
-    p.add_argument("--resume", action="store_true", help="continue interrupted runs found in the run folders")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the runs in their folders (an interrupted run goes on where its last checkpoint "
+                        "left it; a finished one is evaluated again). Settings that may change on resuming: "
+                        "train.threads, device, epochs, patience, checkpoint_minutes, refit, eval.monitor_test")
+    p.add_argument("--overwrite", action="store_true", help="delete a run already in the folder and train from scratch")
+    p.add_argument("--name", help="run folder name (the folder is <out>/<name>-s<seed>); default: <data>-<config stem "
+                                  "or model>, plus a short hash of the settings --set changed")
     p.add_argument("--bench-name", help="also write benchmarks/results/<name>.json with mean ± std over seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a trained run folder")
     p.add_argument("run", help="run folder written by 'perseq train'")
-    p.add_argument("--stage", choices=["test", "valid"], default="test")
+    p.add_argument("--stage", choices=["test", "valid"], default="test",
+                   help="test (default): each user's last event, ranked from the history before it; valid: the one before")
     p.add_argument("--breakdown", action="store_true", help="also by head/tail target and history length")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="eval.KEY=VALUE",
                    help="override evaluation settings, e.g. --set eval.exclude_seen=false")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="write top-K recommendations per user as CSV (user_id,rank,item_id,score)")
+    p = sub.add_parser("predict", help="write top-K recommendations per user as CSV (user_id,rank,item_id,score)",
+                       description="Top-K recommendations per user, with raw item ids, as CSV (user_id,rank,item_id,score).")
     p.add_argument("run", help="run folder written by 'perseq train'")
     p.add_argument("--out", required=True, help="CSV file to write")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--stage", choices=["test", "valid", "next"], default="test",
-                   help="inputs: test (history before the test item), valid, or next (the whole history)")
+    p.add_argument("--k", type=_positive_int, default=10, help="recommendations per user (default 10)")
+    p.add_argument("--stage", choices=["next", "test", "valid"], default="next",
+                   help="which history to recommend from. next (default): each user's whole history, i.e. what to "
+                        "recommend now; test: the history before the held-out test event (what evaluate scores); "
+                        "valid: the history before the validation event")
     p.add_argument("--include-seen", action="store_true", help="allow items already in the history")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("data", help="prepare a dataset or print its statistics")
-    p.add_argument("action", choices=["prepare", "stats"])
-    p.add_argument("dataset", nargs="?", default="synthetic", help="registry name (ml-1m, ml-20m, ml-100k, amazon-beauty, amazon-sports, steam, yelp, ...) or 'synthetic'")
-    p.add_argument("--path", help="read this file instead of a registry dataset")
-    p.add_argument("--format", help="reader for --path (user-per-line, pairs, movielens, recbole, table, amazon-json)")
-    p.add_argument("--times", help="timestamps file aligned with a user-per-line --path")
-    p.add_argument("--columns", help="column mapping for --format table, e.g. user=userId,item=movieId,time=timestamp")
-    p.add_argument("--min-user", type=int, default=0, help="k-core: minimum events per user")
-    p.add_argument("--min-item", type=int, default=0, help="k-core: minimum events per item")
-    p.add_argument("--out", help="output folder for 'prepare' (default: the cache dir)")
+    p = sub.add_parser("data", help="prepare a dataset or print its statistics",
+                       description="Read a dataset, filter it, and print its statistics ('stats') or also save it as a "
+                       "prepared folder ('prepare') that training reads with --set data.dataset=FOLDER. Filters run in "
+                       "this order: --min-rating, --dedup, then the k-core.")
+    p.add_argument("action", choices=["prepare", "stats"], help="stats: print statistics; prepare: also save the result to --out")
+    p.add_argument("dataset", nargs="?", default="synthetic",
+                   help="first match wins: a registry name (ml-1m, ml-20m, ml-100k, amazon-beauty, amazon-sports, steam, yelp, "
+                   "..., or 'synthetic'), a folder written by 'perseq data prepare', or a data file (format guessed) "
+                   "(default: synthetic)")
+    p.add_argument("--path", help="read this data file (the same as giving it as DATASET)")
+    p.add_argument("--format", help="reader for the file, instead of guessing it: user-per-line, pairs, movielens, "
+                   "recbole, table, amazon-json")
+    p.add_argument("--times", help="timestamps file aligned token for token with a user-per-line file")
+    p.add_argument("--columns", metavar="ROLE=COL,...",
+                   help="column mapping of a table, e.g. user=userId,item=movieId,time=timestamp,rating=rating (default: "
+                   "guessed from the header: user/userId/user_id, item/itemId/movieId/product_id/asin, time/timestamp/date, ...)")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip malformed lines and report how many, instead of stopping at the first (data.on_error=skip)")
+    p.add_argument("--dedup", action="store_true",
+                   help="keep only the earliest event of each (user, item) pair; without it, repeated pairs are kept and counted")
+    p.add_argument("--min-rating", type=float, metavar="X",
+                   help="keep only events rated X or more (MovieLens, RecBole, Amazon JSON 'overall', tables with a rating column)")
+    p.add_argument("--kcore", type=int, metavar="N",
+                   help="k-core: repeatedly drop users and items with fewer than N events (sets --min-user and --min-item)")
+    p.add_argument("--min-user", type=int, metavar="N", help="k-core: minimum events per user (overrides --kcore for users)")
+    p.add_argument("--min-item", type=int, metavar="N", help="k-core: minimum events per item (overrides --kcore for items)")
+    p.add_argument("--out", help="output folder for 'prepare' (default: <cache dir>/prepared/<name>)")
     p.add_argument("--download", action="store_true", help="download a registry dataset missing from the cache")
     p.set_defaults(func=cmd_data)
 
@@ -220,6 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark (see its --help)")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("config", help="show every setting with its value, default and meaning",
+                       description="perseq config show [--config F] [--set K=V ...]: every key a run config takes, "
+                                   "its value (from F and --set, else the default), and what it means. The model "
+                                   "section lists the keys of model.name's model.")
+    p.add_argument("action", choices=["show"])
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("models", help="list the models (model.name values) with one line each")
+    p.set_defaults(func=cmd_models)
+
     p = sub.add_parser("quickstart", help="train on embedded synthetic data and compare with the Bayes-optimal ceiling")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--out", default="runs/quickstart")
@@ -228,13 +371,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .train import TrainingInterrupted
+
     args = build_parser().parse_args(argv)
+    # line by line even into a file or pipe (nohup, CI): progress must show as it happens
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        # user errors (bad config, malformed data, missing files): one clear line, no traceback
+        # user errors (bad config, malformed data, damaged run files): one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"{e}; continue with the same command plus --resume", file=sys.stderr)
+        return 128 + e.signum
+    except BrokenPipeError:  # `perseq config show | head`: the reader left, nothing is wrong
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

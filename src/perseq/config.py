@@ -20,14 +20,20 @@ from .losses import LossConfig
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "synthetic"  # registry name ("ml-1m", "amazon-beauty", ...), "synthetic", or "file"
+    # what to read, first match wins: a registry name ("ml-1m", "amazon-beauty", ...) or
+    # "synthetic", then a folder written by `perseq data prepare`, then a data file (its
+    # format guessed, `format` overrides). "file" + `path` is the older spelling of the last.
+    # perseq.data.loading.resolve_data_config turns every path absolute before a run is saved
+    dataset: str = "synthetic"
     path: str | None = None  # with dataset="file": the file to read
     format: str | None = None  # reader name; None = guess from the file
     times_path: str | None = None  # user-per-line timestamps aligned with ``path``
-    columns: dict | None = None  # column mapping for generic tables: {user:, item:, time:}
+    columns: dict | None = None  # column mapping for generic tables: {user:, item:, time:, rating:}
+    on_error: str = "raise"  # malformed lines: "raise" (error naming file and line) or "skip" (counted)
+    min_rating: float | None = None  # keep events rated >= this (formats with a rating column only)
     min_user: int = 0  # k-core thresholds (0 = keep everything)
     min_item: int = 0
-    dedup: bool = False
+    dedup: bool = False  # keep only the earliest event of each (user, item) pair (repeats are counted either way)
     download: bool = False  # fetch a registry dataset that is neither shared nor cached
     split: str = "leave_one_out"  # or "temporal"
     max_len: int = 200
@@ -37,17 +43,20 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float | None = 1.0
+    epochs: int = 200  # at most this many epochs (early stopping usually ends sooner)
+    batch_size: int = 128  # training windows per step
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
+    grad_clip: float | None = 1.0  # clip the gradient norm to this (null = no clipping)
     patience: int = 10  # evaluations without improvement before stopping
-    eval_every: int = 1
-    seed: int = 0
+    eval_every: int = 1  # evaluate validation every this many epochs
+    seed: int = 0  # model init, batch order and dropout; --seeds runs several
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int | None = None  # torch CPU threads (None = torch default)
+    # within a long epoch, also save a resumable checkpoint this often (0 = epoch ends only),
+    # so a kill loses minutes, not an epoch
+    checkpoint_minutes: float = 5.0
     # after early stopping, train a fresh model (same seed) on training + validation events
     # for the best epoch count and test that one (leave-one-out only; see fit)
     refit: bool = False
@@ -63,7 +72,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    name: str | None = None  # run name (output folder)
+    name: str | None = None  # run name: the run folder is <out>/<name>-s<seed>
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -135,3 +144,59 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for o in overrides:
         set_dotted(raw, *parse_override(o))
     return from_dict(raw)
+
+
+# ------------------------------------------------------------------ `perseq config show`
+def field_help(cls) -> dict[str, str]:
+    """Each field's help: its trailing ``# comment``, or the comment block just above it.
+    The dataclasses' own comments are the one place settings are explained, so the CLI
+    reads them instead of keeping a second copy that could drift."""
+    import inspect
+    import re
+
+    helps, block = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            block.append(text.lstrip("# ").strip())
+            continue
+        m = re.match(r"(\w+)\s*:[^#]*?(?:#\s*(.*))?$", text)
+        if m and not text.startswith(("def ", "@", '"""')):
+            helps[m.group(1)] = m.group(2) or " ".join(block)
+        block = []
+    return helps
+
+
+# the settings most backbones share, which their Config classes leave uncommented
+_COMMON_MODEL_HELP = {
+    "max_len": "longest input the model reads (default: data.max_len)",
+    "d": "hidden size (and item embedding size)",
+    "n_blocks": "number of stacked blocks (layers)",
+    "n_heads": "attention heads per block",
+    "dropout": "dropout rate on hidden states",
+    "n_layers": "number of stacked layers",
+}
+
+
+def describe(cfg: RunConfig) -> list[tuple[str, Any, Any, str]]:
+    """(dotted key, value in ``cfg``, default, help) for every setting, the model section
+    from the model's own Config (``model.name`` chooses which)."""
+    from .models.registry import model_class
+
+    rows = [("name", cfg.name, None, field_help(RunConfig)["name"])]
+    for sec, cls in _SECTIONS.items():
+        helps, now = field_help(cls), getattr(cfg, sec)
+        for f in dataclasses.fields(cls):
+            rows.append((f"{sec}.{f.name}", getattr(now, f.name), getattr(cls(), f.name), helps.get(f.name, "")))
+    mcls = model_class(cfg.model["name"]).Config
+    helps = {**_COMMON_MODEL_HELP, **{k: v for k, v in field_help(mcls).items() if v}}
+    rows.append(("model.name", cfg.model["name"], "sasrec", "the model (perseq models lists them)"))
+    for f in dataclasses.fields(mcls):
+        if f.name == "n_items":
+            continue  # set from the data
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if f.name == "max_len":
+            default = "data.max_len"
+        rows.append((f"model.{f.name}", cfg.model.get(f.name, default), default, helps.get(f.name, "")))
+    return rows

@@ -7,8 +7,9 @@ import numpy as np
 import torch
 
 from .data.batching import eval_batches
-from .data.sequences import Split
+from .data.sequences import Split, empty_stage_message
 from .metrics import per_user_metrics, target_ranks
+from .progress import progress as show_progress
 
 LENGTH_BUCKETS = (0, 10, 20, 50, 100, 200)  # history-length bucket edges (last one open)
 
@@ -39,18 +40,31 @@ def train_item_counts(split: Split) -> np.ndarray:
 
 
 @torch.no_grad()
-def rank_targets(model, split: Split, stage: str, cfg: EvalConfig, device="cpu", users=None):
-    """(ranks, users, history lengths, targets) for every user evaluated at ``stage``."""
+def rank_targets(model, split: Split, stage: str, cfg: EvalConfig, device="cpu", users=None, progress: bool | None = None):
+    """(ranks, users, history lengths, targets) for every user evaluated at ``stage``.
+
+    ``progress``: None shows a transient bar on a terminal and, without one, a line every
+    PERSEQ_PROGRESS_SECONDS (30 s) once evaluation takes that long (large catalogues); False
+    shows nothing."""
     was_training = model.training
     model.eval()
     ranks, us, hl, tg = [], [], [], []
-    for b in eval_batches(split, stage, model.max_input_len, cfg.batch_size, users):
+    n_users = len(split.eval_users(stage) if users is None else users)
+    batches = show_progress(eval_batches(split, stage, model.max_input_len, cfg.batch_size, users),
+                            f"evaluating {stage} ({n_users} users)", total=-(-n_users // cfg.batch_size),
+                            unit="batches", enabled=progress)
+    for b in batches:
         scores = model.scores(
             b.inputs.to(device),
             b.lengths.to(device),
             None if b.times is None else b.times.to(device),
             None if b.target_time is None else b.target_time.to(device),
         ).float()  # (B, I + 1)
+        if torch.isnan(scores).any():
+            # NaN compares false with everything, so a NaN target would rank first and score
+            # HR = 1: a diverged model must not report its best metrics
+            raise ValueError(f"the model scored NaN for {int(torch.isnan(scores).any(1).sum())} of {len(b.users)} "
+                             f"users at the {stage} stage: training diverged (try a lower train.lr)")
         if cfg.exclude_seen:
             scores[b.seen_rows.to(device), b.seen_items.to(device)] = float("-inf")
         ranks.append(target_ranks(scores, b.target.to(device)).cpu())
@@ -63,12 +77,16 @@ def rank_targets(model, split: Split, stage: str, cfg: EvalConfig, device="cpu",
     return torch.cat(ranks), np.concatenate(us), np.concatenate(hl), np.concatenate(tg)
 
 
-def evaluate(model, split: Split, stage: str = "test", cfg: EvalConfig = EvalConfig(), device="cpu", breakdown: bool = False) -> dict:
+def evaluate(model, split: Split, stage: str = "test", cfg: EvalConfig = EvalConfig(), device="cpu", breakdown: bool = False,
+             progress: bool | None = None) -> dict:
     """Mean metrics over the users evaluated at ``stage``; with ``breakdown``, the same by
-    target popularity (head / tail) and by history-length bucket."""
-    ranks, _, hist_len, targets = rank_targets(model, split, stage, cfg, device)
+    target popularity (head / tail) and by history-length bucket. A stage without users is
+    a ``ValueError`` (a mean over no users is NaN, and no result may hold NaN)."""
+    if len(split.eval_users(stage)) == 0:
+        raise ValueError(empty_stage_message(split, stage))
+    ranks, _, hist_len, targets = rank_targets(model, split, stage, cfg, device, progress=progress)
     per = per_user_metrics(ranks, cfg.ks)
-    out: dict = {k: v.mean().item() if len(v) else float("nan") for k, v in per.items()}
+    out: dict = {k: v.mean().item() for k, v in per.items()}
     out["n_users"] = int(len(ranks))
     out["exclude_seen"] = cfg.exclude_seen
     if breakdown and len(ranks):

@@ -188,13 +188,13 @@ LOSSES = {"ce": softmax_ce, "sampled": sampled_softmax, "bce": bce, "gbce": gbce
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "ce"
+    name: str = "ce"  # ce (full softmax) | sampled (sampled softmax) | bce | gbce
     n_neg: int = 128  # sampled / gbce
-    temperature: float = 1.0
+    temperature: float = 1.0  # logits are divided by this
     sampler: str = "uniform"  # sampled softmax: "uniform" or "popularity" (uses logQ)
     negatives: str = "shared"  # sampled softmax: "shared" by the batch or "per_row" (each target its own)
     pop_alpha: float = 0.75  # popularity ** alpha for the popularity sampler
-    gbce_t: float = 0.75
+    gbce_t: float = 0.75  # gBCE's calibration parameter t
 
 
 def get_loss(cfg: LossConfig, item_counts=None):

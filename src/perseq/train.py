@@ -7,21 +7,26 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
-
-from .checkpoint import load_train_state, load_weights, save_train_state, save_weights, saved_model_config, write_run_files, write_run_meta
+from safetensors import safe_open
+from .checkpoint import (holds_run, load_train_state, load_weights, read_json, read_run_file, recover, save_train_state,
+                         saved_model_config, write_results, write_run_files, write_run_meta)
 from .config import RunConfig
 from .data.batching import Batch, TrainWindows
-from .data.sequences import Split
+from .data.sequences import Split, check_split
 from .evaluate import evaluate, train_item_counts
 from .losses import get_loss
 from .models import build_model
+from .progress import progress as progress_bar
 from .report import hardware_name
 from .runtime import tune_malloc_for_training
 
@@ -105,8 +110,65 @@ def train_step(model, batch: Batch, loss_fn, optimizer=None, *, grad_clip: float
 # settings that may differ between an interrupted run and its resumption
 # (refit only adds a phase after early stopping, so it can be switched on for a finished run;
 # monitoring the test only adds records to the history)
-_RESUMABLE_CHANGES = {("train", "threads"), ("train", "device"), ("train", "epochs"), ("train", "patience"), ("train", "refit"),
-                      ("eval", "monitor_test")}
+RESUMABLE_CHANGES = {("train", "threads"), ("train", "device"), ("train", "epochs"), ("train", "patience"), ("train", "refit"),
+                     ("train", "checkpoint_minutes"), ("eval", "monitor_test")}
+
+
+class RunExistsError(ValueError):
+    """``fit`` was asked to train into a folder that already holds a run."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped training at a batch boundary, after a resumable checkpoint."""
+
+    def __init__(self, signum: int, where: str):
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
+        self.signum, self.where = signum, where
+
+
+class _StopOnSignal:
+    """While training, SIGINT (Ctrl-C) and SIGTERM (kill, a scheduler's preemption) ask the
+    loop to stop at the next batch boundary; ``fit`` then saves a resumable checkpoint and
+    raises :class:`TrainingInterrupted`. A second signal stops at once (KeyboardInterrupt);
+    the last checkpoint still stands. Only the main thread can take signals; elsewhere
+    (a thread pool, a notebook worker) this does nothing."""
+
+    def __init__(self, log):
+        self.signum, self.log, self._old = None, log, {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.log(f"{signal.Signals(signum).name}: stopping after this batch with a resumable checkpoint "
+                 "(send it again to stop at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def prepare_run_folder(out: Path, resume: bool, overwrite: bool, log=print, dry_run: bool = False) -> None:
+    """Never lose a run silently: a folder that holds one is continued (``resume``),
+    replaced (``overwrite``: removed here, unless ``dry_run``, which only checks), or
+    refused with both options named. A folder holding anything else is never removed."""
+    out = Path(out)
+    if not out.exists() or resume or not any(out.iterdir()):
+        return
+    if not holds_run(out):
+        raise RunExistsError(f"{out} exists and is not a perseq run folder; choose another --out (or --name)")
+    if not overwrite:
+        what = "a finished run" if (out / "results.json").exists() else "an unfinished run"
+        raise RunExistsError(f"{out} already holds {what}; pass --resume to continue it or --overwrite to replace it")
+    if not dry_run:
+        log(f"--overwrite: removing the run in {out}")
+        shutil.rmtree(out)
 
 
 def _metrics_only(result: dict) -> dict:
@@ -124,7 +186,7 @@ def _check_same_run(out: Path, cfg: RunConfig, model) -> None:
     compared by its full effective config (saved in config.json; keys it gained since get
     the values that reproduce the saved run, ``saved_model_config``); the other sections
     key by key, a key missing from an older folder counting as its default."""
-    meta = json.loads((out / "config.json").read_text())
+    meta = read_json(out, "config.json")
     saved, now = meta["run"], json.loads(cfg.to_json())
     diffs = []
     if saved["model"]["name"] != now["model"]["name"]:
@@ -139,11 +201,34 @@ def _check_same_run(out: Path, cfg: RunConfig, model) -> None:
         old = saved.get(sec, {})
         for k in sorted(set(vals) | set(old)):
             a, b = old.get(k, default.get(k)), vals.get(k, default.get(k))
-            if (sec, k) not in _RESUMABLE_CHANGES and a != b:
+            if (sec, k) not in RESUMABLE_CHANGES and a != b:
                 diffs.append(f"{sec}.{k}: {a!r} -> {b!r}")
     if diffs:
         raise ValueError(f"cannot resume {out}: it was trained with a different config ({'; '.join(diffs)}); "
                          "use another --out or drop --resume")
+
+
+def _check_resumable(out: Path) -> None:
+    """A folder with training output must still have the files that describe it: starting
+    over silently beside old weights would mix two runs. (A folder killed before its first
+    epoch ended has only config.json and the vocabulary, and starts over.)"""
+    trained = [f for f in ("model.safetensors", "last.safetensors", "optimizer.safetensors", "trainer_state.json")
+               if (out / f).exists()]
+    for f in ("config.json", "trainer_state.json"):
+        if trained and not (out / f).exists():
+            read_json(out, f)  # raises the one-line "missing; what to do" error
+
+
+def _check_folder_files(out: Path, data) -> None:
+    """Before resuming, read what the run will need later: the best weights (read again at
+    the end) and the vocabulary, which must be the data's (else the data changed), so a
+    damaged file is named now instead of after hours of training."""
+    if (out / "model.safetensors").exists():
+        read_run_file(out, "model.safetensors", lambda p: safe_open(str(p), "pt").keys())
+    items = read_run_file(out, "vocab/items.parquet", lambda p: pl.read_parquet(p)["item_id"].to_list())
+    if items != data.item_ids.astype(str).tolist():
+        raise ValueError(f"cannot resume {out}: the data's item vocabulary differs from the run's (vocab/items.parquet); "
+                         "the data changed since training, so use another --out or --overwrite")
 
 
 def fit(
@@ -153,24 +238,33 @@ def fit(
     resume: bool = False,
     progress: bool | None = None,
     log=print,
+    overwrite: bool = False,
+    extra_meta: dict | None = None,
 ) -> dict:
     """Train with AdamW, early stopping on the validation metric, then evaluate the test
-    split once with the best weights. With ``out_dir``, every epoch leaves a resumable
-    state and the best weights; ``resume=True`` continues an interrupted run, ending with
-    the same metrics as an uninterrupted one (batch order is a function of seed and epoch;
-    RNG and optimizer state are restored)."""
+    split once with the best weights. With ``out_dir``, every epoch (and, within a long
+    epoch, every ``train.checkpoint_minutes``) leaves a resumable state and the best
+    weights; ``resume=True`` continues an interrupted run, ending with the same weights and
+    metrics as an uninterrupted one (batch order is a function of seed and epoch; RNG and
+    optimizer state are restored, and a mid-epoch checkpoint skips the batches already
+    done). A folder that already holds a run is refused unless ``resume`` or ``overwrite``.
+    SIGINT/SIGTERM stop at the next batch with a checkpoint (:class:`TrainingInterrupted`).
+    ``extra_meta`` adds keys to config.json (the CLI's data fingerprint)."""
     tc = cfg.train
     tune_malloc_for_training()  # reuse freed memory instead of faulting in fresh pages every step
     if tc.refit_epochs is not None and (not tc.refit or tc.refit_epochs < 1):
         raise ValueError(f"train.refit_epochs={tc.refit_epochs!r}: it is the epoch count of a refit without an "
                          "early-stopping phase, so it needs train.refit: true and at least 1 epoch")
+    check_split(split)  # degenerate data (no targets, nothing to evaluate, one item) is refused up front
     if tc.refit:
         refit_split(split)  # a split refit cannot use fails now, not after hours of training
-    if tc.refit_epochs:
-        return _refit_only(cfg, split, out_dir, resume, progress, log)
     rank, world = _distributed()
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
+    if out_dir is not None and rank == 0:
+        prepare_run_folder(Path(out_dir), resume, overwrite, log)
+    if tc.refit_epochs:
+        return _refit_only(cfg, split, out_dir, resume, progress, log, extra_meta)
+    from .runtime import use_threads  # train.threads, PERSEQ_THREADS, or the cores not busy now
+    use_threads(tc.threads, log=log)
     device = select_device(tc.device)
     seed_everything(tc.seed)
     data = split.data
@@ -183,69 +277,94 @@ def fit(
     out = Path(out_dir) if out_dir is not None else None
     hardware = hardware_name(device)
     saved_cfg = earlier_hardware = None  # what a resumed folder says it was trained with, and on
+    if resume and out is not None and out.exists():
+        recover(out)
+        _check_resumable(out)
     if resume and out is not None and (out / "config.json").exists():
         _check_same_run(out, cfg, model)
-        saved_cfg = json.loads((out / "config.json").read_text())["run"]
+        saved_cfg = read_json(out, "config.json")["run"]
+        _check_folder_files(out, data)
         if (out / "results.json").exists():
-            earlier_hardware = json.loads((out / "results.json").read_text()).get("hardware")
+            earlier_hardware = read_json(out, "results.json").get("hardware")
 
     state = {"epoch": 0, "best": -math.inf, "best_epoch": -1, "bad": 0, "history": [], "train_seconds": 0.0}
     if resume and out is not None:
         loaded = load_train_state(out, model, opt)
         if loaded is not None:
             state = loaded
-            log(f"resumed from {out} at epoch {state['epoch']}")
+            at = f", batch {state['batch']}" if state.get("batch") else ""
+            log(f"resumed from {out} at epoch {state['epoch']}{at}")
     if out is not None and rank == 0:
         finished = state["epoch"] >= tc.epochs or state["bad"] >= tc.patience
-        write_run_files(out, _as_trained(cfg, saved_cfg) if finished and saved_cfg else cfg, model, data)
+        write_run_files(out, _as_trained(cfg, saved_cfg) if finished and saved_cfg else cfg, model, data, extra_meta)
     best_state = None
     if out is None:
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     metric = cfg.eval.metric
+    # mid-epoch checkpoints: rank 0 alone would decide them by its own clock, so under
+    # torchrun checkpoints (and signal stops) stay at epoch ends
+    every = tc.checkpoint_minutes * 60 if out is not None and world == 1 and tc.checkpoint_minutes else None
+    stopper = _StopOnSignal(log)
 
-    for epoch in range(state["epoch"], tc.epochs):
-        if state["bad"] >= tc.patience:
-            break
-        t0 = time.perf_counter()
-        order = windows.batch_order(tc.batch_size * world, seed=tc.seed * 1_000_003 + epoch)
-        tot_loss, tot_n = 0.0, 0
-        bar = tqdm(order, desc=f"epoch {epoch + 1}", disable=(not progress) if progress is not None else None, leave=False)
-        for idx in bar:
-            batch = windows.make_batch(idx[rank::world]).to(device)
-            loss, n = train_step(model, batch, loss_fn, opt, grad_clip=tc.grad_clip)
-            tot_loss += loss
-            tot_n += n
-            if tot_n:
-                bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", refresh=False)
-        secs = time.perf_counter() - t0
-        if world > 1:  # report the loss of the whole global batch, not of this rank's shard
-            agg = torch.tensor([tot_loss, float(tot_n)], dtype=torch.float64)
-            dist.all_reduce(agg)
-            tot_loss, tot_n = agg[0].item(), int(agg[1].item())
-        state["train_seconds"] += secs
-        rec = {"epoch": epoch + 1, "loss": tot_loss / max(tot_n, 1), "seconds": secs, "hardware": hardware}
-        if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
-            val = evaluate(model, split, "valid", cfg.eval, device)
-            rec["valid"] = _metrics_only(val)
-            if val[metric] > state["best"] or state["best_epoch"] < 0:
-                state.update(best=val[metric], best_epoch=epoch + 1, bad=0)
-                if out is not None and rank == 0:
-                    save_weights(model, out / "model.safetensors")
-                elif out is None:
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with stopper:
+        for epoch in range(state["epoch"], tc.epochs):
+            if state["bad"] >= tc.patience:
+                break
+            t0 = time.perf_counter()
+            order = windows.batch_order(tc.batch_size * world, seed=tc.seed * 1_000_003 + epoch)
+            # a mid-epoch checkpoint carries how far the epoch got; the rest of it runs now
+            start = state.pop("batch", 0)
+            tot_loss, tot_n, before = state.pop("epoch_loss", 0.0), state.pop("epoch_targets", 0), state.pop("epoch_seconds", 0.0)
+            bar = progress_bar(order[start:], f"epoch {epoch + 1}", total=len(order) - start, enabled=progress)
+            last_save = time.perf_counter()
+            for i, idx in enumerate(bar, start + 1):
+                batch = windows.make_batch(idx[rank::world]).to(device)
+                loss, n = train_step(model, batch, loss_fn, opt, grad_clip=tc.grad_clip)
+                tot_loss += loss
+                tot_n += n
+                if tot_n:
+                    bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", refresh=False)
+                now = time.perf_counter()
+                due = every is not None and now - last_save >= every
+                if (due or stopper.signum is not None) and i < len(order):  # the last batch saves with its epoch
+                    if out is not None and rank == 0:
+                        partial = {**state, "batch": i, "epoch_loss": tot_loss, "epoch_targets": tot_n,
+                                   "epoch_seconds": before + now - t0}
+                        save_train_state(out, model, opt, partial)
+                    last_save = now
+                    if stopper.signum is not None:
+                        where = f"at epoch {epoch + 1}, batch {i} of {len(order)}"
+                        raise TrainingInterrupted(stopper.signum, where + (f"; checkpoint in {out}" if out is not None else ""))
+            secs = before + time.perf_counter() - t0
+            if world > 1:  # report the loss of the whole global batch, not of this rank's shard
+                agg = torch.tensor([tot_loss, float(tot_n)], dtype=torch.float64)
+                dist.all_reduce(agg)
+                tot_loss, tot_n = agg[0].item(), int(agg[1].item())
+            state["train_seconds"] += secs
+            rec = {"epoch": epoch + 1, "loss": tot_loss / max(tot_n, 1), "seconds": secs, "hardware": hardware}
+            if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
+                val = evaluate(model, split, "valid", cfg.eval, device)
+                rec["valid"] = _metrics_only(val)
+                improved = val[metric] > state["best"] or state["best_epoch"] < 0
+                if improved:
+                    state.update(best=val[metric], best_epoch=epoch + 1, bad=0)
+                    if out is None:
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    state["bad"] += 1
+                log(f"epoch {epoch + 1}: loss {rec['loss']:.4f}  valid {metric} {val[metric]:.4f}  best {state['best']:.4f}@{state['best_epoch']}  {secs:.1f}s")
             else:
-                state["bad"] += 1
-            log(f"epoch {epoch + 1}: loss {rec['loss']:.4f}  valid {metric} {val[metric]:.4f}  best {state['best']:.4f}@{state['best_epoch']}  {secs:.1f}s")
-        else:
-            log(f"epoch {epoch + 1}: loss {rec['loss']:.4f}  {secs:.1f}s")
-        if cfg.eval.monitor_test:
-            peek = evaluate(model, split, "test", cfg.eval, device)
-            rec["test_monitor"] = _metrics_only(peek)
-            log(f"epoch {epoch + 1}: test (monitored, never selected on) {metric} {peek[metric]:.4f}")
-        state["history"].append(rec)
-        state["epoch"] = epoch + 1
-        if out is not None and rank == 0:
-            save_train_state(out, model, opt, state)
+                log(f"epoch {epoch + 1}: loss {rec['loss']:.4f}  {secs:.1f}s")
+            if cfg.eval.monitor_test:
+                peek = evaluate(model, split, "test", cfg.eval, device)
+                rec["test_monitor"] = _metrics_only(peek)
+                log(f"epoch {epoch + 1}: test (monitored, never selected on) {metric} {peek[metric]:.4f}")
+            state["history"].append(rec)
+            state["epoch"] = epoch + 1
+            if out is not None and rank == 0:  # the best weights go in the same set as the state that names them
+                save_train_state(out, model, opt, state, best_model=model if rec.get("valid") and improved else None)
+            if stopper.signum is not None and epoch + 1 < tc.epochs and state["bad"] < tc.patience:
+                raise TrainingInterrupted(stopper.signum, f"after epoch {epoch + 1}" + (f"; checkpoint in {out}" if out is not None else ""))
 
     if out is not None:
         if world > 1:
@@ -273,7 +392,7 @@ def fit(
     if tc.refit and state["best_epoch"] <= 0:
         log("refit skipped: no epoch was evaluated, so there is no epoch count to refit for")
     elif tc.refit:
-        refit = _refit(cfg, split, state["best_epoch"], None if out is None else out / "refit", resume, progress, log)
+        refit = _refit(cfg, split, state["best_epoch"], None if out is None else out / "refit", resume, progress, log, extra_meta)
         result["refit"] = {"epochs": state["best_epoch"], "test": refit["test"], "epoch_seconds": refit["epoch_seconds"]}
         model = refit["model_obj"]
     _write_results(out, result)
@@ -300,7 +419,7 @@ def _trained_on(history: list[dict], earlier: str | None, now: str) -> str:
 def _write_results(out: Path | None, result: dict) -> None:
     """A run folder's results.json (written by rank 0; the model object stays out)."""
     if out is not None and _distributed()[0] == 0:
-        (out / "results.json").write_text(json.dumps({k: v for k, v in result.items() if k != "model_obj"}, indent=1))
+        write_results(out, {k: v for k, v in result.items() if k != "model_obj"})
 
 
 def refit_split(split: Split) -> Split:
@@ -314,7 +433,8 @@ def refit_split(split: Split) -> Split:
     return dataclasses.replace(split, train_len=train_len, kind="leave_one_out+refit")
 
 
-def _refit(cfg: RunConfig, split: Split, epochs: int, out: Path | None, resume: bool, progress, log) -> dict:
+def _refit(cfg: RunConfig, split: Split, epochs: int, out: Path | None, resume: bool, progress, log,
+           extra_meta: dict | None = None) -> dict:
     """Retrain from scratch, same seed and settings, on training + validation events for the
     epoch count that early stopping chose, with no selection on the (now seen) validation
     events, and test once. Why: the validation event is every user's most recent known
@@ -323,15 +443,17 @@ def _refit(cfg: RunConfig, split: Split, epochs: int, out: Path | None, resume: 
     thing carried over, so the test event still influences nothing."""
     log(f"refit: training on training + validation events for {epochs} epochs")
     tc = dataclasses.replace(cfg.train, epochs=epochs, eval_every=epochs, patience=epochs + 1, refit=False, refit_epochs=None)
+    overwrite = False
     if resume and out is not None and (out / "config.json").exists():
-        done_for = json.loads((out / "config.json").read_text())["run"]["train"]["epochs"]
+        done_for = read_json(out, "config.json")["run"]["train"]["epochs"]
         if done_for != epochs:  # the main phase went on and chose another epoch count
             log(f"refit: {out} was refitted for {done_for} epochs; starting over for {epochs}")
-            resume = False
-    return fit(dataclasses.replace(cfg, train=tc), refit_split(split), out, resume=resume, progress=progress, log=lambda s: log("  refit " + s.replace("valid ", "valid (trained on) ")))
+            resume, overwrite = False, True
+    return fit(dataclasses.replace(cfg, train=tc), refit_split(split), out, resume=resume, progress=progress,
+               log=lambda s: log("  refit " + s.replace("valid ", "valid (trained on) ")), overwrite=overwrite, extra_meta=extra_meta)
 
 
-def _refit_only(cfg: RunConfig, split: Split, out_dir, resume: bool, progress, log) -> dict:
+def _refit_only(cfg: RunConfig, split: Split, out_dir, resume: bool, progress, log, extra_meta: dict | None = None) -> dict:
     """``train.refit_epochs``: no early-stopping phase. Train on every event but the test one
     for a fixed epoch count and test once: the protocol of the published HSTU numbers
     (generative-recommenders trains ML-1M on each sequence minus its last event for 101
@@ -342,11 +464,11 @@ def _refit_only(cfg: RunConfig, split: Split, out_dir, resume: bool, progress, l
     epochs = cfg.train.refit_epochs
     out = None if out_dir is None else Path(out_dir)
     if resume and out is not None and (out / "config.json").exists():
-        saved = json.loads((out / "config.json").read_text())["run"]["train"]
+        saved = read_json(out, "config.json")["run"]["train"]
         if (saved.get("epochs"), saved.get("eval_every"), saved.get("refit")) != (epochs, epochs, False):
             raise ValueError(f"cannot resume {out} as a refit-only run of {epochs} epochs: it holds another kind of run "
                              "(an early-stopping phase, or another epoch count); use another --out or drop --resume")
-    r = _refit(cfg, split, epochs, out, resume, progress, log)
+    r = _refit(cfg, split, epochs, out, resume, progress, log, extra_meta)
     r["refit"] = {"epochs": epochs, "test": r["test"], "epoch_seconds": r["epoch_seconds"], "only": True}
     r["valid"] = None  # its events were trained on
     _write_results(out, r)  # again: the refit's own file lacks the refit-only marks
@@ -354,7 +476,7 @@ def _refit_only(cfg: RunConfig, split: Split, out_dir, resume: bool, progress, l
         # config.json's "run" is what the single phase trained under (refit split, refit off):
         # resuming compares against it. "requested" keeps the config as given, the one that
         # reproduces this folder (`perseq train` with it trains the same run again)
-        meta = json.loads((out / "config.json").read_text())
+        meta = read_json(out, "config.json")
         meta["requested"] = json.loads(cfg.to_json())
         write_run_meta(out, meta)
     return r

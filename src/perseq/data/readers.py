@@ -12,6 +12,12 @@ allowed to escape. With ``on_error="skip"`` a malformed line is dropped instead,
 never errors: they are ignored and counted in ``notes``. Invalid UTF-8 and, for tables, a
 missing or wrong header are file-level problems and always raise.
 
+Ratings. Readers drop ratings (this is implicit feedback) unless asked with ``rating=True``:
+then the MovieLens, RecBole (``rating`` field), Amazon JSON (``overall``/``rating``) and
+table (a ``rating`` column mapping) readers add a Float64 ``rating`` column, which
+``prepare(min_rating=...)`` filters on. A rating must be a finite number, else the line is
+malformed. Formats without ratings (user-per-line, pairs) refuse ``rating=True``.
+
 Timestamps. A time value must be an integer (``"881250949"``) or a number with an integral
 value (``"881250949.0"``); anything else (``"12.5"``, ``"abc"``, ``"nan"``) is a
 ``DataFormatError`` at its line. Exceptions, documented per reader: RecBole ``.inter`` files
@@ -197,21 +203,43 @@ def _times_vectorized(s: pl.Series, *, fractional: str, dates: bool) -> pl.Serie
     return out.alias("time")
 
 
-def _result(path, users, items, times, *, skipped=0, notes=()) -> RawInteractions:
-    """Build the ``RawInteractions`` from columns (lists or polars Series)."""
+def _result(path, users, items, times, *, ratings=None, skipped=0, notes=(),
+            header=None) -> RawInteractions:
+    """Build the ``RawInteractions`` from columns (lists or polars Series); ``ratings`` None
+    means no rating column at all (not a column of nulls)."""
     n = len(users)
-    frame = pl.DataFrame(
-        {
-            "user": pl.Series("user", users, dtype=pl.Utf8),
-            "item": pl.Series("item", items, dtype=pl.Utf8),
-            "time": (
-                pl.Series("time", [None] * n, dtype=pl.Int64)
-                if times is None
-                else pl.Series("time", times, dtype=pl.Int64)
-            ),
-        }
-    )
-    return RawInteractions(frame, source=str(path), skipped=skipped, notes=list(notes))
+    cols = {
+        "user": pl.Series("user", users, dtype=pl.Utf8),
+        "item": pl.Series("item", items, dtype=pl.Utf8),
+        "time": (
+            pl.Series("time", [None] * n, dtype=pl.Int64)
+            if times is None
+            else pl.Series("time", times, dtype=pl.Int64)
+        ),
+    }
+    if ratings is not None:
+        cols["rating"] = pl.Series("rating", ratings, dtype=pl.Float64)
+    return RawInteractions(pl.DataFrame(cols), source=str(path), skipped=skipped,
+                           notes=list(notes), header=header)
+
+
+def _parse_rating(text) -> float:
+    """One rating as a finite float; ``ValueError`` naming the value otherwise."""
+    try:
+        r = float(str(text).strip())
+    except ValueError:
+        r = math.nan
+    if not math.isfinite(r):
+        raise ValueError(f"rating value {text!r} is not a number")
+    return r
+
+
+def _ratings_vectorized(s: pl.Series) -> pl.Series | None:
+    """Vectorized :func:`_parse_rating`; ``None`` if any value is missing or not a number."""
+    out = s.cast(pl.Utf8).str.strip_chars().cast(pl.Float64, strict=False)
+    if out.null_count() or not out.is_finite().all():
+        return None
+    return out.alias("rating")
 
 
 def _blank_rows(df: pl.DataFrame) -> pl.Series:
@@ -457,19 +485,21 @@ def _read_delimited(
 ) -> RawInteractions:
     """Shared engine of the MovieLens, RecBole and generic CSV/TSV readers.
 
-    ``columns`` maps ``user``/``item``/``time`` to a header name (``header=True``) or a
-    0-based position. A row may not have more fields than the header (or ``width`` when
-    there is no header); a shorter row is accepted only if every used column is present,
-    since trailing unused fields are often left off.
+    ``columns`` maps ``user``/``item``/``time`` (and ``rating``, when ratings are wanted) to
+    a header name (``header=True``) or a 0-based position. A row may not have more fields
+    than the header (or ``width`` when there is no header); a shorter row is accepted only
+    if every used column is present, since trailing unused fields are often left off.
     """
     problems = _Problems(path, on_error)
     names: list[str] = []
+    header_line: list[str] | None = None
     if header:
         head = _first_line(data)
         if not head.strip():
             what = "the file is empty" if not data.strip() else "the first line is empty"
             raise DataFormatError(path, 1, f"expected a header line but {what}")
-        names = [header_name(c) for c in _split_header(_decode(path, head), sep, quote)]
+        header_line = _split_header(_decode(path, head), sep, quote)
+        names = [header_name(c) for c in header_line]
         width = len(names)
         index = {}
         for role, col in columns.items():
@@ -484,6 +514,7 @@ def _read_delimited(
     else:
         index = {role: col for role, col in columns.items() if col is not None}
     has_time = "time" in index
+    has_rating = "rating" in index
 
     # Fast path: polars on the whole file, accepted only if every row is clean.
     body = data
@@ -503,16 +534,19 @@ def _read_delimited(
         # at the end of a short row (polars gives null for both), as in the slow path.
         user, item = (df.to_series(index[r]).str.strip_chars() for r in ("user", "item"))
         if all(c.null_count() == 0 and not (c == "").any() for c in (user, item)):
-            times = None
+            times = ratings = None
             if has_time:
                 times = _times_vectorized(df.to_series(index["time"]), fractional=fractional,
                                           dates=dates)
-            if times is not None or not has_time:
-                return _result(path, user, item, times, notes=_blank_note(path, n_blank))
+            if has_rating:
+                ratings = _ratings_vectorized(df.to_series(index["rating"]))
+            if (times is not None or not has_time) and (ratings is not None or not has_rating):
+                return _result(path, user, item, times, ratings=ratings,
+                               notes=_blank_note(path, n_blank), header=header_line)
 
     # Slow path: line by line; defines validity, names lines, implements "skip".
     text = _decode(path, data)
-    users, items, times_l = [], [], []
+    users, items, times_l, ratings_l = [], [], [], []
     blank = 0
     for ln, fields in _delimited_rows(text, sep, quote, problems):
         if all(not f.strip() for f in fields):
@@ -531,17 +565,20 @@ def _read_delimited(
         if not user or not item:
             problems.report(ln, f"empty {'user' if not user else 'item'} field")
             continue
-        if has_time:
-            try:
-                times_l.append(_parse_time(fields[index["time"]], fractional=fractional,
-                                           dates=dates))
-            except ValueError as e:
-                problems.report(ln, str(e))
-                continue
+        try:
+            t = _parse_time(fields[index["time"]], fractional=fractional,
+                            dates=dates) if has_time else None
+            r = _parse_rating(fields[index["rating"]]) if has_rating else None
+        except ValueError as e:
+            problems.report(ln, str(e))
+            continue
+        times_l.append(t)
+        ratings_l.append(r)
         users.append(user)
         items.append(item)
     return _result(path, users, items, times_l if has_time else None,
-                   skipped=problems.skipped, notes=_blank_note(path, blank) + problems.notes())
+                   ratings=ratings_l if has_rating else None, skipped=problems.skipped,
+                   notes=_blank_note(path, blank) + problems.notes(), header=header_line)
 
 
 def _delimited_rows(text: str, sep: str, quote: bool,
@@ -574,8 +611,9 @@ def _delimited_rows(text: str, sep: str, quote: bool,
 # --------------------------------------------------------------------- MovieLens
 
 
-def read_movielens(path, *, on_error: OnError = "raise") -> RawInteractions:
-    """Read a MovieLens ratings file; ratings themselves are dropped (implicit feedback).
+def read_movielens(path, *, on_error: OnError = "raise", rating: bool = False) -> RawInteractions:
+    """Read a MovieLens ratings file; ratings themselves are dropped (implicit feedback)
+    unless ``rating=True`` asks for them as a ``rating`` column.
 
     Supported layouts, chosen by file name and then by content:
 
@@ -586,16 +624,18 @@ def read_movielens(path, *, on_error: OnError = "raise") -> RawInteractions:
     data = _read_bytes(path)
     name = _plain_name(path)
     head = _first_line(data)
+    by_position = {"user": 0, "item": 1, "time": 3, **({"rating": 2} if rating else {})}
     if name.endswith(".dat") or b"::" in head:
         return _read_delimited(path, data, sep="::", header=False, quote=False, width=4,
-                               columns={"user": 0, "item": 1, "time": 3}, on_error=on_error)
+                               columns=by_position, on_error=on_error)
     if name.endswith(".csv") or b"movieid" in head.lower():
         return _read_delimited(path, data, sep=",", header=True, quote=True,
-                               columns={"user": "userid", "item": "movieid", "time": "timestamp"},
+                               columns={"user": "userid", "item": "movieid", "time": "timestamp",
+                                        **({"rating": "rating"} if rating else {})},
                                header_name=str.lower, on_error=on_error)
     if name.endswith(".data") or head.count(b"\t") == 3 or not head.strip():
         return _read_delimited(path, data, sep="\t", header=False, quote=False, width=4,
-                               columns={"user": 0, "item": 1, "time": 3}, on_error=on_error)
+                               columns=by_position, on_error=on_error)
     raise DataFormatError(
         path, 1,
         "not a MovieLens ratings file (expected 'UserID::MovieID::Rating::Timestamp', a "
@@ -613,12 +653,15 @@ def read_recbole_inter(
     user_field: str = "user_id",
     item_field: str = "item_id",
     time_field: str = "timestamp",
+    rating: bool = False,
+    rating_field: str = "rating",
 ) -> RawInteractions:
     """Read a RecBole atomic ``.inter`` file (TSV with a ``name:type`` header).
 
     Columns are found by the name before the colon. Without a ``timestamp`` column the time
-    column is null. RecBole declares timestamps as ``float``, so fractional seconds are
-    floored to int64 seconds here. Rows are returned in file order, which for RecBole
+    column is null. With ``rating=True`` the ``rating_field`` column, when the file has one,
+    becomes the ``rating`` column. RecBole declares timestamps as ``float``, so fractional
+    seconds are floored to int64 seconds here. Rows are returned in file order, which for RecBole
     files is no particular order: the caller sorts by time. Fields are not quoted.
     """
     data = _read_bytes(path)
@@ -630,7 +673,8 @@ def read_recbole_inter(
             path, 1, f"no column {missing!r} in the .inter header; available columns: {names}"
         )
     columns = {"user": user_field, "item": item_field,
-               "time": time_field if time_field in names else None}
+               "time": time_field if time_field in names else None,
+               "rating": rating_field if rating and rating_field in names else None}
     return _read_delimited(path, data, sep="\t", header=True, quote=False, columns=columns,
                            fractional="floor", header_name=lambda c: c.split(":", 1)[0].strip(),
                            on_error=on_error)
@@ -643,23 +687,128 @@ _JSONL = (".json", ".jsonl", ".ndjson")
 
 
 def _check_mapping(columns: Mapping[str, str]) -> dict[str, str]:
-    extra = set(columns) - {"user", "item", "time"}
+    extra = set(columns) - {"user", "item", "time", "rating"}
     if extra:
-        raise ValueError(f"column mapping keys must be 'user', 'item' and optionally 'time'; "
-                         f"got unexpected {sorted(extra)}")
+        raise ValueError(f"column mapping keys must be 'user', 'item' and optionally 'time' "
+                         f"and 'rating'; got unexpected {sorted(extra)}")
     for role in ("user", "item"):
         if not columns.get(role):
             raise ValueError(f"column mapping needs a {role!r} entry")
     return {k: v for k, v in columns.items() if v is not None}
 
 
-def read_table(
-    path, columns: Mapping[str, str], *, sep: str | None = None, on_error: OnError = "raise"
-) -> RawInteractions:
-    """Read a CSV, TSV, Parquet or JSON-lines table with a column mapping.
+# Column names a table's header is matched against when no mapping is given, in order of
+# preference, compared after lower-casing and removing "_", "-" and spaces (so "userId",
+# "user_id" and "User ID" are all "userid"). They are the spellings of MovieLens, RecBole,
+# Amazon (2014 and 2023), Yelp, Steam, Last.fm and the usual hand-made logs.
+_COLUMN_GUESSES = {
+    "user": ("user", "userid", "uid", "username", "reviewerid", "customerid", "visitorid",
+             "memberid", "sessionid"),
+    "item": ("item", "itemid", "iid", "movieid", "productid", "parentasin", "asin",
+             "businessid", "trackid", "songid", "bookid", "isbn", "articleid", "videoid",
+             "gameid", "appid", "poiid", "venueid", "movie", "product", "track", "song"),
+    "time": ("timestamp", "time", "ts", "datetime", "date", "unixreviewtime", "unixtime",
+             "eventtime", "createdat", "epoch"),
+    "rating": ("rating", "ratings", "overall", "stars", "score"),
+}
 
-    ``columns`` is ``{"user": <col>, "item": <col>, "time": <col>}`` (``time`` optional). A
-    column missing from the file is a ``DataFormatError`` listing the available columns.
+
+def _norm_column(name: str) -> str:
+    return "".join(c for c in name.lower() if c not in "_- ")
+
+
+def _guess_mapping(names: Sequence[str], rating: bool = False) -> tuple[dict[str, str], list[str]]:
+    """``(mapping, roles it could not find)`` for a header; ``user``/``item`` are required.
+
+    Each role takes the header column matching its most preferred spelling. Two columns
+    that normalize to that same spelling (``user_id`` and ``userId``) are ambiguous: the
+    role is reported as not found rather than picked at random.
+    """
+    by_norm: dict[str, list[str]] = {}
+    for n in names:
+        by_norm.setdefault(_norm_column(n), []).append(n)
+    mapping: dict[str, str] = {}
+    missing: list[str] = []
+    roles = ("user", "item", "time", "rating") if rating else ("user", "item", "time")
+    for role in roles:
+        hits = [by_norm[c] for c in _COLUMN_GUESSES[role] if c in by_norm]
+        if hits and len(hits[0]) == 1:
+            mapping[role] = hits[0][0]
+        elif role in ("user", "item"):
+            missing.append(role)
+    return mapping, missing
+
+
+def _mapping_text(mapping: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in mapping.items())
+
+
+def _table_header(path, sep: str | None = None) -> tuple[list[str], int | None]:
+    """Column names of a table file and the line they are on (None for Parquet)."""
+    name = _plain_name(path)
+    if name.endswith(_PARQUET):
+        try:
+            return list(pl.read_parquet_schema(path)), None
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - polars/arrow raise many types for bad files
+            raise DataFormatError(path, None, f"not a readable Parquet file ({e})") from None
+    if name.endswith(_JSONL):
+        for ln, line in enumerate(_sample_lines(path, limit=1), 1):
+            rec = _json_record(line)
+            if rec is None:
+                raise DataFormatError(path, ln, "not a JSON object")
+            return list(rec), ln
+        raise DataFormatError(path, None, "the file is empty (no JSON records)")
+    data = _read_bytes(path)
+    head = _first_line(data)
+    if not head.strip():
+        what = "the file is empty" if not data.strip() else "the first line is empty"
+        raise DataFormatError(path, 1, f"expected a header line but {what}")
+    sep = sep or _table_sep(name, head)
+    return _split_header(_decode(path, head), sep, sep == ","), 1
+
+
+def _table_sep(name: str, head: bytes) -> str:
+    """Tab for ``.tsv``/``.tab``, comma for ``.csv``, else tab if the header has one."""
+    if name.endswith((".tsv", ".tab")) or (not name.endswith(".csv") and b"\t" in head):
+        return "\t"
+    return ","
+
+
+def guess_table_columns(path, *, rating: bool = False, sep: str | None = None) -> dict[str, str]:
+    """The column mapping :func:`read_table` uses when given none, guessed from the header.
+
+    Header names are matched case-insensitively, ignoring ``_``/``-``/spaces, against the
+    usual spellings (``user``/``userId``/``user_id``/``reviewerID``..., ``item``/``itemId``/
+    ``movieId``/``product_id``/``asin``..., ``timestamp``/``time``/``date``...; with
+    ``rating=True`` also ``rating``/``overall``/``stars``...). Without a user or an item
+    column this raises a one-line ``DataFormatError`` that lists the header and says how to
+    give the mapping.
+    """
+    names, line = _table_header(path, sep)
+    mapping, missing = _guess_mapping(names, rating=rating)
+    if missing:
+        raise DataFormatError(
+            path, line,
+            f"cannot tell which column holds the {' and the '.join(missing)} (header: "
+            f"{names}); give the column mapping: --columns user=COL,item=COL[,time=COL] "
+            "(Python: columns={'user': COL, 'item': COL}), or the right --format if it is not a table",
+        )
+    return mapping
+
+
+def read_table(
+    path, columns: Mapping[str, str] | None = None, *, sep: str | None = None,
+    on_error: OnError = "raise", rating: bool = False,
+) -> RawInteractions:
+    """Read a CSV, TSV, Parquet or JSON-lines table, with a column mapping or a guessed one.
+
+    ``columns`` is ``{"user": <col>, "item": <col>, "time": <col>, "rating": <col>}``
+    (``time`` and ``rating`` optional); ``None`` guesses it from the header with
+    :func:`guess_table_columns` (a note says what was guessed). ``rating=True`` only matters
+    for a guessed mapping: it also looks for a rating column. A column missing from the
+    file is a ``DataFormatError`` listing the available columns.
     Text tables need a header line. ``sep`` defaults to tab for ``.tsv``/``.tab``, comma for
     ``.csv`` and otherwise to whichever of tab or comma the header contains; double-quoted
     fields are understood for comma-separated files only (TSVs often contain stray quotes).
@@ -668,21 +817,23 @@ def read_table(
     its errors name the 1-based row instead. ``.json``/``.jsonl`` files are handed to
     :func:`read_amazon_json` with the mapping as its ``fields``.
     """
-    mapping = _check_mapping(columns)
+    guessed = columns is None
+    mapping = guess_table_columns(path, rating=rating, sep=sep) if guessed else _check_mapping(columns)
     name = _plain_name(path)
     if name.endswith(_PARQUET):
-        return _read_parquet(path, mapping, on_error)
-    if name.endswith(_JSONL):
-        return read_amazon_json(path, fields=mapping, on_error=on_error)
-    data = _read_bytes(path)
-    if sep is None:
-        head = _first_line(data)
-        if name.endswith((".tsv", ".tab")) or (not name.endswith(".csv") and b"\t" in head):
-            sep = "\t"
-        else:
-            sep = ","
-    return _read_delimited(path, data, sep=sep, header=True, quote=sep == ",",
-                           columns=mapping, dates=True, on_error=on_error)
+        raw = _read_parquet(path, mapping, on_error)
+    elif name.endswith(_JSONL):
+        raw = read_amazon_json(path, fields=mapping, on_error=on_error)
+    else:
+        data = _read_bytes(path)
+        if sep is None:
+            sep = _table_sep(name, _first_line(data))
+        raw = _read_delimited(path, data, sep=sep, header=True, quote=sep == ",",
+                              columns=mapping, dates=True, on_error=on_error)
+    if guessed:
+        raw.notes.append(f"{path}: guessed the columns {_mapping_text(mapping)} from the "
+                         "header (--columns overrides)")
+    return raw
 
 
 def _read_parquet(path, mapping: dict[str, str], on_error: str) -> RawInteractions:
@@ -707,6 +858,10 @@ def _read_parquet(path, mapping: dict[str, str], on_error: str) -> RawInteractio
     user = df[mapping["user"]].cast(pl.Utf8).str.strip_chars()
     item = df[mapping["item"]].cast(pl.Utf8).str.strip_chars()
     bad = user.is_null() | (user == "") | item.is_null() | (item == "")
+    rating = None
+    if "rating" in mapping:
+        rating = df[mapping["rating"]].cast(pl.Utf8).str.strip_chars().cast(pl.Float64, strict=False)
+        bad = bad | ~rating.is_finite().fill_null(False)
     time = None
     if "time" in mapping:
         col = df[mapping["time"]]
@@ -737,22 +892,29 @@ def _read_parquet(path, mapping: dict[str, str], on_error: str) -> RawInteractio
     if bad.any():
         rows = bad.arg_true().to_list()
         for r in rows:
-            why = "empty user or item" if (user[r] in (None, "") or item[r] in (None, "")) \
-                else f"invalid time value {df[mapping['time']][r]!r}"
+            if user[r] in (None, "") or item[r] in (None, ""):
+                why = "empty user or item"
+            elif rating is not None and not (rating[r] is not None and math.isfinite(rating[r])):
+                why = f"rating value {df[mapping['rating']][r]!r} is not a number"
+            else:
+                why = f"invalid time value {df[mapping['time']][r]!r}"
             problems.report(None, f"row {r + 1}: {why}")
         keep = ~bad
         user, item = user.filter(keep), item.filter(keep)
         time = None if time is None else time.filter(keep)
-    return _result(path, user, item, time, skipped=problems.skipped, notes=problems.notes())
+        rating = None if rating is None else rating.filter(keep)
+    return _result(path, user, item, time, ratings=rating, skipped=problems.skipped,
+                   notes=problems.notes())
 
 
 # ------------------------------------------------------------------ JSON lines
 
-# (user key, item key, time key, divisor to seconds), tried in order on the first record.
+# (user key, item key, time key, rating key, divisor to seconds), tried in order on the
+# first record.
 _AMAZON_SCHEMAS = (
-    ("reviewerID", "asin", "unixReviewTime", 1),  # 2014 and 2018 review dumps (seconds)
-    ("user_id", "parent_asin", "timestamp", 1000),  # Amazon Reviews 2023 (milliseconds)
-    ("user_id", "asin", "timestamp", 1000),
+    ("reviewerID", "asin", "unixReviewTime", "overall", 1),  # 2014, 2018 dumps (seconds)
+    ("user_id", "parent_asin", "timestamp", "rating", 1000),  # Reviews 2023 (milliseconds)
+    ("user_id", "asin", "timestamp", "rating", 1000),
 )
 
 
@@ -762,6 +924,7 @@ def read_amazon_json(
     on_error: OnError = "raise",
     fields: Mapping[str, str] | None = None,
     time_unit: Literal["s", "ms"] = "s",
+    rating: bool = False,
 ) -> RawInteractions:
     """Read Amazon review JSON lines (optionally ``.gz``), or any JSON-lines interaction log.
 
@@ -773,23 +936,28 @@ def read_amazon_json(
     ``date``), with ``time_unit`` giving the unit of numeric times. String times may be
     ISO-8601 dates. Some dumps (Steam, old Amazon metadata) are Python literals rather than
     JSON; such lines are read with ``ast.literal_eval``, which evaluates no code.
+
+    ``rating=True`` adds the ``rating`` column from ``overall`` (2014/2018) or ``rating``
+    (2023) when the first record has it; with ``fields`` the mapping's ``rating`` entry is
+    used whatever ``rating`` says.
     """
     problems = _Problems(path, on_error)
     data = _read_bytes(path)
     if fields is not None:
         mapping = _check_mapping(fields)
-        keys = (mapping["user"], mapping["item"], mapping.get("time"))
+        keys = (mapping["user"], mapping["item"], mapping.get("time"), mapping.get("rating"))
         div = 1000 if time_unit == "ms" else 1
     else:
-        keys, div = _detect_json_schema(path, data)
+        keys, div = _detect_json_schema(path, data, rating)
 
     fast = _json_fast(data, keys, div)
     if fast is not None:
-        users, items, times, blank = fast
-        return _result(path, users, items, times, notes=_blank_note(path, blank))
+        users, items, times, ratings, blank = fast
+        return _result(path, users, items, times, ratings=ratings,
+                       notes=_blank_note(path, blank))
 
     text = _decode(path, data)
-    users, items, times = [], [], []
+    users, items, times, ratings = [], [], [], []
     blank = 0
     for ln, line in _lines(text):
         if not line.strip():
@@ -802,14 +970,17 @@ def read_amazon_json(
         try:
             user = _json_id(rec, keys[0])
             item = _json_id(rec, keys[1])
-            if keys[2] is not None:
-                times.append(_json_time(rec, keys[2], div))
+            t = _json_time(rec, keys[2], div) if keys[2] is not None else None
+            r = _json_rating(rec, keys[3]) if keys[3] is not None else None
         except ValueError as e:
             problems.report(ln, str(e))
             continue
         users.append(user)
         items.append(item)
+        times.append(t)
+        ratings.append(r)
     return _result(path, users, items, times if keys[2] is not None else None,
+                   ratings=ratings if keys[3] is not None else None,
                    skipped=problems.skipped, notes=_blank_note(path, blank) + problems.notes())
 
 
@@ -824,7 +995,7 @@ def _json_record(line: str) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
-def _detect_json_schema(path, data: bytes):
+def _detect_json_schema(path, data: bytes, rating: bool = False):
     text_head = data[: 1 << 20].decode("utf-8", errors="replace")
     for ln, line in _lines(text_head):
         if not line.strip():
@@ -832,15 +1003,17 @@ def _detect_json_schema(path, data: bytes):
         rec = _json_record(line)
         if rec is None:
             raise DataFormatError(path, ln, "not a JSON object")
-        for user_key, item_key, time_key, div in _AMAZON_SCHEMAS:
+        for user_key, item_key, time_key, rating_key, div in _AMAZON_SCHEMAS:
             if user_key in rec and item_key in rec:
-                return (user_key, item_key, time_key if time_key in rec else None), div
+                return (user_key, item_key, time_key if time_key in rec else None,
+                        rating_key if rating and rating_key in rec else None), div
         raise DataFormatError(
             path, ln,
             f"unrecognised review schema (keys {sorted(rec)}); expected reviewerID/asin/"
-            "unixReviewTime or user_id/parent_asin/timestamp, or pass fields=",
+            "unixReviewTime or user_id/parent_asin/timestamp, or name the keys with "
+            "--format table --columns user=KEY,item=KEY[,time=KEY] (Python: fields={...})",
         )
-    return ("reviewerID", "asin", None), 1  # empty file: no rows either way
+    return ("reviewerID", "asin", None, None), 1  # empty file: no rows either way
 
 
 def _json_id(rec: dict, key: str) -> str:
@@ -853,6 +1026,15 @@ def _json_id(rec: dict, key: str) -> str:
     if not s:
         raise ValueError(f"field {key!r} is empty")
     return s
+
+
+def _json_rating(rec: dict, key: str) -> float:
+    if key not in rec:
+        raise ValueError(f"missing field {key!r}")
+    v = rec[key]
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise ValueError(f"rating value {v!r} in field {key!r} is not a number")
+    return _parse_rating(v)
 
 
 def _json_time(rec: dict, key: str, div: int) -> int:
@@ -880,10 +1062,12 @@ _NOT_AN_ID = r"^[\[{]|^(?:true|false)$|^-?[0-9]*\.[0-9]*(?:[eE][-+]?[0-9]+)?$|^-
 
 def _json_fast(data: bytes, keys, div: int):
     """polars NDJSON parse with only the needed keys, as strings; ``None`` if not clean."""
-    user_key, item_key, time_key = keys
+    user_key, item_key, time_key, rating_key = keys
     schema = {user_key: pl.Utf8, item_key: pl.Utf8}
     if time_key is not None:
         schema[time_key] = pl.Utf8
+    if rating_key is not None:
+        schema[rating_key] = pl.Utf8
     try:
         df = pl.read_ndjson(io.BytesIO(data), schema=schema)
     except Exception:  # noqa: BLE001 - Python literals, bad lines: slow path decides
@@ -910,7 +1094,14 @@ def _json_fast(data: bytes, keys, div: int):
             return None
         if div != 1:
             times = times // div
-    return user, item, times, blank
+    ratings = None
+    if rating_key is not None:
+        raw = df[rating_key]
+        # booleans would read as "true"/"false" and fail the cast; the slow path names them
+        ratings = _ratings_vectorized(raw)
+        if ratings is None:
+            return None
+    return user, item, times, ratings, blank
 
 
 # ------------------------------------------------------------------- dispatch
@@ -929,8 +1120,11 @@ def sniff_format(path, **kw) -> str:
     """Guess the reader name for ``path`` from its name, then its first lines.
 
     Keyword arguments meant for a reader are hints: ``times_path`` means user-per-line and
-    ``columns`` means a generic table. Plain text is user-per-line unless every sampled line
-    has 2 or 3 fields and some user occurs on more than one line, which is the pairs layout.
+    ``columns`` means a generic table. A ``.csv``/``.tsv``/Parquet file is MovieLens when its
+    header is, else a generic table (whose columns ``read_table`` guesses from the header),
+    and so is any text file whose first line is a header naming a user and an item column.
+    Other plain text is user-per-line unless every sampled line has 2 or 3 fields and some
+    user occurs on more than one line, which is the pairs layout.
     """
     if "times_path" in kw:
         return "user-per-line"
@@ -944,22 +1138,23 @@ def sniff_format(path, **kw) -> str:
     if name.endswith((".dat", ".data")):
         return "movielens"
     if name.endswith(_PARQUET):
-        raise ValueError(f"{path}: a Parquet table needs a column mapping: pass "
-                         "columns={'user': ..., 'item': ..., 'time': ...}")
+        return "table"
     head = _sample_lines(path)
     first = head[0] if head else ""
     if name.endswith((".csv", ".tsv")):
         low = first.lower()
         if "userid" in low and "movieid" in low:
             return "movielens"
-        raise ValueError(f"{path}: a table needs a column mapping: pass columns={{'user': ..., "
-                         "'item': ..., 'time': ...}} or fmt=")
+        return "table"
     if ":token" in first or ":float" in first:
         return "recbole"
     if "::" in first:
         return "movielens"
     if first.count("\t") == 3 and all(f.strip().isdigit() for f in first.split("\t")):
         return "movielens"
+    for sep in ("\t", ","):
+        if sep in first and not _guess_mapping(_split_header(first, sep, sep == ","))[1]:
+            return "table"  # a header line such as "user_id<TAB>item_id<TAB>timestamp"
     toks = [line.split() for line in head]
     lengths = {len(t) for t in toks}
     firsts = [t[0] for t in toks]
@@ -987,20 +1182,44 @@ def _sample_lines(path, limit: int = 200) -> list[str]:
     return out
 
 
-def read_any(path, fmt: str | None = None, **kw) -> RawInteractions:
-    """Read ``path`` with the reader named ``fmt`` (see ``READERS``), or a sniffed one."""
+# Readers that can return a rating column (``rating=True``); the others have no ratings.
+RATED_FORMATS = ("movielens", "recbole", "table", "amazon-json")
+
+
+def read_any(path, fmt: str | None = None, *, rating: bool = False, **kw) -> RawInteractions:
+    """Read ``path`` with the reader named ``fmt`` (see ``READERS``), or a sniffed one.
+
+    ``rating=True`` means the caller needs ratings (``min_rating``): a format without them,
+    or a file of a rated format that has no rating column, is a ``ValueError`` saying so.
+    """
     if fmt is None:
         fmt = sniff_format(path, **kw)
     if fmt not in READERS:
         raise ValueError(f"unknown data format {fmt!r}; valid formats: {sorted(READERS)}")
-    if fmt == "table" and not kw.get("columns"):
-        raise ValueError(f"{path}: the 'table' format needs a column mapping, e.g. "
-                         "columns={user: userId, item: movieId, time: timestamp} (CLI: --columns user=userId,item=movieId,time=timestamp)")
-    return READERS[fmt](path, **kw)
+    if fmt == "table" and "columns" in kw and not kw["columns"]:
+        kw.pop("columns")  # an empty mapping means "guess", as no mapping does
+    if not rating:
+        return READERS[fmt](path, **kw)
+    if fmt not in RATED_FORMATS:
+        raise ValueError(f"{path}: a minimum rating (data.min_rating, --min-rating) needs "
+                         f"ratings, and the {fmt!r} format has none; formats with ratings: "
+                         f"{', '.join(RATED_FORMATS)}")
+    if fmt == "amazon-json" and kw.get("fields"):
+        raw = READERS[fmt](path, **kw)
+    else:
+        raw = READERS[fmt](path, rating=True, **kw)
+    if not raw.has_rating:
+        hint = (": map one with --columns ...,rating=COL" if fmt == "table"
+                else " (RecBole: a 'rating' field)" if fmt == "recbole" else "")
+        raise ValueError(f"{path}: a minimum rating (data.min_rating, --min-rating) needs a "
+                         f"rating column, and this {fmt} file has none{hint}")
+    return raw
 
 
 __all__: Sequence[str] = [
+    "RATED_FORMATS",
     "READERS",
+    "guess_table_columns",
     "read_any",
     "read_amazon_json",
     "read_movielens",

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 from perseq.data.errors import DatasetNotFoundError
 from perseq.data.raw import RawInteractions
-from perseq.data.readers import READERS, read_any
+from perseq.data.readers import RATED_FORMATS, READERS, read_any
 
 
 class ChecksumMismatchError(ValueError):
@@ -289,7 +289,8 @@ def _missing_message(spec: DatasetSpec, target: Path, reason: str) -> str:
     if spec.archive_member:
         lines.append(f"  (keep the archive as is; {spec.archive_member} is extracted from it "
                      "automatically)")
-    lines.append("Set PERSEQ_DATA_DIR to use another cache directory, or pass download=True.")
+    lines.append("To download it: --set data.download=true (perseq train), --download (perseq "
+                 "data), download=True in Python. PERSEQ_DATA_DIR sets another cache directory.")
     return "\n".join(lines)
 
 
@@ -337,7 +338,7 @@ def locate(name: str, download: bool = False) -> Path:
     if not target.is_file():
         if not download:
             raise DatasetNotFoundError(
-                _missing_message(spec, target, "it is not in the cache (download=False)")
+                _missing_message(spec, target, "it is not in the cache and downloading is off")
             )
         _fetch(spec, target)
     _verify(spec, target)
@@ -370,22 +371,50 @@ def _fetch(spec: DatasetSpec, target: Path) -> None:
             tmp.unlink()
 
 
-def read_dataset(name: str, download: bool = False, *, shared: bool = True) -> RawInteractions:
-    """Read a dataset by name: the shared copy if there is one, else the cached file.
+def is_registered(name: str) -> bool:
+    """Whether ``name`` is a registry or shared-copy name (what ``read_dataset`` accepts)."""
+    return name in DATASETS or name in SHARED_DATASETS
 
-    With ``shared=True`` and a copy under exactly this name in the shared directory, that
-    copy is read (no network, no cache); note that the shared ml-1m has no timestamp values.
-    The returned ``notes`` say which file was read.
+
+def all_names() -> list[str]:
+    """Every name ``read_dataset`` accepts, sorted."""
+    return _all_names()
+
+
+@dataclass(frozen=True)
+class Source:
+    """The file(s) a registry name is read from, and how: what ``read_dataset`` reads and
+    what a run's data fingerprint hashes."""
+
+    path: Path
+    fmt: str
+    reader_kwargs: Mapping[str, Any]
+    note: str
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file read: the interactions file and, for some shared copies, a times file."""
+        extra = self.reader_kwargs.get("times_path")
+        return [self.path] + ([Path(extra)] if extra is not None else [])
+
+
+def dataset_source(name: str, download: bool = False, *, shared: bool = True,
+                   rating: bool = False) -> Source:
+    """Where ``read_dataset`` reads ``name`` from (downloading only if ``download``).
+
+    The shared copy wins when there is one, except with ``rating=True`` when the shared
+    copy's format has no ratings (the shared ml-1m is user-per-line): then the cached
+    original is used, since only it can be filtered by rating.
     """
-    if name not in DATASETS and name not in SHARED_DATASETS:
+    if not is_registered(name):
         raise ValueError(f"unknown dataset {name!r}; known datasets: {_all_names()}")
     if shared and name in SHARED_DATASETS:
         root = find_shared_dir()
         copy = SHARED_DATASETS[name]
-        if root is not None and (root / copy.path).is_file():
-            raw = read_any(root / copy.path, copy.fmt, **copy.reader_kwargs(root))
-            raw.notes.append(f"read the shared copy {root / copy.path}")
-            return raw
+        usable = not rating or copy.fmt in RATED_FORMATS or name not in DATASETS
+        if usable and root is not None and (root / copy.path).is_file():
+            return Source(root / copy.path, copy.fmt, copy.reader_kwargs(root),
+                          f"read the shared copy {root / copy.path}")
         if name not in DATASETS:
             where = root / copy.path if root is not None else f"<shared>/datasets/{copy.path}"
             raise DatasetNotFoundError(
@@ -394,6 +423,19 @@ def read_dataset(name: str, download: bool = False, *, shared: bool = True) -> R
             )
     spec = get_spec(name)
     path = locate(name, download=download)
-    raw = read_any(path, spec.fmt, **spec.reader_kwargs)
-    raw.notes.append(f"read the cached file {path}")
+    return Source(path, spec.fmt, dict(spec.reader_kwargs), f"read the cached file {path}")
+
+
+def read_dataset(name: str, download: bool = False, *, shared: bool = True,
+                 on_error: str = "raise", rating: bool = False) -> RawInteractions:
+    """Read a dataset by name: the shared copy if there is one, else the cached file.
+
+    With ``shared=True`` and a copy under exactly this name in the shared directory, that
+    copy is read (no network, no cache); note that the shared ml-1m has no timestamp values.
+    The returned ``notes`` say which file was read. ``on_error`` and ``rating`` are passed
+    to the reader (see :func:`perseq.data.readers.read_any` and :func:`dataset_source`).
+    """
+    src = dataset_source(name, download, shared=shared, rating=rating)
+    raw = read_any(src.path, src.fmt, on_error=on_error, rating=rating, **src.reader_kwargs)
+    raw.notes.append(src.note)
     return raw

@@ -104,6 +104,29 @@ def kcore(frame: pl.DataFrame, min_user: int, min_item: int, max_rounds: int = 1
     return frame
 
 
+def _no_rows_message(raw: RawInteractions | pl.DataFrame) -> str:
+    """Why there is nothing to prepare before any filter ran: empty file, a header alone,
+    or every line malformed and skipped."""
+    if not isinstance(raw, RawInteractions):
+        return "no interactions to prepare: the table is empty"
+    if raw.skipped:
+        return (f"{raw.source}: no interactions to prepare: all {raw.skipped} data line(s) were "
+                "malformed and skipped (data.on_error=skip)")
+    if raw.header is not None:
+        return f"{raw.source} has a header line ({', '.join(raw.header)}) but no data rows"
+    return f"{raw.source} has no data rows (the file is empty or blank)"
+
+
+def count_duplicates(frame: pl.DataFrame) -> tuple[int, int]:
+    """``(repeats, exact)``: events whose (user, item) pair occurred earlier for that user,
+    and of those the ones whose timestamp is the same too (0 without timestamps, where
+    "the same time" cannot be told). ``dedup`` drops exactly the ``repeats``."""
+    repeats = frame.height - frame.select(["user", "item"]).n_unique()
+    has_time = frame.height and frame["time"].null_count() < frame.height
+    exact = frame.height - frame.select(["user", "item", "time"]).n_unique() if has_time else 0
+    return repeats, exact
+
+
 def prepare(
     raw: RawInteractions | pl.DataFrame,
     *,
@@ -111,6 +134,8 @@ def prepare(
     min_user: int = 0,
     min_item: int = 0,
     dedup: bool = False,
+    min_rating: float | None = None,
+    log=None,
 ) -> SequenceData:
     """Raw interactions -> time-ordered jagged sequences with contiguous ids.
 
@@ -118,18 +143,50 @@ def prepare(
     ML-1M copy has no timestamp values, and for day-granular Amazon data the file order is
     the best tie-break there is); otherwise file order. Users are numbered in order of first
     appearance, items likewise from 1 (0 is padding).
+
+    Filters, in this order: ``min_rating`` keeps events rated at least that (needs the
+    ``rating`` column: read with ``rating=True``); ``dedup`` keeps only the earliest event
+    of each (user, item) pair (RecBole's ``rm_dup_inter: first``); then the k-core
+    (``min_user``, ``min_item``). A *duplicate* is an event whose user and item already
+    occurred in an earlier event of that user, whatever the time. Without ``dedup`` they are
+    kept, and their count (with how many also repeat the timestamp) is passed to ``log``.
+    ``log`` (a ``print``-like callable, or None for silence) also gets how many events
+    ``dedup`` dropped. Nothing left, with or without filters, is a ``ValueError`` that says
+    which step emptied the data.
     """
+    source = raw.source if isinstance(raw, RawInteractions) else "the data"
     frame = raw.frame if isinstance(raw, RawInteractions) else raw
+    if frame.height == 0:
+        raise ValueError(_no_rows_message(raw))
     frame = frame.with_row_index("_row")
     has_time = frame["time"].null_count() < frame.height
     if has_time and frame["time"].null_count():
         raise ValueError(f"{frame['time'].null_count()} interactions lack a timestamp while others have one")
+    steps = [f"{source} has {frame.height} events"]  # what each filter left, for the empty case
+    if min_rating is not None:
+        if "rating" not in frame.columns:
+            raise ValueError(f"min_rating={min_rating} needs ratings, and {source} was read without a rating column")
+        frame = frame.filter(pl.col("rating") >= min_rating)
+        steps.append(f"min_rating={min_rating:g} kept {frame.height}")
+    repeats, exact = count_duplicates(frame)
     if dedup:
-        frame = frame.unique(subset=["user", "item"], keep="first", maintain_order=True)
+        # keep each pair's earliest event in time order (file order breaks ties), then put
+        # the rows back in file order, which numbers users and items by first appearance
+        order = ["time", "_row"] if has_time else ["_row"]
+        frame = frame.sort(order).unique(subset=["user", "item"], keep="first", maintain_order=True).sort("_row")
+        steps.append(f"dedup kept {frame.height}")
+        if log and repeats:
+            log(f"note: dedup dropped {repeats} duplicate event(s) (a user-item pair seen earlier for that user; "
+                "the earliest of each pair kept)")
+    elif log and repeats:
+        same = f", {exact} of them also at the same timestamp" if has_time else ""
+        log(f"note: {repeats} duplicate event(s) kept (a user-item pair seen earlier for that user{same}); "
+            "data.dedup=true / --dedup keeps only each pair's earliest event")
     if min_user > 1 or min_item > 1:
         frame = kcore(frame, min_user, min_item)
+        steps.append(f"k-core (min_user={min_user}, min_item={min_item}) kept {frame.height}")
     if frame.height == 0:
-        raise ValueError("no interactions left after filtering")
+        raise ValueError(f"no interactions left after filtering: {'; '.join(steps)}; relax those settings")
     user_vocab = frame["user"].unique(maintain_order=True)
     item_vocab = frame["item"].unique(maintain_order=True)
     frame = frame.with_columns(
@@ -220,3 +277,55 @@ def make_split(data: SequenceData, kind: str = "leave_one_out", **kw) -> Split:
     if kind not in SPLITS:
         raise ValueError(f"unknown split {kind!r}; valid: {sorted(SPLITS)}")
     return SPLITS[kind](data, **kw)
+
+
+# ------------------------------------------------------------------ degenerate splits
+def _summary(data: SequenceData) -> str:
+    lens = data.lengths
+    return (f"{data.n_users} users, {data.n_interactions} events, {data.n_items} items; events per user "
+            f"min {int(lens.min())}, median {float(np.median(lens)):g}, max {int(lens.max())}")
+
+
+def _stage_rule(split: Split, stage: str) -> str:
+    """How the split picks users for ``stage``, with the count that explains why none was."""
+    lens = split.data.lengths
+    if split.kind.startswith("leave_one_out"):
+        return (f"leave-one-out {'validates' if stage == 'valid' else 'tests'} users with at least 3 events, "
+                f"and {int((lens >= 3).sum())} of {len(lens)} users have that many")
+    return (f"the temporal split {'validates' if stage == 'valid' else 'tests'} users with an event after the "
+            f"{'validation' if stage == 'valid' else 'test'} cut-off and at least one before it")
+
+
+def empty_stage_message(split: Split, stage: str) -> str:
+    """The one line both ``check_split`` and ``evaluate`` give for a stage without users."""
+    what = "validation" if stage == "valid" else "test"
+    return (f"no users to evaluate at the {what} stage of the {split.kind} split: {_stage_rule(split, stage)} "
+            f"({_summary(split.data)})")
+
+
+def check_split(split: Split) -> None:
+    """Refuse data that cannot be trained or measured, before any training: a one-item
+    catalogue (every ranking is trivially perfect), no training target (an event preceded
+    by another training event of the same user; without one, the loss is 0 and the model
+    is untrained, yet a tiny catalogue can still score HR@10 = 1.0), or no validation or
+    test user. Raises ``ValueError`` with one line that gives the counts."""
+    data = split.data
+    if data.n_items < 2:
+        raise ValueError(f"the catalogue has {data.n_items} item(s): ranking one item is trivially perfect, so "
+                         f"nothing can be learned or measured ({_summary(data)})")
+    n_targets = int(np.maximum(split.train_len - 1, 0).sum())
+    if n_targets == 0:
+        if split.kind == "leave_one_out":
+            lens = split.data.lengths
+            why = ("leave-one-out keeps each user's last 2 events for validation and test when the user has at "
+                   f"least 3, so only users with exactly 2 or at least 4 events give training targets, and none "
+                   f"does ({int((lens == 1).sum())} users have 1 event, {int((lens == 3).sum())} have 3)")
+        elif split.kind == "temporal":
+            why = "no user has two events before the temporal split's validation cut-off"
+        else:
+            why = f"no user has two training events in the {split.kind} split"
+        raise ValueError(f"no training targets: a target is an event that follows another training event of the "
+                         f"same user; {why} ({_summary(data)})")
+    for stage in ("valid", "test"):
+        if len(split.eval_users(stage)) == 0:
+            raise ValueError(empty_stage_message(split, stage))
