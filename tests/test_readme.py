@@ -28,6 +28,8 @@ NOT_RUN = {
                                                         "tested in test_train.py::test_two_process_gloo_training_equals_one_process",
     "python benchmarks/campaign.py": "a benchmark queue of full trainings (hours); its queue/collect logic is tested "
                                      "in test_campaign.py",
+    "python benchmarks/test_curve.py": "needs an HSTU-large run trained with eval.monitor_test (hours); the script is "
+                                       "tested in test_test_curve.py",
     "python benchmarks/quickstart.py": "measures the quickstart's wall time idle and under load (minutes, needs an idle "
                                        "machine); its output is benchmarks/results/quickstart.json",
 }
@@ -38,7 +40,7 @@ EPOCH1 = ["--set", "train.epochs=1", "--no-progress"]
 SMALL = {
     "perseq train": lambda a: [x if x != "0,1,2" else "0" for x in a] + EPOCH1,
     "perseq quickstart": lambda a: a + ["--epochs", "2"],
-    "perseq bench speed": lambda a: a + ["--repeat", "1"],
+    "perseq bench speed": lambda a: a + ["--repeat", "1", "--step-models", "gru4rec", "--step-histories", "100"],
 }
 
 
@@ -51,7 +53,7 @@ def _commands() -> list[tuple[str, str]]:
             out.append(("python", body))
             continue
         for line in body.splitlines():
-            line = re.split(r"\s{2,}#", line)[0].strip()  # a trailing comment
+            line = re.split(r"\s#\s", line)[0].strip()  # a trailing comment
             if line:
                 out += [("bash", part.strip()) for part in line.split("&&")]
     return out
