@@ -115,3 +115,89 @@ def test_openmp_spin_is_limited_only_when_perseq_comes_first_and_nothing_is_set(
     out = subprocess.run([sys.executable, "-c", _SPIN_PROBE.format(first=first)], env={**clean, **env},
                          capture_output=True, text=True, check=True).stdout.split()[-1]
     assert out == (OPENMP_SPIN_COUNT if expected == "10000" else expected)
+
+
+# ---- thread count (choose_threads: the policy in runtime.py's docstring) ----
+
+def test_explicit_count_wins_then_perseq_threads_then_omp_num_threads():
+    from perseq.runtime import CpuLoad, choose_threads
+
+    env = {"PERSEQ_THREADS": "3", "OMP_NUM_THREADS": "5"}
+    assert choose_threads(2, env=env, load=CpuLoad([0, 1], 0.0, None)).n == 2
+    c = choose_threads(None, env=env, load=CpuLoad([0, 1], 2.0, None))
+    assert (c.n, str(c)) == (3, "3 (PERSEQ_THREADS=3)")  # an override is taken as given, busy or not
+    assert choose_threads(None, env={"OMP_NUM_THREADS": "5"}, load=CpuLoad([0, 1], 0.0, None)).n == 5
+    assert choose_threads(0, env={}, load=CpuLoad([0, 1], 0.0, None)).n == 2  # 0: not set (as before)
+    for bad in ({"PERSEQ_THREADS": "0"}, {"PERSEQ_THREADS": "two"}, {"OMP_NUM_THREADS": "-1"}):
+        with pytest.raises(ValueError, match="thread count"):
+            choose_threads(None, env=bad, load=CpuLoad([0, 1], 0.0, None))
+    with pytest.raises(ValueError):
+        choose_threads(-2, env={})
+
+
+@pytest.mark.parametrize("busy", [0.0, 0.2, 0.49, 0.51, 1.0, 1.4, 2.6, 3.0, 7.5])
+@pytest.mark.parametrize("n_cpus", [1, 2, 4])
+def test_automatic_count_is_the_cores_not_busy_within_1_and_the_cores(busy, n_cpus):
+    from perseq.runtime import CpuLoad, choose_threads
+
+    c = choose_threads(None, env={}, load=CpuLoad(list(range(n_cpus)), busy, None))
+    assert 1 <= c.n <= n_cpus
+    n_busy = min(n_cpus, int(busy + 0.5))
+    assert c.n == max(1, n_cpus - n_busy)
+    assert c.reason == f"{n_busy} of {n_cpus} cores busy"
+
+
+def test_a_cpu_quota_caps_the_count_and_busy_cores_reduce_it():
+    from perseq.runtime import CpuLoad, choose_threads
+
+    assert choose_threads(None, env={}, load=CpuLoad(list(range(8)), 0.0, 2)).n == 2
+    assert choose_threads(None, env={}, load=CpuLoad(list(range(8)), 5.0, 4)).n == 3
+    assert choose_threads(None, env={}, load=CpuLoad([0, 1], 1.0, None)).n == 1
+    assert str(choose_threads(None, env={}, load=CpuLoad([0, 1], 1.0, None))) == "1 (1 of 2 cores busy)"
+    assert str(choose_threads(None, env={}, load=CpuLoad([0, 1, 2, 3], None, 2))) == "2 (4 cores, load unknown, CPU quota 2)"
+
+
+def test_without_proc_stat_the_load_average_stands_in(monkeypatch):
+    import perseq.runtime as rt
+
+    monkeypatch.setattr(rt, "_cpu_times", lambda cpus: None)
+    monkeypatch.setattr(rt.os, "getloadavg", lambda: (1.3, 0.0, 0.0), raising=False)
+    assert rt.busy_cores([0, 1]) == 1.3
+    assert rt.busy_cores([0]) == 1.0  # capped at the CPUs asked about
+    assert rt.choose_threads(None, env={}, load=rt.CpuLoad([0, 1, 2, 3], rt.busy_cores([0, 1, 2, 3]), None)).n == 3
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat") or not hasattr(os, "sched_setaffinity"),
+                    reason="measures /proc/stat with a process pinned to one CPU")
+def test_a_busy_loop_on_a_core_counts_as_busy_and_lowers_the_automatic_count():
+    from perseq.runtime import CpuLoad, allowed_cpus, busy_cores, choose_threads
+
+    cpus = allowed_cpus()
+    spin = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpus[-1]}}})\nwhile True: pass"])
+    try:
+        import time
+
+        time.sleep(0.5)  # started and spinning
+        assert busy_cores([cpus[-1]]) > 0.8  # that CPU is taken (by the loop, or by it and others)
+        if len(cpus) > 1:
+            assert choose_threads(None, env={}, load=CpuLoad(cpus, busy_cores(cpus), None)).n <= len(cpus) - 1
+    finally:
+        spin.kill()
+        spin.wait()
+
+
+def test_use_threads_sets_torch_and_numba_and_logs_the_choice():
+    import numba
+    import torch
+
+    from perseq.runtime import use_threads
+
+    before_t, before_n = torch.get_num_threads(), numba.get_num_threads()
+    lines = []
+    try:
+        choice = use_threads(1, log=lines.append)
+        assert choice.n == 1 and torch.get_num_threads() == 1 and numba.get_num_threads() == 1
+        assert lines == ["threads: 1 (as requested)"]
+    finally:
+        torch.set_num_threads(before_t)
+        numba.set_num_threads(before_n)

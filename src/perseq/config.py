@@ -53,7 +53,7 @@ class TrainConfig:
     eval_every: int = 1  # evaluate validation every this many epochs
     seed: int = 0  # model init, batch order and dropout; --seeds runs several
     device: str = "auto"  # auto | cpu | cuda | mps
-    threads: int | None = None  # torch CPU threads (None = torch default)
+    threads: int | None = None  # CPU threads (None = automatic: the cores not busy now; see perseq.runtime)
     # within a long epoch, also save a resumable checkpoint this often (0 = epoch ends only),
     # so a kill loses minutes, not an epoch
     checkpoint_minutes: float = 5.0

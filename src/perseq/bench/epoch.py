@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 from unittest import mock
@@ -26,7 +27,7 @@ from ..evaluate import train_item_counts
 from ..losses import LossConfig, get_loss
 from ..models import build_model, hstu
 from ..report import git_commit, hardware_name
-from ..runtime import tune_malloc_for_training
+from ..runtime import tune_malloc_for_training, use_threads
 from ..train import seed_everything, train_step
 
 
@@ -56,11 +57,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=1, help="epochs to time back to back; the result is the last "
                     "one's (the first still pays one-off costs: allocator warm-up, first-touch pages); "
                     "all are listed under epoch_seconds_each")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: as training "
+                    "chooses them: PERSEQ_THREADS, OMP_NUM_THREADS, else the cores not busy now; perseq/runtime.py)")
     ap.add_argument("--out", help="JSON file to write")
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    # as fit() chooses them; the line goes to stderr, stdout is the JSON result
+    threads = use_threads(a.threads, log=lambda s: print(s, file=sys.stderr))
     malloc_tuned = tune_malloc_for_training()  # as fit() trains
     seed_everything(0)
 
@@ -109,6 +111,7 @@ def main(argv=None) -> dict:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "data_read_prepare_seconds": round(prep_s, 2),
         "torch_threads": torch.get_num_threads(),
+        "threads_reason": threads.reason,
         "malloc_tuned": malloc_tuned,
         # libgomp's spin, as torch read it at import (perseq.runtime.limit_openmp_spin)
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
