@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .ops import reference_only
+
 try:  # fused CPU kernels for per-row negatives (numba; the torch path covers its absence)
     from .ops import sampled_numba as _sampled_numba
 except ImportError:
@@ -65,7 +67,7 @@ def softmax_ce(h, y, emb, *, temperature: float = 1.0, chunk: int = 1024, **_) -
     E = emb[1:]
     if temperature != 1.0:
         h = h / temperature
-    if h.device.type == "cpu" and h.dtype == torch.float32 and torch.is_grad_enabled():
+    if h.device.type == "cpu" and h.dtype == torch.float32 and torch.is_grad_enabled() and not reference_only():
         return _ChunkedSoftmaxCE.apply(h, E, y - 1, chunk)
     return F.cross_entropy(h @ E.T, y - 1, reduction="sum")
 

@@ -69,6 +69,19 @@ def _core(model):
     return model.module if hasattr(model, "module") else model
 
 
+def forward_targets(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's training forward on ``batch``: (hidden (B, T, D), targets (B, T), 0 =
+    no target). A pure function of the parameters, so ``torch.func.functional_call`` can run
+    it with other ones: ``train_step`` and per-user adaptation (``perseq.personalize``)
+    share it, and with it the objective (Cloze masking, query times)."""
+    core = _core(model)
+    inputs, targets = batch.inputs, batch.targets
+    if core.objective == "cloze":
+        inputs, targets = core.cloze_mask(inputs)
+    # models that time each query (HSTU, time_query="next") get the targets' timestamps
+    return model(inputs, batch.times, batch.target_times if core.query_time_input else None), targets
+
+
 def train_step(model, batch: Batch, loss_fn, optimizer=None, *, grad_clip: float | None = None) -> tuple[float, int]:
     """One optimization step on ``batch``; returns (summed loss, number of targets).
 
@@ -78,11 +91,7 @@ def train_step(model, batch: Batch, loss_fn, optimizer=None, *, grad_clip: float
     """
     core = _core(model)
     model.train()
-    inputs, targets = batch.inputs, batch.targets
-    if core.objective == "cloze":
-        inputs, targets = core.cloze_mask(inputs)
-    # models that time each query (HSTU, time_query="next") get the targets' timestamps
-    h = model(inputs, batch.times, batch.target_times if core.query_time_input else None)  # (B, T, D)
+    h, targets = forward_targets(model, batch)  # (B, T, D), (B, T)
     sel = targets > 0
     n_local = sel.sum()
     rank, world = _distributed()

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.attention import causal_attention
 from ..ops.dropout import Dropout
 from .base import SeqRecModel
 from .sasrec import _init
@@ -86,7 +87,7 @@ class Attention(nn.Module):
         q, k = rope(q, pos), rope(k, pos)
         # right padding: real positions precede padding, so the causal mask alone keeps
         # padding out of their view
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hs)
+        y = causal_attention(q, k, v)  # (B, H, T, hs)
         return self.o(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
     def step(self, x, k_cache, v_cache, rope: Rotary):

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.attention import causal_attention
 from ..ops.dropout import Dropout
 from .base import SeqRecModel
 
@@ -54,7 +55,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hs)
         # right padding: real positions precede padding, so the causal mask alone keeps
         # padding out of every real position's view
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0)
+        y = causal_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
 

@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import reference_only
+
 try:  # optional fused CUDA kernels (pip install mamba-ssm causal-conv1d; they build with nvcc)
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
 except ImportError:
@@ -156,6 +158,8 @@ def selective_scan(x, delta, A, B, C, D=None, backend: str = "auto", chunk: int 
     if backend not in BACKENDS:
         raise ValueError(f"unknown selective-scan backend {backend!r}; valid: {', '.join(BACKENDS)}")
     _check_delta(x, delta, delta_proj)
+    if reference_only():  # plain torch ops only (torch.func transforms; perseq.ops.reference_ops)
+        return selective_scan_ref(x, delta, A, B, C, D, z, delta_bias, delta_softplus, delta_proj)
     if backend == "cuda" or (backend == "auto" and _mamba_selective_scan_fn is not None and x.is_cuda):
         return _scan_cuda(x, _delta(delta, None, False, delta_proj), A, B, C, D, z, delta_bias, delta_softplus)
     if backend == "numba":
@@ -360,7 +364,7 @@ def causal_conv1d(x, weight, bias=None, activation: str | None = None, backend: 
         raise RuntimeError("conv backend 'numba' needs the numba package (pip install numba); "
                            "use backend='torch' or 'auto' to run without it")
     # the numba kernel fuses the SiLU; without an activation the torch conv runs
-    if activation == "silu" and causal_conv1d_silu_numba is not None and (
+    if activation == "silu" and causal_conv1d_silu_numba is not None and not reference_only() and (
             backend == "numba" or (backend == "auto" and x.device.type == "cpu" and x.dtype in _NUMBA_DTYPES)):
         return causal_conv1d_silu_numba(x, weight, bias if bias is not None else x.new_zeros(weight.shape[0]))
     L, W = x.shape[1], weight.shape[1]

@@ -1,0 +1,288 @@
+"""PCRec-simple: adapt a trained model to each user at inference, on that user's own history.
+
+For each user, starting from the trained parameters θ (or the subset ``scope`` names, see
+``scope.py``): take S optimizer steps with rate β on the user's known history, every known
+position predicting the next known item, then score the next item with the adapted θ_u and
+drop θ_u. Nothing is stored per user and the trained model is never written to.
+
+    L_u(θ) = 1/|T_u| Σ_{t ∈ T_u} ℓ(h_t(θ), i_{t+1})        T_u: positions with a next known item
+    θ_u^0 = θ,   θ_u^{s+1} = θ_u^s − β · step(∇L_u(θ_u^s))   (SGD; or Adam with per-user moments)
+    scores_u = h_last(θ_u^S) · E(θ_u^S)ᵀ
+
+ℓ is ``objective``:
+* ``ce`` (default): next-item softmax cross-entropy over the whole catalogue, with the
+  run's logit temperature: the objective the model was trained for, on this user alone.
+* ``kl``: what the authors' code computes (DESIGN.md §5): the KL divergence between the
+  softmax of the next item's embedding and the softmax of the output vector, both taken
+  over the d embedding dimensions, KL(softmax(e_{i_{t+1}}) ‖ softmax(h_t)).
+
+The mean over positions (not the sum) keeps β comparable across history lengths. The model
+adapts in eval mode (no dropout), so adaptation is deterministic and a user's scores do not
+depend on who else is in the batch.
+
+Batched and functional: ``torch.func.grad`` of the per-user loss under
+``torch.func.vmap`` over users, with ``functional_call`` running the model's own training
+forward (``train.forward_targets``, shared with ``train_step``) on per-user parameters, so
+a batch of users adapts at once. These transforms trace only plain torch ops, so
+adaptation runs inside ``perseq.ops.reference_ops()`` (every fused kernel's torch line).
+Models vmap cannot batch (``nn.GRU`` has no batching rule) adapt one user at a time through
+the same functions; the result is the same, only slower.
+
+Defects of the public code that this does not copy (DESIGN.md §5): its step used lr 1e-20
+(numerically nothing), its "restore" aliased the live tensors (restored nothing), Adam's
+moments were carried from user to user, and the last user of every batch was skipped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from ..data.batching import Batch
+from ..ops import reference_ops
+from ..train import forward_targets
+from .scope import lora_factors, parse_scope, selected
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adam")
+_WARNED: set[str] = set()  # model classes already reported as falling back to one user at a time
+OBJECTIVES = ("ce", "kl")
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    steps: int = 1  # S: optimizer steps on the user's own history (0 = no adaptation)
+    lr: float = 1e-3  # β: the steps' learning rate (0 = no adaptation)
+    optimizer: str = "sgd"  # sgd | adam (fresh moments for every user)
+    scope: str = "all"  # which parameters adapt: all | last_block | norms | bias | lora:<r>
+    objective: str = "ce"  # ce: next-item CE over the catalogue | kl: the authors' KL over embedding dimensions
+    temperature: float = 1.0  # CE logits are divided by this (the run's loss.temperature)
+    users_per_batch: int = 64  # users adapted at once; each holds a copy of the adapted parameters
+
+    def __post_init__(self):
+        if self.steps < 0 or self.lr < 0:
+            raise ValueError(f"adaptation needs steps >= 0 and lr >= 0, got steps={self.steps}, lr={self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown adaptation optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown adaptation objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
+        if self.users_per_batch < 1:
+            raise ValueError("users_per_batch must be at least 1")
+        parse_scope(self.scope)
+
+    @property
+    def active(self) -> bool:
+        return self.steps > 0 and self.lr > 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def next_item_targets(items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, T) targets of a right-padded history: position t predicts item t+1 when both are
+    known (t + 1 < length), 0 elsewhere."""
+    nxt = torch.cat([items[:, 1:], items.new_zeros(items.shape[0], 1)], 1)
+    pos = torch.arange(items.shape[1], device=items.device)
+    return torch.where(pos[None] < (lengths - 1)[:, None], nxt, torch.zeros_like(nxt))
+
+
+def _shift_times(times: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor | None:
+    """Each position's query time in training (its target's timestamp), as TrainWindows
+    makes it; positions without a target get their own time (they carry no loss)."""
+    if times is None:
+        return None
+    nxt = torch.cat([times[:, 1:], times[:, -1:]], 1)
+    pos = torch.arange(times.shape[1], device=times.device)
+    return torch.where(pos[None] < (lengths - 1)[:, None], nxt, times)
+
+
+def adaptation_loss(h: torch.Tensor, targets: torch.Tensor, emb: torch.Tensor, cfg: AdaptConfig) -> torch.Tensor:
+    """Mean ℓ over the positions with a target: h (T, D), targets (T,) with 0 = none, emb
+    the item table (I + 1, D). Written with masks, not boolean indexing, so ``vmap`` can
+    batch it (a user's number of targets is data)."""
+    mask = (targets > 0).to(h.dtype)
+    if cfg.objective == "ce":
+        logp = F.log_softmax(h @ emb[1:].T / cfg.temperature, -1)  # (T, I)
+        nll = -logp.gather(-1, (targets - 1).clamp(min=0)[:, None])[:, 0]
+    else:
+        nll = F.kl_div(F.log_softmax(h, -1), F.log_softmax(emb[targets], -1), log_target=True, reduction="none").sum(-1)
+    return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+
+class _UserModel(nn.Module):
+    """The model's loss and scores for one user (a leading batch of 1), as one module so that
+    ``functional_call`` swaps the parameters for the forward and the item table alike."""
+
+    def __init__(self, model: nn.Module, cfg: AdaptConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, mode: str, items, lengths, targets, times, query_times, target_time):
+        if mode == "loss":
+            batch = Batch(items, targets, times, lengths, query_times)
+            h, y = forward_targets(self.model, batch)  # (1, T, D), (1, T)
+            return adaptation_loss(h[0], y[0], self.model.output_embeddings(), self.cfg)
+        h = self.model.predict_hidden(items, lengths, times, target_time)  # (1, D)
+        return (h @ self.model.output_embeddings().T)[0]  # (I + 1,)
+
+
+class PCRecSimple:
+    """Adapts ``model`` per user and scores: ``scores(items, lengths, times, target_time)``.
+    The model's parameters are read, never written (``torch.func`` works on copies)."""
+
+    def __init__(self, model: nn.Module, cfg: AdaptConfig):
+        self.model, self.cfg = model, cfg
+        if getattr(model, "objective", "causal") != "causal":
+            raise ValueError(f"PCRec-simple adapts causal models (each position predicts the next item); "
+                             f"{type(model).__name__} is trained with the {model.objective!r} objective")
+        self.user_model = _UserModel(model, cfg)
+        kind, rank = parse_scope(cfg.scope)
+        self.names = selected(model, cfg.scope)
+        self.lora_v = None
+        if kind == "lora":
+            self.theta0, self.lora_v = lora_factors(model, self.names, rank)
+        else:
+            params = dict(model.named_parameters())
+            self.theta0 = {n: params[n].detach() for n in self.names}
+        self._batched = True
+
+    # -- one user: the functions vmap batches ---------------------------------------------
+    def _params(self, theta: dict) -> dict:
+        base = {n: p.detach() for n, p in self.model.named_parameters()}
+        if self.lora_v is not None:
+            base.update({n: base[n] + theta[n] @ self.lora_v[n] for n in theta})
+        else:
+            base.update(theta)
+        buffers = {n: b for n, b in self.model.named_buffers()}
+        return {f"model.{n}": v for n, v in {**base, **buffers}.items()}
+
+    def _loss(self, theta, items, lengths, targets, times, query_times):
+        args = ("loss", items[None], lengths[None], targets[None], _one(times), _one(query_times), None)
+        return functional_call(self.user_model, self._params(theta), args)
+
+    def _scores(self, theta, items, lengths, times, target_time):
+        args = ("score", items[None], lengths[None], None, _one(times), None, _one(target_time))
+        return functional_call(self.user_model, self._params(theta), args)
+
+    # -- a batch of users ---------------------------------------------------------------
+    def scores(self, items, lengths, times=None, target_time=None) -> torch.Tensor:
+        """(B, n_items + 1) next-item scores after each user's adaptation; column 0 is -inf."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.enable_grad(), reference_ops():
+                out = torch.cat([self._chunk(items[i:j], lengths[i:j], _rows(times, i, j), _rows(target_time, i, j))
+                                 for i, j in _spans(len(items), self.cfg.users_per_batch)])
+        finally:
+            self.model.train(was_training)
+        out[:, 0] = float("-inf")
+        return out.detach()
+
+    def _chunk(self, items, lengths, times, target_time):
+        targets = next_item_targets(items, lengths)
+        query_times = _shift_times(times, lengths) if getattr(self.model, "query_time_input", False) else None
+        data = (items, lengths, targets, times, query_times)
+        if self._batched:
+            try:
+                return self._run(data, target_time, batched=True)
+            except (RuntimeError, NotImplementedError) as e:  # e.g. nn.GRU: no vmap rule
+                if type(self.model).__name__ not in _WARNED:
+                    _WARNED.add(type(self.model).__name__)
+                    log.warning("PCRec-simple: %s cannot be batched with vmap (%s); adapting one user at a time",
+                                type(self.model).__name__, str(e).splitlines()[0][:120])
+                self._batched = False
+        return self._run(data, target_time, batched=False)
+
+    def _run(self, data, target_time, batched: bool):
+        items, lengths, targets, times, query_times = data
+        B = len(items)
+        theta = {n: v.expand(B, *v.shape).clone() for n, v in self.theta0.items()}
+        if self.cfg.active:
+            step = _Optimizer(self.cfg, theta)
+            loss_grad = grad(self._loss)
+            for _ in range(self.cfg.steps):
+                if batched:
+                    g = vmap(loss_grad, in_dims=(0, 0, 0, 0, _dim(times), _dim(query_times)))(theta, *data)
+                else:
+                    per = [loss_grad({n: v[u] for n, v in theta.items()}, *(_row(x, u) for x in data)) for u in range(B)]
+                    g = {n: torch.stack([p[n] for p in per]) for n in theta}
+                theta = step(theta, g)
+        if batched:
+            return vmap(self._scores, in_dims=(0, 0, 0, _dim(times), _dim(target_time)))(
+                theta, items, lengths, times, target_time)
+        return torch.stack([self._scores({n: v[u] for n, v in theta.items()}, items[u], lengths[u], _row(times, u),
+                                         _row(target_time, u)) for u in range(B)])
+
+
+class _Optimizer:
+    """SGD or Adam over a dict of per-user parameters (leading user dimension), with moments
+    that start at zero for every batch of users and never leave it."""
+
+    def __init__(self, cfg: AdaptConfig, theta: dict, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.cfg, self.betas, self.eps, self.t = cfg, betas, eps, 0
+        if cfg.optimizer == "adam":
+            self.m = {n: torch.zeros_like(v) for n, v in theta.items()}
+            self.v = {n: torch.zeros_like(v) for n, v in theta.items()}
+
+    def __call__(self, theta: dict, g: dict) -> dict:
+        lr = self.cfg.lr
+        if self.cfg.optimizer == "sgd":
+            return {n: theta[n] - lr * g[n] for n in theta}
+        self.t += 1
+        b1, b2 = self.betas
+        out = {}
+        for n in theta:
+            self.m[n] = b1 * self.m[n] + (1 - b1) * g[n]
+            self.v[n] = b2 * self.v[n] + (1 - b2) * g[n] ** 2
+            m_hat, v_hat = self.m[n] / (1 - b1**self.t), self.v[n] / (1 - b2**self.t)
+            out[n] = theta[n] - lr * m_hat / (v_hat.sqrt() + self.eps)
+        return out
+
+
+def _one(x):
+    return None if x is None else x[None]
+
+
+def _dim(x):
+    return None if x is None else 0
+
+
+def _row(x, u):
+    return None if x is None else x[u]
+
+
+def _rows(x, i, j):
+    return None if x is None else x[i:j]
+
+
+def _spans(n: int, size: int):
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class Personalized(nn.Module):
+    """A trained model that adapts to each user before scoring: the ``scores`` contract of
+    ``SeqRecModel``, so ``evaluate``, ``predict`` and serving take it unchanged. It owns no
+    parameters of its own and never changes the wrapped model's."""
+
+    def __init__(self, model: nn.Module, cfg: AdaptConfig):
+        super().__init__()
+        self.model = model
+        self.adapter = PCRecSimple(model, cfg)
+        self.cfg = cfg
+
+    @property
+    def max_input_len(self) -> int:
+        return self.model.max_input_len
+
+    @property
+    def n_items(self) -> int:
+        return self.model.n_items
+
+    def scores(self, items, lengths, times=None, target_time=None) -> torch.Tensor:
+        return self.adapter.scores(items, lengths, times, target_time)

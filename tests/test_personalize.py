@@ -1,0 +1,139 @@
+"""PCRec-simple (perseq.personalize): per-user adaptation at inference, checked in numbers."""
+import pytest
+import torch
+
+from perseq.losses import softmax_ce
+from perseq.models import build_model
+from perseq.models.registry import MODELS
+from perseq.ops import reference_ops
+from perseq.personalize import AdaptConfig, PCRecSimple, Personalized
+from perseq.personalize.scope import selected
+from perseq.personalize.simple import adaptation_loss, next_item_targets
+
+CAUSAL = sorted(n for n, cls in MODELS.items() if cls.objective == "causal")
+
+
+def _users(n_items=40, B=6, T=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(1, n_items + 1, (B, T), generator=g)
+    lengths = torch.tensor([T, 9, 1, 2, 13, 5][:B])
+    for b in range(B):
+        items[b, lengths[b]:] = 0
+    return items, lengths
+
+
+def _model(name, n_items=40, T=16, seed=0):
+    torch.manual_seed(seed)
+    return build_model(name, n_items, max_len=T).eval()
+
+
+def _base_scores(model, items, lengths):
+    with torch.no_grad():
+        return model.scores(items, lengths)
+
+
+def _close(a, b, tol):
+    fin = torch.isfinite(a)
+    assert torch.equal(fin, torch.isfinite(b))
+    return (a[fin] - b[fin]).abs().max().item() <= tol
+
+
+def test_next_item_targets_are_the_following_known_items():
+    items = torch.tensor([[5, 6, 7, 0], [3, 0, 0, 0], [1, 2, 0, 0]])
+    got = next_item_targets(items, torch.tensor([3, 1, 2]))
+    assert got.tolist() == [[6, 7, 0, 0], [0, 0, 0, 0], [2, 0, 0, 0]]
+
+
+def test_the_ce_objective_is_the_training_loss_on_one_user():
+    torch.manual_seed(0)
+    h, emb = torch.randn(7, 8), torch.randn(21, 8)
+    y = torch.tensor([3, 0, 20, 1, 0, 7, 0])
+    sel = y > 0
+    want = softmax_ce(h[sel], y[sel], emb, temperature=0.5).item() / sel.sum().item()
+    got = adaptation_loss(h, y, emb, AdaptConfig(temperature=0.5)).item()
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "hstu"])
+@pytest.mark.parametrize("off", [AdaptConfig(steps=0, lr=0.1), AdaptConfig(steps=3, lr=0.0)])
+def test_no_steps_or_a_zero_rate_is_no_adaptation(name, off):
+    m = _model(name)
+    items, lengths = _users()
+    assert _close(Personalized(m, off).scores(items, lengths), _base_scores(m, items, lengths), 1e-5)
+
+
+@pytest.mark.parametrize("scope", ["all", "last_block", "bias", "lora:2"])
+def test_adaptation_never_changes_the_trained_weights(scope):
+    m = _model("sasrec")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    items, lengths = _users()
+    Personalized(m, AdaptConfig(steps=2, lr=0.5, optimizer="adam", scope=scope)).scores(items, lengths)
+    after = m.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not m.training
+
+
+@pytest.mark.parametrize("name,cfg", [("sasrec", AdaptConfig(steps=2, lr=0.3)),
+                                      ("hstu", AdaptConfig(steps=3, lr=0.05, optimizer="adam")),
+                                      ("llama", AdaptConfig(steps=2, lr=0.3, scope="lora:4")),
+                                      ("sasrec", AdaptConfig(steps=2, lr=0.3, objective="kl", scope="last_block"))])
+def test_a_batch_of_users_adapts_as_each_user_alone(name, cfg):
+    m = _model(name)
+    items, lengths = _users()
+    together = Personalized(m, cfg).scores(items, lengths)
+    alone = torch.cat([Personalized(m, cfg).scores(items[u : u + 1], lengths[u : u + 1]) for u in range(len(items))])
+    assert _close(together, alone, 1e-5)
+    # and in another order, in other groupings
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    small = Personalized(m, AdaptConfig(**{**cfg.to_dict(), "users_per_batch": 4})).scores(items[perm], lengths[perm])
+    assert _close(small, together[perm], 1e-5)
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_every_causal_model_adapts_and_lowers_each_users_own_loss(name):
+    """One small SGD step goes down each user's own next-item loss (the gradient is right
+    for every backbone), and the scores move only for users with something to learn from."""
+    m = _model(name)
+    items, lengths = _users()
+    cfg = AdaptConfig(steps=1, lr=0.05)
+    ad = PCRecSimple(m, cfg)
+    targets = next_item_targets(items, lengths)
+    with reference_ops():  # torch.func traces plain torch ops only
+        before, after = _losses_around_one_step(ad, cfg, items, lengths, targets)
+    for u in range(len(items)):
+        if lengths[u] >= 2:
+            assert after[u] < before[u], (name, u, before[u], after[u])
+        else:
+            assert before[u] == after[u] == 0.0  # one event: no target, nothing to adapt to
+    adapted = Personalized(m, cfg).scores(items, lengths)
+    base = _base_scores(m, items, lengths)
+    one_event = lengths == 1
+    assert _close(adapted[one_event], base[one_event], 1e-5)
+    assert not _close(adapted[~one_event], base[~one_event], 1e-3)
+
+
+def _losses_around_one_step(ad, cfg, items, lengths, targets):
+    before, after = [], []
+    for u in range(len(items)):
+        args = (items[u], lengths[u], targets[u], None, None)
+        g = torch.func.grad(ad._loss)(ad.theta0, *args)
+        before.append(ad._loss(ad.theta0, *args).item())
+        after.append(ad._loss({n: ad.theta0[n] - cfg.lr * g[n] for n in g}, *args).item())
+    return before, after
+
+
+def test_scopes_select_what_they_say():
+    m = _model("sasrec")
+    assert selected(m, "last_block") and all(n.startswith("blocks.1.") for n in selected(m, "last_block"))
+    assert all(n.endswith("bias") for n in selected(m, "bias"))
+    assert set(selected(m, "norms")) == {f"blocks.{b}.{ln}.{w}" for b in (0, 1) for ln in ("ln1", "ln2") for w in ("weight", "bias")} | (
+        {"ln_f.weight", "ln_f.bias"} if "ln_f.weight" in dict(m.named_parameters()) else set())
+    with pytest.raises(ValueError, match="selects no parameter of HSTU"):
+        PCRecSimple(_model("hstu"), AdaptConfig(scope="norms"))
+    with pytest.raises(ValueError, match="unknown adaptation scope"):
+        AdaptConfig(scope="everything")
+
+
+def test_a_cloze_model_is_refused():
+    with pytest.raises(ValueError, match="causal models"):
+        PCRecSimple(build_model("bert4rec", 40, max_len=16), AdaptConfig())
