@@ -137,3 +137,34 @@ def test_scopes_select_what_they_say():
 def test_a_cloze_model_is_refused():
     with pytest.raises(ValueError, match="causal models"):
         PCRecSimple(build_model("bert4rec", 40, max_len=16), AdaptConfig())
+
+
+def test_adapt_chooses_on_validation_and_evaluate_predict_use_the_choice(tmp_path, capsys):
+    import json
+
+    from perseq.cli import main
+
+    syn = ["--set", "data.synthetic={n_users: 120, n_items: 40, n_clusters: 4, mean_len: 14, max_len: 40, seed: 2}",
+           "--set", "model.d=16", "--set", "data.max_len=20", "--set", "train.epochs=2", "--set", "eval.exclude_seen=false"]
+    assert main(["train", *syn, "--out", str(tmp_path), "--name", "r", "--no-progress"]) == 0
+    run = str(tmp_path / "r-s0")
+    capsys.readouterr()
+    assert main(["evaluate", run, "--adapt"]) == 2  # nothing stored yet, and no flags
+    assert "perseq adapt" in capsys.readouterr().err
+    assert main(["adapt", run, "--steps", "1,2", "--lr", "0.05", "--scope", "all,last_block"]) == 0
+    stored = json.loads((tmp_path / "r-s0" / "adapt.json").read_text())
+    rows = stored["rows"]
+    assert len(rows) == 5 and rows[0]["adapt"] is None and stored["stage"] == "valid"
+    best = max(rows, key=lambda r: r["ndcg@10"])
+    assert stored["choice"]["steps"] == (best["adapt"]["steps"] if best["adapt"] else 0)
+    # the stored choice is what --adapt uses: the same metrics as giving it by hand
+    capsys.readouterr()
+    assert main(["evaluate", run, "--adapt", "--stage", "valid"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["ndcg@10"] == pytest.approx(best["ndcg@10"], abs=1e-6)
+    c = stored["choice"]
+    assert main(["evaluate", run, "--stage", "valid", "--adapt-steps", str(c["steps"]), "--adapt-lr", str(c["lr"]),
+                 "--adapt-scope", c["scope"]]) == 0
+    assert json.loads(capsys.readouterr().out)["ndcg@10"] == pytest.approx(got["ndcg@10"], abs=1e-6)
+    assert main(["predict", run, "--adapt-steps", "1", "--adapt-lr", "0.05", "--out", str(tmp_path / "top.csv")]) == 0
+    assert (tmp_path / "top.csv").read_text().startswith("user_id,rank,item_id,score")

@@ -27,6 +27,19 @@ def _add_config_args(p):
                    help="override one config value, dotted, e.g. --set train.lr=3e-4 (repeatable)")
 
 
+def _add_adapt_args(p) -> None:
+    g = p.add_argument_group("per-user adaptation (PCRec-simple)")
+    g.add_argument("--adapt", action="store_true",
+                   help="adapt the model to each user's own history before scoring, with the choice 'perseq adapt' "
+                        "stored in the run folder (adapt.json)")
+    g.add_argument("--adapt-steps", type=int, help="S: optimizer steps per user (overrides the stored choice)")
+    g.add_argument("--adapt-lr", type=float, help="β: their learning rate (overrides the stored choice)")
+    g.add_argument("--adapt-scope", help="which parameters adapt: all | last_block | norms | bias | lora:<r>")
+    g.add_argument("--adapt-optimizer", choices=["sgd", "adam"])
+    g.add_argument("--adapt-objective", choices=["ce", "kl"],
+                   help="ce: next-item CE over the catalogue (default); kl: the authors' KL over embedding dimensions")
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -166,6 +179,57 @@ def _check_vocab(items_ckpt, data) -> None:
                          "the data file was changed since training")
 
 
+def _adapted(model, args, run: str, cfg):
+    """The model, or with ``--adapt``/``--adapt-*`` the model under PCRec-simple: the choice
+    ``perseq adapt`` stored in the run folder, with any ``--adapt-*`` flag overriding it."""
+    given = {k: getattr(args, f"adapt_{k}") for k in ("steps", "lr", "scope", "optimizer", "objective")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not args.adapt and not given:
+        return model
+    from .personalize import AdaptConfig, Personalized
+    from .personalize.sweep import load_choice
+
+    stored = load_choice(run)
+    if stored is None and not {"steps", "lr"} <= set(given):
+        raise ValueError(f"{run} has no stored adaptation (adapt.json): choose one on validation with "
+                         f"'perseq adapt {run}', or give --adapt-steps and --adapt-lr")
+    base = stored.to_dict() if stored is not None else {"temperature": cfg.loss.temperature}
+    chosen = AdaptConfig(**{**base, **given})
+    print(f"PCRec-simple: steps {chosen.steps}, lr {chosen.lr:g}, scope {chosen.scope}, {chosen.optimizer}, "
+          f"{chosen.objective} ({'stored in adapt.json' if stored is not None and not given else 'as given'})",
+          file=sys.stderr)
+    return Personalized(model, chosen)
+
+
+def cmd_adapt(args) -> int:
+    from .checkpoint import load_model
+    from .personalize.sweep import grid, save_choice, sweep
+
+    model, meta, items = load_model(args.run)
+    cfg, split = _rebuild_split(meta)
+    _check_vocab(items, split.data)
+    configs = grid(_floats(args.steps, int, "--steps"), _floats(args.lr, float, "--lr"), args.scope.split(","),
+                   args.optimizer, args.objective, cfg.loss.temperature if args.temperature is None else args.temperature,
+                   args.users_per_batch)
+    result = sweep(model, split, cfg.eval, configs, log=print)
+    path = save_choice(args.run, result)
+    c = result["choice"]
+    verdict = (f"steps {c['steps']}, lr {c['lr']:g}, scope {c['scope']}" if result["improves"]
+               else "no adaptation (none of the grid beat the unadapted model on validation)")
+    print(f"chosen on validation: {verdict} -> {path}")
+    return 0
+
+
+def _floats(text: str, kind, flag: str) -> list:
+    try:
+        vals = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        vals = []
+    if not vals:
+        raise ValueError(f"{flag} expects comma-separated numbers, got {text!r}")
+    return vals
+
+
 def cmd_evaluate(args) -> int:
     import dataclasses
 
@@ -182,7 +246,7 @@ def cmd_evaluate(args) -> int:
         if not k.startswith("eval."):
             raise SystemExit(f"error: evaluate only takes eval.* overrides, got {k}")
         ecfg = dataclasses.replace(ecfg, **{k[5:]: tuple(v) if isinstance(v, list) else v})
-    res = evaluate(model, split, args.stage, ecfg, breakdown=args.breakdown)
+    res = evaluate(_adapted(model, args, args.run, cfg), split, args.stage, ecfg, breakdown=args.breakdown)
     print(json.dumps(res, indent=1))
     return 0
 
@@ -196,7 +260,7 @@ def cmd_predict(args) -> int:
         raise ValueError(f"--k {args.k} is more than the run's catalogue of {len(items) - 1} items")
     cfg, split = _rebuild_split(meta)
     _check_vocab(items, split.data)
-    n = predict_topk(model, split, args.stage, args.k, args.out, exclude_seen=not args.include_seen)
+    n = predict_topk(_adapted(model, args, args.run, cfg), split, args.stage, args.k, args.out, exclude_seen=not args.include_seen)
     print(f"wrote top-{args.k} for {n} users to {args.out}")
     return 0
 
@@ -300,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--breakdown", action="store_true", help="also by head/tail target and history length")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="eval.KEY=VALUE",
                    help="override evaluation settings, e.g. --set eval.exclude_seen=false")
+    _add_adapt_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="write top-K recommendations per user as CSV (user_id,rank,item_id,score)",
@@ -312,7 +377,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "recommend now; test: the history before the held-out test event (what evaluate scores); "
                         "valid: the history before the validation event")
     p.add_argument("--include-seen", action="store_true", help="allow items already in the history")
+    _add_adapt_args(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("adapt", help="choose PCRec-simple's steps, rate and scope for a run on validation",
+                       description="Per-user adaptation at inference (PCRec-simple): evaluate the run's validation "
+                                   "stage without adaptation and for every steps x lr x scope of the grid, print the "
+                                   "table, and store the best (or 'no adaptation' when nothing beats it) in the run "
+                                   "folder as adapt.json, which 'evaluate --adapt' and 'predict --adapt' use. The test "
+                                   "event plays no part.")
+    p.add_argument("run", help="run folder written by 'perseq train'")
+    p.add_argument("--steps", default="1,3", help="comma-separated step counts S (default 1,3)")
+    p.add_argument("--lr", default="0.001,0.01,0.1", help="comma-separated learning rates β (default 0.001,0.01,0.1)")
+    p.add_argument("--scope", default="all", help="comma-separated scopes: all, last_block, norms, bias, lora:<r> (default all)")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    p.add_argument("--objective", default="ce", choices=["ce", "kl"])
+    p.add_argument("--temperature", type=float, help="CE logit temperature (default: the run's loss.temperature)")
+    p.add_argument("--users-per-batch", type=int, default=64, help="users adapted at once (memory)")
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("data", help="prepare a dataset or print its statistics",
                        description="Read a dataset, filter it, and print its statistics ('stats') or also save it as a "
