@@ -8,7 +8,7 @@ have finished (not only at the end: a long campaign leaves finished rows behind 
 Every run goes to runs/bench/<dataset>-<config>-s<seed> with --resume, so a campaign that
 was stopped (or a session that ended) continues where each run was: finished runs only
 re-read their results. One log per run under logs/. On the 2-core CPU machine, two
-one-thread runs at a time is the best throughput; on a GPU use --jobs 1 --threads 0
+one-thread runs at a time is the best throughput; on a GPU use --jobs 1 --threads 0 (automatic)
 (torch's default).
 
 --order rows finishes each config's seeds before the next config (complete table rows
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("configs", nargs="+", type=Path)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per run; 0 = torch's default (default 1)")
+    ap.add_argument("--threads", type=int, default=1, help="threads per run; 0 = automatic, the cores not busy (perseq/runtime.py) (default 1)")
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--logs", default="logs")
     ap.add_argument("--results", default="benchmarks/results", help="where collected result files go")

@@ -15,10 +15,15 @@ Every write goes through :func:`commit`, which replaces a *set* of files so that
 any moment leaves either the whole old set or the whole new one: each new file is written
 to ``<name>.tmp`` and fsynced, then a journal (``.commit.json``, itself written to a temp
 name and renamed, so it exists only complete) lists the set, then the renames happen and
-the journal goes. :func:`recover`, which every reader calls first, finishes the renames of a
-journalled set (roll forward) and deletes the temp files of a set whose journal never
-appeared (roll back). So epoch N+1's weights can never be paired with epoch N's optimizer or
-trainer state, which replacing the files one after another allowed.
+the journal goes. :func:`recover`, which a writer calls before it reads or writes a folder
+(``commit`` itself, and ``fit`` when it resumes), finishes the renames of a journalled set
+(roll forward) and deletes the temp files of a set whose journal never appeared (roll
+back). So epoch N+1's weights can never be paired with epoch N's optimizer or trainer
+state, which replacing the files one after another allowed. Writers hold an exclusive
+``fcntl`` lock on ``<run>/.lock`` while they commit or recover, so two of them cannot
+interleave. Readers (``evaluate``, ``predict``, ``bench curves`` on a run still training)
+never rename or delete anything: each file is replaced by one atomic rename, so a reader
+sees the old or the new version of every file it reads.
 
 A file that is missing or cannot be parsed raises :class:`RunFolderError`: one line naming
 the file and what to do.
@@ -28,6 +33,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -72,25 +79,52 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _apply(out: Path, names: list[str]) -> None:
+@contextmanager
+def _writer_lock(out: Path):
+    """An exclusive lock on ``out/.lock`` for the duration of a commit or recovery (a no-op
+    where ``fcntl`` does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(out / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _apply(out: Path, names: list[str], *, replay: bool) -> None:
     for name in names:
         tmp = out / (name + ".tmp")
         if tmp.exists():
             tmp.replace(out / name)
             _after(f"rename {name}")
+        elif not replay:  # in a live commit every temp file exists: someone removed one
+            raise RunFolderError(f"{tmp} vanished while committing {out}; is another process writing this run?")
     _fsync(out)
 
 
 def recover(out: Path) -> None:
     """Finish or undo an interrupted :func:`commit` in ``out`` (idempotent; cheap when there
-    is nothing to do). Stray temp files of an uncommitted set are removed."""
+    is nothing to do). Stray temp files of an uncommitted set are removed. For writers only
+    (see the module docs)."""
     out = Path(out)
+    if not out.is_dir():
+        return
+    with _writer_lock(out):
+        _recover(out)
+
+
+def _recover(out: Path) -> None:
     journal = out / _JOURNAL
     if journal.exists():
-        _apply(out, json.loads(journal.read_text()))  # complete: it appears by rename only
-        journal.unlink()
+        _apply(out, json.loads(journal.read_text()), replay=True)  # complete: it appears by rename only
+        journal.unlink(missing_ok=True)
     for stray in [*out.glob("*.tmp"), *out.glob("vocab/*.tmp")]:
-        stray.unlink()
+        stray.unlink(missing_ok=True)
 
 
 def commit(out: Path, writers: dict[str, Callable[[Path], None]]) -> None:
@@ -98,7 +132,12 @@ def commit(out: Path, writers: dict[str, Callable[[Path], None]]) -> None:
     writer writes its file's new content to the path it is given. See the module docs."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    recover(out)
+    with _writer_lock(out):
+        _recover(out)
+        _commit(out, writers)
+
+
+def _commit(out: Path, writers: dict[str, Callable[[Path], None]]) -> None:
     names = list(writers)
     for name in names:
         tmp = out / (name + ".tmp")
@@ -113,7 +152,7 @@ def commit(out: Path, writers: dict[str, Callable[[Path], None]]) -> None:
     tmp.replace(out / _JOURNAL)
     _fsync(out)
     _after("journal")
-    _apply(out, names)
+    _apply(out, names, replay=False)
     (out / _JOURNAL).unlink()
     _after("done")
 
@@ -139,7 +178,7 @@ _TODO = {
     "last.safetensors": _TODO_STATE,
     "optimizer.safetensors": _TODO_STATE,
     "trainer_state.json": _TODO_STATE,
-    "results.json": "run 'perseq train ... --resume' to evaluate the run again and rewrite it",
+    "results.json": "delete it and run 'perseq train ... --resume' to evaluate the run again and rewrite it",
     "vocab/items.parquet": "restore it from a copy (it maps internal ids to your raw ids), or retrain with --overwrite",
     "vocab/users.parquet": "restore it from a copy (it maps internal ids to your raw ids), or retrain with --overwrite",
 }
@@ -164,10 +203,37 @@ def read_json(out: Path, name: str) -> dict:
     return read_run_file(out, name, lambda p: json.loads(p.read_text()))
 
 
+#: everything a run folder may hold; ``remove_run`` deletes these and nothing else
+RUN_ENTRIES = (*RUN_FILES, "last.safetensors", "optimizer.safetensors", "vocab", "refit", "adapt.json", _JOURNAL, ".lock")
+
+
 def holds_run(out: Path) -> bool:
-    """Whether ``out`` holds (part of) a perseq run: its files or an interrupted commit."""
+    """Whether ``out`` holds (part of) a perseq run: a config.json that perseq wrote, or the
+    weights and state files only perseq writes (a run killed mid-commit)."""
     out = Path(out)
-    return any((out / f).exists() for f in (*RUN_FILES, _JOURNAL, "last.safetensors"))
+    if (out / "config.json").exists():
+        try:
+            meta = json.loads((out / "config.json").read_text())
+            return isinstance(meta, dict) and "perseq_format" in meta and "run" in meta
+        except (OSError, ValueError):
+            pass
+    return any((out / f).exists() for f in ("trainer_state.json", "last.safetensors", "optimizer.safetensors", _JOURNAL))
+
+
+def remove_run(out: Path) -> None:
+    """Delete a run folder's perseq entries (RUN_ENTRIES and temp files), then the folder if
+    that left it empty: a file of the user's own in it survives."""
+    out = Path(out)
+    for name in RUN_ENTRIES:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    for stray in out.glob("*.tmp"):
+        stray.unlink()
+    if not any(out.iterdir()):
+        out.rmdir()
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -230,7 +296,6 @@ def load_model(run_dir: str | Path, weights: str = "model.safetensors", device="
         raise RunFolderError(f"{d}: no such run folder (give the folder 'perseq train' printed, e.g. runs/ml-1m-sasrec-s0)")
     if not holds_run(d):
         raise RunFolderError(f"{d} is not a perseq run folder (no config.json, model.safetensors or training state)")
-    recover(d)
     meta = read_json(d, "config.json")
     try:
         mc = saved_model_config(meta)
@@ -285,7 +350,8 @@ def save_train_state(out: Path, model, opt, state: dict, best_model: torch.nn.Mo
 
 
 def load_train_state(out: Path, model, opt) -> dict | None:
-    recover(out)
+    """The resumable state of ``out`` into ``model`` and ``opt`` (``recover`` first: the
+    caller, as a writer, does that)."""
     if not (out / "trainer_state.json").exists():
         return None
     state = read_json(out, "trainer_state.json")

@@ -106,7 +106,8 @@ def _data_label(dc) -> str:
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .data.loading import data_fingerprint, load_data, resolve_data_config
+    from .checkpoint import read_json
+    from .data.loading import check_fingerprint, data_fingerprint, load_data, resolve_data_config
     from .data.sequences import make_split
     from .models.registry import check_params
     from .report import after_refit, summarize_seeds, write_benchmark_json
@@ -125,6 +126,8 @@ def cmd_train(args) -> int:
     outs = {seed: Path(args.out) / f"{name}-s{seed}" for seed in seeds}
     for out in outs.values():
         prepare_run_folder(out, args.resume, args.overwrite, dry_run=True)
+        if args.resume and (out / "config.json").exists():  # resuming on other data would mix two runs
+            check_fingerprint(cfg.data, read_json(out, "config.json").get("data_fingerprint"))
 
     init_distributed_from_env()
     t0 = time.perf_counter()
@@ -245,7 +248,11 @@ def cmd_evaluate(args) -> int:
         k, v = parse_override(o)
         if not k.startswith("eval."):
             raise SystemExit(f"error: evaluate only takes eval.* overrides, got {k}")
-        ecfg = dataclasses.replace(ecfg, **{k[5:]: tuple(v) if isinstance(v, list) else v})
+        try:
+            ecfg = dataclasses.replace(ecfg, **{k[5:]: tuple(v) if isinstance(v, list) else v})
+        except TypeError:
+            raise ValueError(f"unknown evaluation setting {k}; valid: "
+                             f"{', '.join('eval.' + f.name for f in dataclasses.fields(ecfg))}") from None
     res = evaluate(_adapted(model, args, args.run, cfg), split, args.stage, ecfg, breakdown=args.breakdown)
     print(json.dumps(res, indent=1))
     return 0
@@ -326,9 +333,10 @@ def cmd_models(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import collect, curves, epoch, scan, speed
+    from .bench import adapt, collect, curves, epoch, scan, speed
 
-    mains = {"speed": speed.main, "epoch": epoch.main, "scan": scan.main, "collect": collect.main, "curves": curves.main}
+    mains = {"speed": speed.main, "epoch": epoch.main, "scan": scan.main, "collect": collect.main, "curves": curves.main,
+             "adapt": adapt.main}
     mains[args.kind](args.rest)
     return 0
 
@@ -428,9 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: 'speed' (vs sequence length, all backbones), 'epoch' (one training epoch), "
                        "'scan' (Mamba's selective scan alone), 'collect' (runs of several seeds -> benchmarks/results/<name>.json), "
-                       "'curves' (validation metric per epoch and per training minute of run folders -> PNG + CSV)",
-                       description="perseq bench speed|epoch|scan|collect|curves [--help]")
-    p.add_argument("kind", choices=["speed", "epoch", "scan", "collect", "curves"])
+                       "'curves' (validation metric per epoch and per training minute of run folders -> PNG + CSV), "
+                       "'adapt' (PCRec-simple's cost: plain, batched and one-user-at-a-time scoring)",
+                       description="perseq bench speed|epoch|scan|collect|curves|adapt [--help]")
+    p.add_argument("kind", choices=["speed", "epoch", "scan", "collect", "curves", "adapt"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark (see its --help)")
     p.set_defaults(func=cmd_bench)
 
@@ -473,8 +482,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
-        print(f"{e}; continue with the same command plus --resume", file=sys.stderr)
+        again = "the same command plus --resume" if args.command == "train" else "the same command"
+        print(f"{e}; continue with {again}", file=sys.stderr)
         return 128 + e.signum
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training (loading, testing)
+        print("interrupted" + ("; the last checkpoint stands: continue with --resume" if args.command == "train" else ""),
+              file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `perseq config show | head`: the reader left, nothing is wrong
         sys.stdout = open(os.devnull, "w")
         return 0

@@ -31,12 +31,12 @@ class DataConfig:
     columns: dict | None = None  # column mapping for generic tables: {user:, item:, time:, rating:}
     on_error: str = "raise"  # malformed lines: "raise" (error naming file and line) or "skip" (counted)
     min_rating: float | None = None  # keep events rated >= this (formats with a rating column only)
-    min_user: int = 0  # k-core thresholds (0 = keep everything)
-    min_item: int = 0
+    min_user: int = 0  # k-core: keep users with at least this many events (0 = keep everything)
+    min_item: int = 0  # k-core: keep items with at least this many events (0 = keep everything)
     dedup: bool = False  # keep only the earliest event of each (user, item) pair (repeats are counted either way)
     download: bool = False  # fetch a registry dataset that is neither shared nor cached
     split: str = "leave_one_out"  # or "temporal"
-    max_len: int = 200
+    max_len: int = 200  # the most recent events a model reads (its window)
     windows: str = "all"  # "all": every training position is a target; "last": most recent max_len only
     synthetic: dict = field(default_factory=dict)  # parameters of the synthetic generator
 
@@ -63,6 +63,15 @@ class TrainConfig:
     # with refit: skip the early-stopping phase and refit for this many epochs straight away
     # (generative-recommenders' protocol: 101 epochs on every event but the test one)
     refit_epochs: int | None = None
+
+    def __post_init__(self):
+        for key in ("epochs", "batch_size", "patience", "eval_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)!r}: must be at least 1")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr={self.lr!r}: must be positive")
+        if self.checkpoint_minutes < 0:
+            raise ValueError(f"train.checkpoint_minutes={self.checkpoint_minutes!r}: must be 0 (epoch ends only) or more")
 
 
 @dataclass(frozen=True)
@@ -94,8 +103,24 @@ def _build(cls, values: dict, where: str):
         default = getattr(cls(), k) if k in valid else None
         if isinstance(default, tuple) and isinstance(v, list):
             v = tuple(v)  # YAML lists -> the tuple fields (ks, betas) the dataclass declares
+        _check_type(f"{where}.{k}", v, valid[k].type)
         kw[k] = v
     return cls(**kw)
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),), "dict": (dict,)}
+
+
+def _check_type(key: str, value, annotation: str) -> None:
+    """A value of the wrong type (``--set train.lr=abc``) is an error naming the key, before
+    any data loads, instead of a TypeError deep inside training."""
+    allowed: tuple = ()
+    for part in str(annotation).split("|"):
+        part = part.strip()
+        allowed += (tuple, list) if part.startswith("tuple") else _TYPES.get(part.split("[")[0], (object,))
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    if not ok:
+        raise ValueError(f"{key}={value!r}: expected {annotation}")
 
 
 def from_dict(d: dict) -> RunConfig:
@@ -154,7 +179,11 @@ def field_help(cls) -> dict[str, str]:
     import inspect
     import re
 
-    helps, block = {}, []
+    helps: dict[str, str] = {}
+    for base in reversed(cls.__mro__):  # a subclass's comments win; fields it inherits keep its bases'
+        if dataclasses.is_dataclass(base) and base is not cls:
+            helps.update({k: v for k, v in field_help(base).items() if v})
+    block: list[str] = []
     for line in inspect.getsource(cls).splitlines()[1:]:
         text = line.strip()
         if text.startswith("#"):
@@ -162,7 +191,7 @@ def field_help(cls) -> dict[str, str]:
             continue
         m = re.match(r"(\w+)\s*:[^#]*?(?:#\s*(.*))?$", text)
         if m and not text.startswith(("def ", "@", '"""')):
-            helps[m.group(1)] = m.group(2) or " ".join(block)
+            helps[m.group(1)] = m.group(2) or " ".join(block) or helps.get(m.group(1), "")
         block = []
     return helps
 

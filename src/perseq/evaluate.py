@@ -11,14 +11,18 @@ from .data.sequences import Split, empty_stage_message
 from .metrics import per_user_metrics, target_ranks
 from .progress import progress as show_progress
 
+class ScoresNaN(ValueError):
+    """A model scored NaN (it diverged): no metric of it may be reported."""
+
+
 LENGTH_BUCKETS = (0, 10, 20, 50, 100, 200)  # history-length bucket edges (last one open)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    ks: tuple[int, ...] = (10, 50)
-    exclude_seen: bool = True
-    batch_size: int = 512
+    ks: tuple[int, ...] = (10, 50)  # cut-offs K of HR@K and NDCG@K
+    exclude_seen: bool = True  # rank only items not already in the user's input (as the HSTU/PCRec papers)
+    batch_size: int = 512  # users scored at once
     metric: str = "ndcg@10"  # what early stopping watches
     head_frac: float = 0.2  # the most popular items that make up this fraction of the catalogue are "head"
     # diagnostic only: also evaluate the test split after every epoch and record it in the
@@ -63,7 +67,7 @@ def rank_targets(model, split: Split, stage: str, cfg: EvalConfig, device="cpu",
         if torch.isnan(scores).any():
             # NaN compares false with everything, so a NaN target would rank first and score
             # HR = 1: a diverged model must not report its best metrics
-            raise ValueError(f"the model scored NaN for {int(torch.isnan(scores).any(1).sum())} of {len(b.users)} "
+            raise ScoresNaN(f"the model scored NaN for {int(torch.isnan(scores).any(1).sum())} of {len(b.users)} "
                              f"users at the {stage} stage: training diverged (try a lower train.lr)")
         if cfg.exclude_seen:
             scores[b.seen_rows.to(device), b.seen_items.to(device)] = float("-inf")

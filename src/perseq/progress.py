@@ -74,7 +74,7 @@ class heartbeat:
     def __init__(self, desc: str, stream=None, every: float | None = None):
         self.desc, self.stage = desc, ""
         self.stream = stream if stream is not None else sys.stderr
-        self.every = _every() if every is None else every
+        self.every = max(0.01, _every() if every is None else every)
         self._stop = None
 
     def _run(self) -> None:

@@ -18,12 +18,12 @@ import polars as pl
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from .checkpoint import (holds_run, load_train_state, load_weights, read_json, read_run_file, recover, save_train_state,
-                         saved_model_config, write_results, write_run_files, write_run_meta)
+from .checkpoint import (RunFolderError, holds_run, load_train_state, load_weights, read_json, read_run_file, recover,
+                         remove_run, save_train_state, saved_model_config, write_results, write_run_files, write_run_meta)
 from .config import RunConfig
 from .data.batching import Batch, TrainWindows
 from .data.sequences import Split, check_split
-from .evaluate import evaluate, train_item_counts
+from .evaluate import ScoresNaN, evaluate, train_item_counts
 from .losses import get_loss
 from .models import build_model
 from .progress import progress as progress_bar
@@ -120,7 +120,7 @@ def train_step(model, batch: Batch, loss_fn, optimizer=None, *, grad_clip: float
 # (refit only adds a phase after early stopping, so it can be switched on for a finished run;
 # monitoring the test only adds records to the history)
 RESUMABLE_CHANGES = {("train", "threads"), ("train", "device"), ("train", "epochs"), ("train", "patience"), ("train", "refit"),
-                     ("train", "checkpoint_minutes"), ("eval", "monitor_test")}
+                     ("train", "checkpoint_minutes"), ("eval", "monitor_test"), ("data", "download")}
 
 
 class RunExistsError(ValueError):
@@ -135,6 +135,17 @@ class TrainingInterrupted(Exception):
         self.signum, self.where = signum, where
 
 
+def _agreed_stop(stopper, world: int) -> int:
+    """The signal that stops training at this epoch end (0 = none); under torchrun the ranks
+    agree (any rank's signal stops all, so none waits in a collective for the others)."""
+    mine = stopper.signum if stopper.noticed() else 0
+    if world == 1:
+        return mine
+    flag = torch.tensor([float(mine)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
 class _StopOnSignal:
     """While training, SIGINT (Ctrl-C) and SIGTERM (kill, a scheduler's preemption) ask the
     loop to stop at the next batch boundary; ``fit`` then saves a resumable checkpoint and
@@ -143,14 +154,21 @@ class _StopOnSignal:
     (a thread pool, a notebook worker) this does nothing."""
 
     def __init__(self, log):
-        self.signum, self.log, self._old = None, log, {}
+        self.signum, self.log, self._old, self._said = None, log, {}, False
 
     def _handle(self, signum, frame):
+        # only a flag here: printing from a handler can interrupt a print in progress
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        self.log(f"{signal.Signals(signum).name}: stopping after this batch with a resumable checkpoint "
-                 "(send it again to stop at once)")
+
+    def noticed(self) -> bool:
+        """Whether a signal came; the first time it is seen, say what happens next."""
+        if self.signum is not None and not self._said:
+            self._said = True
+            self.log(f"{signal.Signals(self.signum).name}: stopping at the next batch with a resumable checkpoint "
+                     "(send it again to stop at once)")
+        return self.signum is not None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -177,7 +195,7 @@ def prepare_run_folder(out: Path, resume: bool, overwrite: bool, log=print, dry_
         raise RunExistsError(f"{out} already holds {what}; pass --resume to continue it or --overwrite to replace it")
     if not dry_run:
         log(f"--overwrite: removing the run in {out}")
-        shutil.rmtree(out)
+        remove_run(out)
 
 
 def _metrics_only(result: dict) -> dict:
@@ -214,7 +232,17 @@ def _check_same_run(out: Path, cfg: RunConfig, model) -> None:
                 diffs.append(f"{sec}.{k}: {a!r} -> {b!r}")
     if diffs:
         raise ValueError(f"cannot resume {out}: it was trained with a different config ({'; '.join(diffs)}); "
-                         "use another --out or drop --resume")
+                         "give this run its own folder with --name (or --out), or drop --resume")
+
+
+def _saved_threads(out: Path) -> int | None:
+    """The thread count an interrupted run trained with (its trainer_state.json), if any."""
+    if not (out / "trainer_state.json").exists():
+        return None
+    try:
+        return read_json(out, "trainer_state.json").get("threads")
+    except RunFolderError:
+        return None  # named when the state is loaded
 
 
 def _check_resumable(out: Path) -> None:
@@ -232,7 +260,8 @@ def _check_folder_files(out: Path, data) -> None:
     """Before resuming, read what the run will need later: the best weights (read again at
     the end) and the vocabulary, which must be the data's (else the data changed), so a
     damaged file is named now instead of after hours of training."""
-    if (out / "model.safetensors").exists():
+    state = read_json(out, "trainer_state.json") if (out / "trainer_state.json").exists() else {}
+    if (out / "model.safetensors").exists() or state.get("best_epoch", -1) >= 1:
         read_run_file(out, "model.safetensors", lambda p: safe_open(str(p), "pt").keys())
     items = read_run_file(out, "vocab/items.parquet", lambda p: pl.read_parquet(p)["item_id"].to_list())
     if items != data.item_ids.astype(str).tolist():
@@ -265,6 +294,12 @@ def fit(
         raise ValueError(f"train.refit_epochs={tc.refit_epochs!r}: it is the epoch count of a refit without an "
                          "early-stopping phase, so it needs train.refit: true and at least 1 epoch")
     check_split(split)  # degenerate data (no targets, nothing to evaluate, one item) is refused up front
+    if out_dir is not None and extra_meta is None:
+        # what the CLI records, for Python callers too: data paths absolute, and what the data was
+        from .data.loading import data_fingerprint, resolve_data_config
+
+        cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
+        extra_meta = {"data_fingerprint": data_fingerprint(cfg.data)}
     if tc.refit:
         refit_split(split)  # a split refit cannot use fails now, not after hours of training
     rank, world = _distributed()
@@ -272,8 +307,18 @@ def fit(
         prepare_run_folder(Path(out_dir), resume, overwrite, log)
     if tc.refit_epochs:
         return _refit_only(cfg, split, out_dir, resume, progress, log, extra_meta)
+    out = Path(out_dir) if out_dir is not None else None
+    if resume and out is not None and out.exists():
+        if rank == 0:  # one writer repairs an interrupted commit; the other ranks wait for it
+            recover(out)
+        if world > 1:
+            dist.barrier()
+        _check_resumable(out)
     from .runtime import use_threads  # train.threads, PERSEQ_THREADS, or the cores not busy now
-    use_threads(tc.threads, log=log)
+    # an automatic count is kept for the run's life: thread counts change results in the last
+    # bits, and a resumed run must end as the uninterrupted one would
+    kept = _saved_threads(out) if resume and out is not None and not tc.threads else None
+    threads = use_threads(tc.threads or kept, log=log).n
     device = select_device(tc.device)
     seed_everything(tc.seed)
     data = split.data
@@ -283,20 +328,19 @@ def fit(
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     windows = TrainWindows(split, model.max_len if model.objective == "causal" else model.max_len - 1, cfg.data.windows, cloze=model.objective == "cloze")
     loss_fn = get_loss(cfg.loss, train_item_counts(split))
-    out = Path(out_dir) if out_dir is not None else None
     hardware = hardware_name(device)
     saved_cfg = earlier_hardware = None  # what a resumed folder says it was trained with, and on
-    if resume and out is not None and out.exists():
-        recover(out)
-        _check_resumable(out)
     if resume and out is not None and (out / "config.json").exists():
         _check_same_run(out, cfg, model)
         saved_cfg = read_json(out, "config.json")["run"]
         _check_folder_files(out, data)
-        if (out / "results.json").exists():
-            earlier_hardware = read_json(out, "results.json").get("hardware")
+        try:  # only its hardware name is read back: a damaged results.json is rewritten at the end
+            earlier_hardware = read_json(out, "results.json").get("hardware") if (out / "results.json").exists() else None
+        except RunFolderError as e:
+            log(f"note: {e}")
 
-    state = {"epoch": 0, "best": -math.inf, "best_epoch": -1, "bad": 0, "history": [], "train_seconds": 0.0}
+    state = {"epoch": 0, "best": -math.inf, "best_epoch": -1, "bad": 0, "history": [], "train_seconds": 0.0,
+             "threads": threads}
     if resume and out is not None:
         loaded = load_train_state(out, model, opt)
         if loaded is not None:
@@ -335,13 +379,15 @@ def fit(
                     bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", refresh=False)
                 now = time.perf_counter()
                 due = every is not None and now - last_save >= every
-                if (due or stopper.signum is not None) and i < len(order):  # the last batch saves with its epoch
+                # under torchrun the ranks would see a signal at different batches: they stop together at the epoch end
+                stop = world == 1 and stopper.noticed()
+                if (due or stop) and i < len(order):  # the last batch saves with its epoch
                     if out is not None and rank == 0:
                         partial = {**state, "batch": i, "epoch_loss": tot_loss, "epoch_targets": tot_n,
                                    "epoch_seconds": before + now - t0}
                         save_train_state(out, model, opt, partial)
                     last_save = now
-                    if stopper.signum is not None:
+                    if stop:
                         where = f"at epoch {epoch + 1}, batch {i} of {len(order)}"
                         raise TrainingInterrupted(stopper.signum, where + (f"; checkpoint in {out}" if out is not None else ""))
             secs = before + time.perf_counter() - t0
@@ -351,20 +397,31 @@ def fit(
                 tot_loss, tot_n = agg[0].item(), int(agg[1].item())
             state["train_seconds"] += secs
             rec = {"epoch": epoch + 1, "loss": tot_loss / max(tot_n, 1), "seconds": secs, "hardware": hardware}
+            diverged = False
             if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
-                val = evaluate(model, split, "valid", cfg.eval, device)
-                rec["valid"] = _metrics_only(val)
-                improved = val[metric] > state["best"] or state["best_epoch"] < 0
-                if improved:
+                try:
+                    val = evaluate(model, split, "valid", cfg.eval, device)
+                except ScoresNaN:
+                    val, diverged = None, True
+                if diverged:
+                    # this epoch's weights are lost, not the run: it stops with the best epoch's
+                    # (a run that diverges before any good epoch fails after the loop)
+                    state["diverged_at"] = epoch + 1
+                    improved = False
+                    log(f"epoch {epoch + 1}: training diverged (the model scored NaN); stopping with the best epoch's weights")
+                elif (improved := val[metric] > state["best"] or state["best_epoch"] < 0):
                     state.update(best=val[metric], best_epoch=epoch + 1, bad=0)
                     if out is None:
                         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 else:
                     state["bad"] += 1
-                log(f"epoch {epoch + 1}: loss {rec['loss']:.4f}  valid {metric} {val[metric]:.4f}  best {state['best']:.4f}@{state['best_epoch']}  {secs:.1f}s")
+                if not diverged:
+                    rec["valid"] = _metrics_only(val)
+                    log(f"epoch {epoch + 1}: loss {rec['loss']:.4f}  valid {metric} {val[metric]:.4f}  "
+                        f"best {state['best']:.4f}@{state['best_epoch']}  {secs:.1f}s")
             else:
                 log(f"epoch {epoch + 1}: loss {rec['loss']:.4f}  {secs:.1f}s")
-            if cfg.eval.monitor_test:
+            if cfg.eval.monitor_test and not diverged:
                 peek = evaluate(model, split, "test", cfg.eval, device)
                 rec["test_monitor"] = _metrics_only(peek)
                 log(f"epoch {epoch + 1}: test (monitored, never selected on) {metric} {peek[metric]:.4f}")
@@ -372,9 +429,15 @@ def fit(
             state["epoch"] = epoch + 1
             if out is not None and rank == 0:  # the best weights go in the same set as the state that names them
                 save_train_state(out, model, opt, state, best_model=model if rec.get("valid") and improved else None)
-            if stopper.signum is not None and epoch + 1 < tc.epochs and state["bad"] < tc.patience:
-                raise TrainingInterrupted(stopper.signum, f"after epoch {epoch + 1}" + (f"; checkpoint in {out}" if out is not None else ""))
+            signum = _agreed_stop(stopper, world)
+            if signum and not diverged and epoch + 1 < tc.epochs and state["bad"] < tc.patience:
+                raise TrainingInterrupted(signum, f"after epoch {epoch + 1}" + (f"; checkpoint in {out}" if out is not None else ""))
+            if diverged:
+                break
 
+    if state["best_epoch"] < 1 and state.get("diverged_at"):
+        raise ValueError(f"training diverged at epoch {state['diverged_at']} before any epoch was kept "
+                         "(the model scored NaN): try a lower train.lr or a grad_clip")
     if out is not None:
         if world > 1:
             dist.barrier()

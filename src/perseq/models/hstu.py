@@ -165,7 +165,9 @@ ATTENTION_BLOCK = 256
 
 
 def _blocked(B: int, H: int, T: int, device: torch.device) -> bool:
-    return device.type == "cpu" and (T >= BLOCKED_FROM or B * H * T * T > WHOLE_MAX_SCORES)
+    from ..ops import reference_only
+
+    return device.type == "cpu" and (T >= BLOCKED_FROM or B * H * T * T > WHOLE_MAX_SCORES) and not reference_only()
 
 
 def _block_bias(s, pos_w, ts_w, buckets, i0):

@@ -1,0 +1,84 @@
+"""What PCRec-simple costs at inference: the latency of scoring one batch of users plain,
+with each user's adaptation batched (vmap over users), and with the same functional code
+run one user at a time; the batched and one-at-a-time scores are compared.
+
+    perseq bench adapt --model hstu --lengths 50,200 --batch 128 --out benchmarks/results/adapt_speed_cpu.json
+
+The weights are random at the ML-1M size (3,706 items): the cost depends on the shapes, not
+on the values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..models import build_model
+from ..personalize import AdaptConfig, Personalized
+from ..report import git_commit, hardware_name
+from ..runtime import use_threads
+
+# the ML-1M sizes of the configs in configs/ml-1m/
+SIZES = {"hstu": {"d": 50, "n_blocks": 2, "n_heads": 1}, "hstu-large": {"d": 50, "n_blocks": 8, "n_heads": 2},
+         "sasrec": {"d": 64}, "mamba4rec": {"d": 64}}
+
+
+def _time(fn, repeat: int) -> tuple[float, torch.Tensor]:
+    out = fn()  # warm-up (and the scores)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="perseq bench adapt", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="hstu", help=f"registry name (ML-1M sizes known for: {', '.join(SIZES)})")
+    ap.add_argument("--lengths", default="50,200", help="history lengths to time")
+    ap.add_argument("--batch", type=int, default=128, help="users per batch")
+    ap.add_argument("--n-items", type=int, default=3706)
+    ap.add_argument("--steps", type=int, default=1, help="adaptation steps S")
+    ap.add_argument("--scope", default="all")
+    ap.add_argument("--one-by-one", type=int, default=16,
+                    help="users timed one at a time (the per-user time is scaled to the batch)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", help="JSON file to write")
+    a = ap.parse_args(argv)
+    threads = use_threads(a.threads)
+    torch.manual_seed(0)
+    rows = []
+    for L in [int(x) for x in a.lengths.split(",")]:
+        model = build_model(a.model, a.n_items, max_len=L, **SIZES.get(a.model, {})).eval()
+        items = torch.randint(1, a.n_items + 1, (a.batch, L))
+        lengths = torch.full((a.batch,), L)
+        cfg = AdaptConfig(steps=a.steps, lr=0.01, scope=a.scope, users_per_batch=a.batch)
+        with torch.no_grad():
+            plain_s, _ = _time(lambda: model.scores(items, lengths), a.repeat)
+        batched_s, batched = _time(lambda: Personalized(model, cfg).scores(items, lengths), a.repeat)
+        n1 = min(a.one_by_one, a.batch)
+        single = Personalized(model, AdaptConfig(**{**cfg.to_dict(), "users_per_batch": 1}))
+        one_s, one = _time(lambda: single.scores(items[:n1], lengths[:n1]), max(1, a.repeat // 2))
+        one_s *= a.batch / n1
+        fin = torch.isfinite(batched[:n1])
+        rows.append({"length": L, "batch": a.batch, "plain_ms": plain_s * 1e3, "adapted_batched_ms": batched_s * 1e3,
+                     "adapted_one_by_one_ms": one_s * 1e3, "speedup_batched": one_s / batched_s,
+                     "added_ms_per_batch": (batched_s - plain_s) * 1e3,
+                     "added_ms_per_user": (batched_s - plain_s) * 1e3 / a.batch,
+                     "max_abs_diff_batched_vs_one": float((batched[:n1][fin] - one[fin]).abs().max())})
+        r = rows[-1]
+        print(f"L {L}: plain {r['plain_ms']:.1f} ms, adapted batched {r['adapted_batched_ms']:.1f} ms, one by one "
+              f"{r['adapted_one_by_one_ms']:.0f} ms ({r['speedup_batched']:.1f}x), |diff| {r['max_abs_diff_batched_vs_one']:.1e}")
+    result = {"model": a.model, "sizes": SIZES.get(a.model, {}), "n_items": a.n_items, "steps": a.steps, "scope": a.scope,
+              "threads": threads.n, "hardware": hardware_name(torch.device("cpu")), "commit": git_commit(), "rows": rows}
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=1))
+        print(f"wrote {a.out}")
+    return result
