@@ -34,3 +34,18 @@ def test_overrides_and_unknown_keys(tmp_path):
     p.write_text("trian:\n  lr: 1\n")
     with pytest.raises(ValueError, match="unknown section"):
         load_config(p)
+
+
+def test_config_show_explains_every_key_of_every_model(capsys):
+    """`perseq config show` prints each setting with its default and a line of help, for
+    the run sections and for every registry model's own keys."""
+    from perseq.cli import main
+    from perseq.config import describe, load_config
+    from perseq.models.registry import MODELS
+
+    for name in MODELS:
+        rows = describe(load_config(None, [f"model.name={name}"]))
+        assert [k for k, _, _, h in rows if not h] == [], name
+    assert main(["config", "show", "--set", "train.lr=0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "train.lr = 0.01   (default 0.001)\n    AdamW learning rate" in out

@@ -21,7 +21,7 @@ class BERT4RecConfig:
     n_blocks: int = 2
     n_heads: int = 2
     dropout: float = 0.2
-    mask_prob: float = 0.2
+    mask_prob: float = 0.2  # share of positions masked for the Cloze task
     # share of rows trained on their last item alone (every other item visible), the test
     # task's shape. The authors' data generator adds one such instance per sequence next to
     # its dupe_factor = 10 random maskings (gen_data_fin.py, mask_last), i.e. 1/11 ≈ 0.09;

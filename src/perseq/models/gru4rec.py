@@ -16,7 +16,7 @@ class GRU4RecConfig:
     n_items: int
     max_len: int = 200
     d: int = 64
-    hidden: int = 128
+    hidden: int = 128  # GRU state size (projected to d for scoring)
     n_layers: int = 1
     dropout: float = 0.2
 

@@ -57,7 +57,7 @@ class HSTUConfig:
     # prediction is asked for (t_{i+1} - t_j, as generative-recommenders: the target's
     # timestamp in training, the request time when serving)
     time_query: str = "own"
-    num_time_buckets: int = 128
+    num_time_buckets: int = 128  # log-bucketed time gaps of the time bias
     normalize_output: bool = True  # L2-normalize hidden states and output item rows
     # learned absolute position table added to the input, as the reference's input
     # preprocessor (results in BENCHMARKS.md from before 2026-11-23 ran without it)

@@ -26,7 +26,7 @@ class LlamaRecConfig:
     n_blocks: int = 2
     n_heads: int = 2
     dropout: float = 0.2
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0  # rotary position frequency base
 
 
 def swiglu_hidden(d: int, multiple_of: int = 8) -> int:

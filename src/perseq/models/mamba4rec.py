@@ -47,7 +47,7 @@ class Mamba4RecConfig:
     max_len: int = 200
     d: int = 64  # d_model
     d_state: int = 32  # N
-    d_conv: int = 4
+    d_conv: int = 4  # causal depthwise conv width before the scan
     expand: int = 2  # inner width E = expand * d
     n_layers: int = 1
     dropout: float = 0.2
