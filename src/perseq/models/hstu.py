@@ -126,7 +126,14 @@ def causal_toeplitz(w, T):
     padded vector, so the backward is a dense sum along each diagonal. Indexing w with the
     (T, T) table of clamped i - j gives the same values, but its backward on CUDA walks the
     T²/2 entries clamped to 0 one by one (HSTU's training step took 17 s at T = 8192 on an
-    H100 that way, `BENCHMARKS.md`)."""
+    H100 that way, `BENCHMARKS.md`). Under ``reference_ops`` (torch.func: vmap has no rule
+    for unfold's backward and would loop over the batch) it takes the indexing line."""
+    from ..ops import reference_only
+
+    if reference_only():
+        pos = torch.arange(T, device=w.device)
+        rel = pos[:, None] - pos[None, :]  # (T, T) = i - j
+        return torch.where(rel >= 0, w[rel.clamp(min=0)], w.new_zeros(()))
     v = torch.cat([w[:T].flip(0), w.new_zeros(T - 1)])  # (2T-1,): v[T-1-k] = w[k]
     return v.unfold(0, T, 1).flip(0)  # (T, T): [i, j] = v[T-1-i+j]
 
