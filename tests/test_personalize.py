@@ -168,3 +168,16 @@ def test_adapt_chooses_on_validation_and_evaluate_predict_use_the_choice(tmp_pat
     assert json.loads(capsys.readouterr().out)["ndcg@10"] == pytest.approx(got["ndcg@10"], abs=1e-6)
     assert main(["predict", run, "--adapt-steps", "1", "--adapt-lr", "0.05", "--out", str(tmp_path / "top.csv")]) == 0
     assert (tmp_path / "top.csv").read_text().startswith("user_id,rank,item_id,score")
+
+
+def test_the_paired_gain_is_the_mean_per_user_difference_with_a_bootstrap_interval():
+    import numpy as np
+
+    from perseq.personalize.compare import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    diff = rng.normal(0.02, 0.1, 4000)
+    lo, hi = bootstrap_ci(diff, n_boot=2000)
+    se = diff.std() / np.sqrt(len(diff))  # the normal interval the bootstrap should approach
+    assert lo < diff.mean() < hi
+    assert abs(lo - (diff.mean() - 1.96 * se)) < 0.25 * se and abs(hi - (diff.mean() + 1.96 * se)) < 0.25 * se

@@ -41,6 +41,7 @@ SMALL = {
     "perseq train": lambda a: [x if x != "0,1,2" else "0" for x in a] + EPOCH1,
     "perseq quickstart": lambda a: a + ["--epochs", "2"],
     "perseq bench speed": lambda a: a + ["--repeat", "1", "--step-models", "gru4rec", "--step-histories", "100"],
+    "perseq bench adapt": lambda a: a + ["--repeat", "1", "--one-by-one", "2"],
 }
 
 
