@@ -9,6 +9,7 @@ from .gru4rec import GRU4Rec
 from .hstu import HSTU, HSTULarge
 from .llama import LlamaRec
 from .mamba4rec import Mamba4Rec
+from .pcrec import PCRec, PCRecLarge
 from .sasrec import SASRec
 from .ttt4rec import TTT4Rec
 
@@ -21,6 +22,8 @@ MODELS: dict[str, type[SeqRecModel]] = {
     "hstu-large": HSTULarge,
     "llama": LlamaRec,
     "mamba4rec": Mamba4Rec,
+    "pcrec": PCRec,
+    "pcrec-large": PCRecLarge,
 }
 
 
@@ -58,6 +61,8 @@ SUMMARY: dict[str, str] = {
     "hstu-large": "HSTU at the paper's large size (8 blocks, d 256)",
     "llama": "LLaMA-style decoder: RMSNorm, rotary positions, SwiGLU (Touvron et al., 2023)",
     "mamba4rec": "Mamba4Rec: selective state-space blocks (Liu et al., 2024)",
+    "pcrec": "PCRec: HSTU + a predictive-coding correction per block, one inference step per forward (KDD 2025)",
+    "pcrec-large": "PCRec at HSTU-large's size (8 blocks, 2 heads)",
 }
 
 
