@@ -71,3 +71,19 @@ def test_cli_demo_names_are_the_library_demos():
     assert sorted(next(a for a in sub._actions if a.dest == "method").choices) == sorted(DEMOS)
     with pytest.raises(SystemExit):
         parser.parse_args(["quickstart", "no-such-method"])
+
+
+def test_the_pcrec_demo_compares_hstu_its_adaptation_and_pcrec(tmp_path):
+    from perseq.quickstart import PCREC_SIMPLE_GRID, run_pcrec_demo
+
+    lines = []
+    r = run_pcrec_demo(epochs=2, out=str(tmp_path), log=lines.append, synthetic=SMALL, threads=1)
+    names = [row["name"].split(" (")[0] for row in r["rows"]]
+    assert names == ["hstu", "hstu + PCRec-simple", "pcrec", "Bayes-optimal ceiling"]
+    ad = r["models"]["hstu+pcrec-simple"]
+    # the choice comes from the validation grid (or is "no adaptation"), and the reported
+    # gain is the adapted minus the plain test metric of the same checkpoint
+    assert ad["choice"]["steps"] in (0, *PCREC_SIMPLE_GRID["steps"]) and ad["choice"]["lr"] in PCREC_SIMPLE_GRID["lrs"]
+    assert ad["test"]["ndcg@10"] - r["models"]["hstu"]["test"]["ndcg@10"] == pytest.approx(ad["gain"]["mean"], abs=1e-9)
+    assert (tmp_path / "pcrec" / "results.json").exists()
+    assert build_parser().parse_args(["quickstart", "pcrec"]).method == "pcrec"

@@ -405,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "event plays no part.")
     p.add_argument("run", help="run folder written by 'perseq train'")
     p.add_argument("--steps", default="1,3", help="comma-separated step counts S (default 1,3)")
-    p.add_argument("--lr", default="0.001,0.01,0.1", help="comma-separated learning rates β (default 0.001,0.01,0.1)")
+    p.add_argument("--lr", default="0.0001,0.001,0.01",
+                   help="comma-separated learning rates β (default 0.0001,0.001,0.01; a model trained with a "
+                        "logit temperature τ has gradients 1/τ times larger, so it wants smaller rates)")
     p.add_argument("--scope", default="all", help="comma-separated scopes: all, last_block, norms, bias, lora:<r> (default all)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     p.add_argument("--objective", default="ce", choices=["ce", "kl"])
@@ -469,8 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="train on embedded synthetic data and compare with the Bayes-optimal ceiling",
                        description="A demo on the embedded synthetic data (no download): about 35 s on 2 idle CPU cores.")
     # one demo per method, by name (perseq.quickstart.DEMOS; kept here too so --help needs no torch import)
-    p.add_argument("method", nargs="?", default="baselines", choices=["baselines"],
-                   help="which demo (default: baselines: SASRec and GRU4Rec vs the Bayes-optimal ceiling)")
+    p.add_argument("method", nargs="?", default="baselines", choices=["baselines", "pcrec"],
+                   help="which demo (default: baselines: SASRec and GRU4Rec vs the Bayes-optimal ceiling; "
+                        "pcrec: HSTU, HSTU + PCRec-simple and PCRec)")
     p.add_argument("--epochs", type=int, default=None,
                    help="cap on epochs per model (default 100; early stopping ends both models near 20)")
     p.add_argument("--out", default="runs/quickstart",
