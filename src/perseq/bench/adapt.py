@@ -45,6 +45,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-items", type=int, default=3706)
     ap.add_argument("--steps", type=int, default=1, help="adaptation steps S")
     ap.add_argument("--scope", default="all")
+    ap.add_argument("--objective", default="ce", choices=["ce", "kl"],
+                    help="ce: softmax over the whole catalogue at every position; kl: over the d embedding dimensions")
     ap.add_argument("--one-by-one", type=int, default=16,
                     help="users timed one at a time (the per-user time is scaled to the batch)")
     ap.add_argument("--repeat", type=int, default=3)
@@ -58,7 +60,7 @@ def main(argv=None) -> dict:
         model = build_model(a.model, a.n_items, max_len=L, **SIZES.get(a.model, {})).eval()
         items = torch.randint(1, a.n_items + 1, (a.batch, L))
         lengths = torch.full((a.batch,), L)
-        cfg = AdaptConfig(steps=a.steps, lr=0.01, scope=a.scope, users_per_batch=a.batch)
+        cfg = AdaptConfig(steps=a.steps, lr=0.01, scope=a.scope, objective=a.objective, users_per_batch=a.batch)
         with torch.no_grad():
             plain_s, _ = _time(lambda: model.scores(items, lengths), a.repeat)
         batched_s, batched = _time(lambda: Personalized(model, cfg).scores(items, lengths), a.repeat)
@@ -76,6 +78,7 @@ def main(argv=None) -> dict:
         print(f"L {L}: plain {r['plain_ms']:.1f} ms, adapted batched {r['adapted_batched_ms']:.1f} ms, one by one "
               f"{r['adapted_one_by_one_ms']:.0f} ms ({r['speedup_batched']:.1f}x), |diff| {r['max_abs_diff_batched_vs_one']:.1e}")
     result = {"model": a.model, "sizes": SIZES.get(a.model, {}), "n_items": a.n_items, "steps": a.steps, "scope": a.scope,
+              "objective": a.objective,
               "threads": threads.n, "hardware": hardware_name(torch.device("cpu")), "commit": git_commit(), "rows": rows}
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
