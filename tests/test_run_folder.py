@@ -449,3 +449,16 @@ def test_a_damaged_results_file_does_not_block_resuming(finished_run, tmp_path, 
     (run / "results.json").write_text("{")
     assert _train(tmp_path, "--name", "r", "--resume") == 0
     assert json.loads((run / "results.json").read_text())["test"]
+
+
+def test_evaluating_a_run_before_its_first_epoch_ends_says_to_resume(tiny, tmp_path, monkeypatch):
+    def crash_at_first_state(op):
+        if op == "done" and (tmp_path / "run" / "trainer_state.json").exists():
+            raise Crash
+
+    monkeypatch.setattr(checkpoint, "crash_hook", crash_at_first_state)
+    with pytest.raises(Crash):
+        fit(_cfg(checkpoint_minutes=1e-9), tiny, out_dir=tmp_path / "run", progress=False, log=_quiet)
+    monkeypatch.setattr(checkpoint, "crash_hook", None)
+    with pytest.raises(checkpoint.RunFolderError, match="no epoch of this run has finished.*--resume"):
+        checkpoint.load_model(tmp_path / "run")

@@ -289,6 +289,14 @@ def saved_model_config(meta: dict) -> dict:
     return mc
 
 
+def _no_epoch_finished(d: Path) -> bool:
+    """A run folder with training state but no evaluated epoch yet (a mid-epoch checkpoint)."""
+    try:
+        return json.loads((d / "trainer_state.json").read_text()).get("best_epoch", -1) < 1
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_model(run_dir: str | Path, weights: str = "model.safetensors", device="cpu"):
     """-> (model in eval mode, config dict, raw item ids array)."""
     d = Path(run_dir)
@@ -304,6 +312,9 @@ def load_model(run_dir: str | Path, weights: str = "model.safetensors", device="
         model = build_model(name, n_items, **mc)
     except (KeyError, TypeError, ValueError) as e:
         raise RunFolderError(f"{d / 'config.json'} does not describe a model ({type(e).__name__}: {e}); {_TODO['config.json']}") from e
+    if weights == "model.safetensors" and not (d / weights).exists() and _no_epoch_finished(d):
+        raise RunFolderError(f"{d / weights} does not exist yet: no epoch of this run has finished; "
+                             "continue training with 'perseq train ... --resume'")
     load_weights(model, d / weights)
     model.to(device).eval()
     items = read_run_file(d, "vocab/items.parquet", lambda p: pl.read_parquet(p)["item_id"].to_numpy().astype(object))

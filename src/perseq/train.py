@@ -207,6 +207,19 @@ def _json(x):
     return json.loads(json.dumps(x))  # tuples -> lists, as a config.json holds them
 
 
+def _resolved_data(saved: dict) -> dict:
+    """A saved data section as ``resolve_data_config`` makes it today (absolute paths, the
+    guessed format); as saved when it no longer resolves (the data moved: named later)."""
+    from .config import DataConfig
+    from .data.loading import resolve_data_config
+
+    try:
+        dc = resolve_data_config(DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}))
+    except (TypeError, ValueError, FileNotFoundError):
+        return saved
+    return _json(dataclasses.asdict(dc))
+
+
 def _check_same_run(out: Path, cfg: RunConfig, model) -> None:
     """Refuse to resume a folder trained under another configuration: continuing someone
     else's weights under new settings would silently mix two experiments. The model is
@@ -226,6 +239,8 @@ def _check_same_run(out: Path, cfg: RunConfig, model) -> None:
             continue
         default = _json(dataclasses.asdict(getattr(RunConfig(), sec)))
         old = saved.get(sec, {})
+        if sec == "data":  # folders from before data paths were stored resolved: compare them resolved
+            old = _resolved_data(old)
         for k in sorted(set(vals) | set(old)):
             a, b = old.get(k, default.get(k)), vals.get(k, default.get(k))
             if (sec, k) not in RESUMABLE_CHANGES and a != b:
