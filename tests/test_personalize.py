@@ -170,6 +170,25 @@ def test_adapt_chooses_on_validation_and_evaluate_predict_use_the_choice(tmp_pat
     assert (tmp_path / "top.csv").read_text().startswith("user_id,rank,item_id,score")
 
 
+def test_adapt_test_writes_the_paired_comparison_as_a_benchmark_row(tmp_path, monkeypatch, capsys):
+    import json
+
+    from perseq.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    syn = ["--set", "data.synthetic={n_users: 120, n_items: 40, n_clusters: 4, mean_len: 14, max_len: 40, seed: 2}",
+           "--set", "model.d=16", "--set", "data.max_len=20", "--set", "train.epochs=2"]
+    assert main(["train", *syn, "--name", "r", "--no-progress"]) == 0
+    assert main(["adapt", "runs/r-s0", "--steps", "1", "--lr", "0.05", "--bench-name", "x"]) == 2  # needs --test
+    assert main(["adapt", "runs/r-s0", "--steps", "1", "--lr", "0.05", "--test", "--bench-name", "x"]) == 0
+    row = json.loads((tmp_path / "benchmarks" / "results" / "x.json").read_text())
+    t = json.loads((tmp_path / "runs" / "r-s0" / "adapt.json").read_text())["test_paired"]
+    assert row["model"] == "sasrec+pcrec-simple" and row["protocol"]["exclude_seen"] is True
+    assert row["gain"] == t["gain"] and row["test_adapted"]["ndcg@10"] - row["test_plain"]["ndcg@10"] == pytest.approx(
+        t["gain"]["mean"], abs=1e-12)
+    assert row["gain"]["ci95"][0] <= row["gain"]["mean"] <= row["gain"]["ci95"][1]
+
+
 def test_the_paired_gain_is_the_mean_per_user_difference_with_a_bootstrap_interval():
     import numpy as np
 

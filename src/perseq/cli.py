@@ -208,6 +208,8 @@ def cmd_adapt(args) -> int:
     from .checkpoint import load_model
     from .personalize.sweep import grid, save_choice, sweep
 
+    if args.bench_name and not args.test:
+        raise ValueError("--bench-name writes the paired test comparison: add --test")
     model, meta, items = load_model(args.run)
     cfg, split = _rebuild_split(meta)
     _check_vocab(items, split.data)
@@ -225,6 +227,10 @@ def cmd_adapt(args) -> int:
         print(f"test {g['metric']}: plain {t['plain'][g['metric']]:.4f}, adapted {t['adapted'][g['metric']]:.4f}, "
               f"gain {g['mean']:+.4f} (95% CI {g['ci95'][0]:+.4f} .. {g['ci95'][1]:+.4f}, {t['n_users']} users)")
     path = save_choice(args.run, result)
+    if args.bench_name:
+        from .personalize.sweep import write_benchmark
+
+        print(f"wrote {write_benchmark(args.run, args.bench_name)}")
     c = result["choice"]
     verdict = (f"steps {c['steps']}, lr {c['lr']:g}, scope {c['scope']}" if result["improves"]
                else "no adaptation (none of the grid beat the unadapted model on validation)")
@@ -416,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", action="store_true",
                    help="after choosing, also score the test event with and without the choice, paired per user "
                         "(mean gain with a 95%% bootstrap interval), stored in adapt.json as test_paired")
+    p.add_argument("--bench-name", help="with --test: also write benchmarks/results/<name>.json (plain vs adapted, "
+                                        "the paired gain, the grid, the protocol)")
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("data", help="prepare a dataset or print its statistics",

@@ -66,3 +66,37 @@ def load_choice(run_dir: str | Path) -> AdaptConfig | None:
     if not (run_dir / CHOICE_FILE).exists():
         return None
     return AdaptConfig(**read_json(run_dir, CHOICE_FILE)["choice"])
+
+
+def write_benchmark(run_dir: str | Path, name: str, out_dir: str | Path = "benchmarks/results") -> Path:
+    """benchmarks/results/<name>.json from a run folder's results.json and adapt.json (with
+    its ``test_paired``): the backbone's and the adapted model's test metrics on the same
+    checkpoint, the paired gain with its interval, the validation grid, and the protocol."""
+    run_dir = Path(run_dir)
+    res, adapt = read_json(run_dir, "results.json"), read_json(run_dir, CHOICE_FILE)
+    if "test_paired" not in adapt:
+        raise ValueError(f"{run_dir / CHOICE_FILE} has no test_paired: run 'perseq adapt {run_dir} --test' first")
+    run = read_json(run_dir, "config.json")["run"]
+    t = adapt["test_paired"]
+    record = {
+        "run": name,
+        "dataset": res["dataset"],
+        "model": f"{res['model']}+pcrec-simple",
+        "backbone": res["model"],
+        "seed": res["seed"],
+        "protocol": {"split": run["data"]["split"], "ranking": "full", "exclude_seen": t["exclude_seen"],
+                     "max_len": run["data"]["max_len"], "loss": run["loss"]["name"], "refit": False,
+                     "selection": "backbone: early stopping on validation; adaptation: grid on validation"},
+        "best_epoch": res["best_epoch"],
+        "choice": adapt["choice"],
+        "test_plain": t["plain"],
+        "test_adapted": t["adapted"],
+        "gain": t["gain"],
+        "n_users": t["n_users"],
+        "validation_grid": adapt["rows"],
+        "hardware": res.get("hardware"),
+    }
+    out = Path(out_dir) / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    return out
