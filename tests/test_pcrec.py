@@ -9,10 +9,13 @@ from perseq.models.pcrec import ACTIVATIONS, PCModule, PCRecConfig, f_and_deriva
 N, T = 30, 12
 
 
-def _pcrec(**kw):
+PC_MODELS = ["pcrec", "sasrec-pc"]  # the paper's backbone, and the module on a second one
+
+
+def _pcrec(name="pcrec", **kw):
     torch.manual_seed(0)
     kw = {"max_len": T, "d": 16, "n_blocks": 2, "gamma_bias_init": 0.0, **kw}
-    m = build_model("pcrec", N, **kw)
+    m = build_model(name, N, **kw)
     with torch.no_grad():  # a θ that mixes visibly (the default init is small)
         for pc in m.pc:
             pc.theta.normal_(0, 0.3)
@@ -24,10 +27,11 @@ def _items(B=4, seed=1):
     return torch.randint(1, N + 1, (B, T), generator=g)
 
 
+@pytest.mark.parametrize("name", PC_MODELS)
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 @pytest.mark.parametrize("f", ["softplus", "identity"])
-def test_pcrec_is_causal_in_training_mode_through_theta_and_the_fast_weights(alpha, f):
-    m = _pcrec(alpha=alpha, f=f).train()
+def test_pcrec_is_causal_in_training_mode_through_theta_and_the_fast_weights(name, alpha, f):
+    m = _pcrec(name, alpha=alpha, f=f).train()
     items = _items()
     for t in (0, 5, T - 2):
         other = items.clone()
@@ -40,13 +44,14 @@ def test_pcrec_is_causal_in_training_mode_through_theta_and_the_fast_weights(alp
         assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
 
 
-def test_the_fast_weights_change_outputs_and_are_never_stored():
-    m = _pcrec(alpha=0.5).eval()
+@pytest.mark.parametrize("name", PC_MODELS)
+def test_the_fast_weights_change_outputs_and_are_never_stored(name):
+    m = _pcrec(name, alpha=0.5).eval()
     items = _items()
     theta = [pc.theta.detach().clone() for pc in m.pc]
     with torch.no_grad():
         first, again = m.encode(items), m.encode(items)
-        m_off = _pcrec(alpha=0.0).eval()
+        m_off = _pcrec(name, alpha=0.0).eval()
         m_off.load_state_dict(m.state_dict())
         without = m_off.encode(items)
     assert torch.equal(first, again)  # nothing drifts from one pass (or user) to the next
@@ -54,8 +59,9 @@ def test_the_fast_weights_change_outputs_and_are_never_stored():
     assert (first - without).abs().max() > 1e-3  # α ≠ 0 is not dead code
 
 
-def test_a_users_scores_do_not_depend_on_the_batch():
-    m = _pcrec(alpha=0.5).eval()
+@pytest.mark.parametrize("name", PC_MODELS)
+def test_a_users_scores_do_not_depend_on_the_batch(name):
+    m = _pcrec(name, alpha=0.5).eval()
     items = _items(B=5)
     lengths = torch.tensor([T, 3, 7, 1, 10])
     for b in range(5):
@@ -70,14 +76,15 @@ def test_a_users_scores_do_not_depend_on_the_batch():
     assert (together[perm][fin[perm]] - shuffled[fin[perm]]).abs().max() <= 1e-6
 
 
-def test_with_its_modules_off_pcrec_is_hstu_with_the_same_weights():
+@pytest.mark.parametrize("name,backbone", [("pcrec", "hstu"), ("sasrec-pc", "sasrec")])
+def test_with_its_modules_off_it_is_the_backbone_with_the_same_weights(name, backbone):
     torch.manual_seed(0)
-    hstu = build_model("hstu", N, max_len=T, d=16).eval()
-    off = build_model("pcrec", N, max_len=T, d=16, pc_blocks=0).eval()
-    off.load_state_dict(hstu.state_dict())
+    base = build_model(backbone, N, max_len=T, d=16).eval()
+    off = build_model(name, N, max_len=T, d=16, pc_blocks=0).eval()
+    off.load_state_dict(base.state_dict())
     items = _items()
     with torch.no_grad():
-        assert torch.equal(off.encode(items), hstu.encode(items))
+        assert torch.equal(off.encode(items), base.encode(items))
     assert len(build_model("pcrec", N, max_len=T, d=16, n_blocks=3, pc_blocks=2).pc) == 2
 
 

@@ -63,6 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .hstu import HSTU_LARGE, HSTU, HSTUConfig, _blocked, time_buckets
+from .sasrec import SASRec, SASRecConfig
 
 ACTIVATIONS = ("softplus", "sigmoid", "tanh", "relu", "identity")
 
@@ -84,20 +85,29 @@ def f_and_derivative(y: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Te
     raise ValueError(f"unknown PCRec activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
 
 
-@dataclass(frozen=True)
-class PCRecConfig(HSTUConfig):
-    pc_blocks: int | None = None  # blocks (from the bottom) with a predictive-coding module; None = all, 0 = plain HSTU
+@dataclass(frozen=True, kw_only=True)
+class PCSettings:
+    """The predictive-coding settings, shared by every backbone that carries the modules
+    (keyword-only, so they follow the backbone's own fields)."""
+
+    pc_blocks: int | None = None  # blocks (from the bottom) with a predictive-coding module; None = all, 0 = the plain backbone
     alpha: float = 1e-3  # rate of the per-sequence fast-weight step Δθ = α ε f(s)ᵀ (0 = no fast weights)
     f: str = "softplus"  # the predictive model's nonlinearity: softplus | sigmoid | tanh | relu | identity
     gamma: float | None = None  # None: learned γ = σ(LN(x) W + b) per token and dimension; a number: that fixed γ
-    gamma_bias_init: float = -3.0  # b's start: γ ≈ 0.05, so training starts close to HSTU
+    gamma_bias_init: float = -3.0  # b's start: γ ≈ 0.05, so training starts close to the backbone
 
-    def __post_init__(self):
-        super().__post_init__()
+    def _check_pc(self) -> None:
         if self.f not in ACTIVATIONS:
             raise ValueError(f"unknown PCRec activation {self.f!r}; valid: {', '.join(ACTIVATIONS)}")
         if self.pc_blocks is not None and not 0 <= self.pc_blocks <= self.n_blocks:
             raise ValueError(f"pc_blocks={self.pc_blocks} must be between 0 and n_blocks={self.n_blocks}")
+
+
+@dataclass(frozen=True)
+class PCRecConfig(HSTUConfig, PCSettings):
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_pc()
 
 
 @dataclass(frozen=True)
@@ -177,3 +187,40 @@ class PCRecLarge(PCRec):
     """PCRec at HSTU-large's size (8 blocks, 2 heads)."""
 
     Config = PCRecLargeConfig
+
+
+# -- the module on a second backbone (the paper leaves this as future work) ----------------
+@dataclass(frozen=True)
+class SASRecPCConfig(SASRecConfig, PCSettings):
+    def __post_init__(self):
+        self._check_pc()
+
+
+class SASRecPC(SASRec):
+    """SASRec + one PCModule after each of the first ``pc_blocks`` blocks, the same module
+    and rules as PCRec: a SASRec block is also y = x + F(x) (pre-norm residuals), so its
+    input's correction reaches the stream through the residual path. Full re-encode only."""
+
+    Config = SASRecPCConfig
+    incremental = False
+
+    def __init__(self, cfg: SASRecPCConfig):
+        super().__init__(cfg)
+        n = cfg.n_blocks if cfg.pc_blocks is None else cfg.pc_blocks
+        self.pc = nn.ModuleList(PCModule(cfg) for _ in range(n))
+
+    def encode(self, items, times=None):
+        B, T = items.shape
+        if T > self.max_len:
+            raise ValueError(f"sequence length {T} exceeds max_len {self.max_len}")
+        x = self.drop(self.item_emb(items) * self.cfg.d**0.5 + self.pos_emb.weight[:T])  # (B, T, D)
+        for i, block in enumerate(self.blocks):
+            y = block(x)
+            x = self.pc[i](x, y) if i < len(self.pc) else y
+        return self._out(self.ln_f(x))  # (B, T, D)
+
+    def init_state(self, batch_size: int, device=None):
+        raise NotImplementedError("SASRec-PC scores by full re-encode (its fast weights need the whole prefix)")
+
+    def step(self, state, item, time=None):
+        raise NotImplementedError("SASRec-PC scores by full re-encode (its fast weights need the whole prefix)")

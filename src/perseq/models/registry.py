@@ -9,7 +9,7 @@ from .gru4rec import GRU4Rec
 from .hstu import HSTU, HSTULarge
 from .llama import LlamaRec
 from .mamba4rec import Mamba4Rec
-from .pcrec import PCRec, PCRecLarge
+from .pcrec import PCRec, PCRecLarge, SASRecPC
 from .sasrec import SASRec
 from .ttt4rec import TTT4Rec
 
@@ -24,6 +24,7 @@ MODELS: dict[str, type[SeqRecModel]] = {
     "mamba4rec": Mamba4Rec,
     "pcrec": PCRec,
     "pcrec-large": PCRecLarge,
+    "sasrec-pc": SASRecPC,
 }
 
 
@@ -63,6 +64,7 @@ SUMMARY: dict[str, str] = {
     "mamba4rec": "Mamba4Rec: selective state-space blocks (Liu et al., 2024)",
     "pcrec": "PCRec: HSTU + a predictive-coding correction per block, one inference step per forward (KDD 2025)",
     "pcrec-large": "PCRec at HSTU-large's size (8 blocks, 2 heads)",
+    "sasrec-pc": "SASRec + PCRec's predictive-coding module per block (the paper's future work)",
 }
 
 
