@@ -200,3 +200,18 @@ def test_the_paired_gain_is_the_mean_per_user_difference_with_a_bootstrap_interv
     se = diff.std() / np.sqrt(len(diff))  # the normal interval the bootstrap should approach
     assert lo < diff.mean() < hi
     assert abs(lo - (diff.mean() - 1.96 * se)) < 0.25 * se and abs(hi - (diff.mean() + 1.96 * se)) < 0.25 * se
+
+
+def test_hstu_time_buckets_are_the_same_on_the_reference_line_and_batch_under_vmap():
+    import warnings
+
+    from perseq.models.hstu import time_buckets
+
+    gaps = torch.tensor([[-5, 0, 1, 10, 1000, 86400, 10**9]])
+    with reference_ops():
+        ref = time_buckets(gaps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a batching-rule fallback would warn
+            batched = torch.vmap(time_buckets)(gaps.repeat(3, 1))
+    assert torch.equal(ref, time_buckets(gaps)) and ref.tolist() == [[5, 0, 0, 7, 22, 37, 68]]
+    assert torch.equal(batched, ref.repeat(3, 1))

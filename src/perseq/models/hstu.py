@@ -103,6 +103,11 @@ def time_buckets(gaps: torch.Tensor, num_buckets: int = 128) -> torch.Tensor:
     gap 10 -> 7, 1000 -> 22, one day (86400 s) -> 37. Sign is ignored. int32 (an index type
     for torch, half of int64's memory: encode makes B·T² of them); in place after the first
     copy, which matters at long T."""
+    from ..ops import reference_only
+
+    if reference_only():  # torch.func: vmap has no batching rule for clamp_ and would loop over the batch
+        g = gaps.abs().clamp(min=1).to(torch.float32)
+        return (g.log() / 0.301).to(torch.int32).clamp(0, num_buckets)
     g = gaps.abs().clamp_(min=1).to(torch.float32)  # float32 log as in the reference
     return g.log_().div_(0.301).to(torch.int32).clamp_(0, num_buckets)
 
