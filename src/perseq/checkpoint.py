@@ -352,11 +352,12 @@ def save_train_state(out: Path, model, opt, state: dict, best_model: torch.nn.Mo
     tensors["__rng_cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["__rng_cuda"] = torch.cuda.get_rng_state()
-    writers = {"last.safetensors": _weights_writer(model),
+    last = _weights_writer(model)
+    writers = {"last.safetensors": last,
                "optimizer.safetensors": lambda p: save_file(tensors, str(p)),
                "trainer_state.json": lambda p: p.write_text(json.dumps({**state, "optimizer": meta, "np_rng": None}, indent=1))}
-    if best_model is not None:
-        writers["model.safetensors"] = _weights_writer(best_model)
+    if best_model is not None:  # an improved epoch: the best weights are the last (one copy of them)
+        writers["model.safetensors"] = last if best_model is model else _weights_writer(best_model)
     commit(Path(out), writers)
 
 

@@ -51,15 +51,18 @@ def _positive_int(text: str) -> int:
 
 
 def _parse_seeds(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
+    return None if text is None else _number_list(text, int, "--seeds", "integers such as 0,1,2")
+
+
+def _number_list(text: str, kind, flag: str, what: str = "numbers") -> list:
+    """'1,3' -> [1, 3] (``kind`` per item); anything else is one line naming ``flag``."""
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
+        vals = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        seeds = []
-    if not seeds:
-        raise ValueError(f"--seeds expects comma-separated integers such as 0,1,2; got {text!r}")
-    return seeds
+        vals = []
+    if not vals:
+        raise ValueError(f"{flag} expects comma-separated {what}; got {text!r}")
+    return vals
 
 
 def run_folder_base(cfg, cfg_file, config_path: str | None, data_label: str) -> str:
@@ -119,9 +122,9 @@ def cmd_train(args) -> int:
     overrides = list(args.overrides) + ([f"name={args.name}"] if args.name else [])
     cfg = load_config(args.config, overrides)
     check_params(cfg.model["name"], {k: v for k, v in cfg.model.items() if k != "name"})
-    name = run_folder_base(cfg, cfg_file, args.config, _data_label(resolve_data_config(cfg.data)))
-    # paths are stored absolute, so evaluate/predict work from any directory
-    cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
+    data_cfg = resolve_data_config(cfg.data)  # paths absolute, so evaluate/predict work from any directory
+    name = run_folder_base(cfg, cfg_file, args.config, _data_label(data_cfg))
+    cfg = dataclasses.replace(cfg, data=data_cfg)
     seeds = seeds or [cfg.train.seed]
     outs = {seed: Path(args.out) / f"{name}-s{seed}" for seed in seeds}
     for out in outs.values():
@@ -213,7 +216,8 @@ def cmd_adapt(args) -> int:
     model, meta, items = load_model(args.run)
     cfg, split = _rebuild_split(meta)
     _check_vocab(items, split.data)
-    configs = grid(_floats(args.steps, int, "--steps"), _floats(args.lr, float, "--lr"), args.scope.split(","),
+    configs = grid(_number_list(args.steps, int, "--steps", "integers"), _number_list(args.lr, float, "--lr"),
+                   args.scope.split(","),
                    args.optimizer, args.objective, cfg.loss.temperature if args.temperature is None else args.temperature,
                    args.users_per_batch)
     result = sweep(model, split, cfg.eval, configs, log=print)
@@ -237,15 +241,6 @@ def cmd_adapt(args) -> int:
     print(f"chosen on validation: {verdict} -> {path}")
     return 0
 
-
-def _floats(text: str, kind, flag: str) -> list:
-    try:
-        vals = [kind(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        vals = []
-    if not vals:
-        raise ValueError(f"{flag} expects comma-separated numbers, got {text!r}")
-    return vals
 
 
 def cmd_evaluate(args) -> int:
@@ -491,9 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import TrainingInterrupted
-
     args = build_parser().parse_args(argv)
+    from .train import TrainingInterrupted  # after parsing: --help and argument errors need no torch
     # line by line even into a file or pipe (nohup, CI): progress must show as it happens
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -250,16 +249,6 @@ def _check_same_run(out: Path, cfg: RunConfig, model) -> None:
                          "give this run its own folder with --name (or --out), or drop --resume")
 
 
-def _saved_threads(out: Path) -> int | None:
-    """The thread count an interrupted run trained with (its trainer_state.json), if any."""
-    if not (out / "trainer_state.json").exists():
-        return None
-    try:
-        return read_json(out, "trainer_state.json").get("threads")
-    except RunFolderError:
-        return None  # named when the state is loaded
-
-
 def _check_resumable(out: Path) -> None:
     """A folder with training output must still have the files that describe it: starting
     over silently beside old weights would mix two runs. (A folder killed before its first
@@ -271,11 +260,16 @@ def _check_resumable(out: Path) -> None:
             read_json(out, f)  # raises the one-line "missing; what to do" error
 
 
-def _check_folder_files(out: Path, data) -> None:
+def _saved_state(out: Path) -> dict:
+    """A resumed folder's trainer_state.json ({} when training never saved one)."""
+    return read_json(out, "trainer_state.json") if (out / "trainer_state.json").exists() else {}
+
+
+def _check_folder_files(out: Path, data, state: dict) -> None:
     """Before resuming, read what the run will need later: the best weights (read again at
     the end) and the vocabulary, which must be the data's (else the data changed), so a
-    damaged file is named now instead of after hours of training."""
-    state = read_json(out, "trainer_state.json") if (out / "trainer_state.json").exists() else {}
+    damaged file is named now instead of after hours of training. ``state``: the folder's
+    trainer state (``_saved_state``)."""
     if (out / "model.safetensors").exists() or state.get("best_epoch", -1) >= 1:
         read_run_file(out, "model.safetensors", lambda p: safe_open(str(p), "pt").keys())
     items = read_run_file(out, "vocab/items.parquet", lambda p: pl.read_parquet(p)["item_id"].to_list())
@@ -323,17 +317,18 @@ def fit(
     if tc.refit_epochs:
         return _refit_only(cfg, split, out_dir, resume, progress, log, extra_meta)
     out = Path(out_dir) if out_dir is not None else None
+    saved_state = {}
     if resume and out is not None and out.exists():
         if rank == 0:  # one writer repairs an interrupted commit; the other ranks wait for it
             recover(out)
         if world > 1:
             dist.barrier()
         _check_resumable(out)
+        saved_state = _saved_state(out)
     from .runtime import use_threads  # train.threads, PERSEQ_THREADS, or the cores not busy now
     # an automatic count is kept for the run's life: thread counts change results in the last
     # bits, and a resumed run must end as the uninterrupted one would
-    kept = _saved_threads(out) if resume and out is not None and not tc.threads else None
-    threads = use_threads(tc.threads or kept, log=log).n
+    threads = use_threads(tc.threads or saved_state.get("threads"), log=log).n
     device = select_device(tc.device)
     seed_everything(tc.seed)
     data = split.data
@@ -348,7 +343,7 @@ def fit(
     if resume and out is not None and (out / "config.json").exists():
         _check_same_run(out, cfg, model)
         saved_cfg = read_json(out, "config.json")["run"]
-        _check_folder_files(out, data)
+        _check_folder_files(out, data, saved_state)
         try:  # only its hardware name is read back: a damaged results.json is rewritten at the end
             earlier_hardware = read_json(out, "results.json").get("hardware") if (out / "results.json").exists() else None
         except RunFolderError as e:
@@ -373,6 +368,7 @@ def fit(
     # torchrun checkpoints (and signal stops) stay at epoch ends
     every = tc.checkpoint_minutes * 60 if out is not None and world == 1 and tc.checkpoint_minutes else None
     stopper = _StopOnSignal(log)
+    saved_in = f"; checkpoint in {out}" if out is not None else ""
 
     with stopper:
         for epoch in range(state["epoch"], tc.epochs):
@@ -404,7 +400,7 @@ def fit(
                     last_save = now
                     if stop:
                         where = f"at epoch {epoch + 1}, batch {i} of {len(order)}"
-                        raise TrainingInterrupted(stopper.signum, where + (f"; checkpoint in {out}" if out is not None else ""))
+                        raise TrainingInterrupted(stopper.signum, where + saved_in)
             secs = before + time.perf_counter() - t0
             if world > 1:  # report the loss of the whole global batch, not of this rank's shard
                 agg = torch.tensor([tot_loss, float(tot_n)], dtype=torch.float64)
@@ -446,7 +442,7 @@ def fit(
                 save_train_state(out, model, opt, state, best_model=model if rec.get("valid") and improved else None)
             signum = _agreed_stop(stopper, world)
             if signum and not diverged and epoch + 1 < tc.epochs and state["bad"] < tc.patience:
-                raise TrainingInterrupted(signum, f"after epoch {epoch + 1}" + (f"; checkpoint in {out}" if out is not None else ""))
+                raise TrainingInterrupted(signum, f"after epoch {epoch + 1}" + saved_in)
             if diverged:
                 break
 

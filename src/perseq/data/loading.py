@@ -23,7 +23,6 @@ changed since.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 
@@ -139,11 +138,9 @@ def _source_files(dc) -> tuple[str, list[Path]]:
 
 
 def _file_record(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):  # 1 MiB chunks: ML-20M is 500 MB
-            h.update(block)
-    return {"path": str(path), "size": path.stat().st_size, "sha256": h.hexdigest()}
+    from .registry import sha256_file
+
+    return {"path": str(path), "size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def data_fingerprint(dc) -> dict | None:

@@ -253,7 +253,8 @@ def get_spec(name: str) -> DatasetSpec:
         ) from None
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The file's sha256, read in 1 MiB chunks (ML-20M is 500 MB)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -264,7 +265,7 @@ def _sha256(path: Path) -> str:
 def _verify(spec: DatasetSpec, path: Path) -> None:
     if spec.sha256 is None:
         return
-    got = _sha256(path)
+    got = sha256_file(path)
     if got != spec.sha256:
         raise ChecksumMismatchError(
             f"{path}: sha256 is {got} but dataset {spec.name!r} expects {spec.sha256}. The "

@@ -408,9 +408,14 @@ class HSTU(SeqRecModel):
                 qk_times = (qt, times)
             else:
                 buckets = time_buckets(qt[:, :, None] - times[:, None, :], self.cfg.num_time_buckets)  # (B, T, T)
-        for block in self.blocks:
-            x = block(x, buckets, qk_times)
+        for i, block in enumerate(self.blocks):
+            x = self._after_block(i, x, block(x, buckets, qk_times))
         return self._finish(x)  # (B, T, D)
+
+    def _after_block(self, i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The stream after block ``i`` from its input ``x`` and output ``y``: the output
+        (PCRec corrects it here)."""
+        return y
 
     def output_embeddings(self):
         w = self.item_emb.weight[: self.n_items + 1]

@@ -62,7 +62,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .hstu import HSTU_LARGE, HSTU, HSTUConfig, _blocked, time_buckets
+from .hstu import HSTU_LARGE, HSTU, HSTUConfig
 from .sasrec import SASRec, SASRecConfig
 
 ACTIVATIONS = ("softplus", "sigmoid", "tanh", "relu", "identity")
@@ -146,41 +146,36 @@ class PCModule(nn.Module):
         return y + gamma * (dfy * diag[..., None] * eps - eps)
 
 
-class PCRec(HSTU):
-    """HSTU + one PCModule after each of the first ``pc_blocks`` blocks. Scores by full
-    re-encode (no incremental ``step``: the fast weights of a position depend on the whole
-    prefix's errors, which a step would have to cache per block)."""
+class _PCStack:
+    """One PCModule after each of the first ``pc_blocks`` blocks of a backbone whose
+    ``encode`` passes every block's input and output through ``_after_block``. Scores by
+    full re-encode (no incremental ``step``: the fast weights of a position depend on the
+    whole prefix's errors, which a step would have to cache per block)."""
 
-    Config = PCRecConfig
     incremental = False
 
-    def __init__(self, cfg: PCRecConfig):
-        super().__init__(cfg)
+    def _add_pc(self, cfg: PCSettings) -> None:
         n = cfg.n_blocks if cfg.pc_blocks is None else cfg.pc_blocks
         self.pc = nn.ModuleList(PCModule(cfg) for _ in range(n))
 
-    def encode(self, items, times=None, query_times=None):
-        B, T = items.shape
-        if T > self.max_len:
-            raise ValueError(f"sequence length {T} exceeds max_len {self.max_len}")
-        x = self._embed(items, torch.arange(T, device=items.device))  # (B, T, D)
-        buckets, qk_times = None, None
-        if self._use_time(times):
-            qt = self._query_times(times, query_times)  # (B, T)
-            if _blocked(B, self.cfg.n_heads, T, items.device):
-                qk_times = (qt, times)
-            else:
-                buckets = time_buckets(qt[:, :, None] - times[:, None, :], self.cfg.num_time_buckets)  # (B, T, T)
-        for i, block in enumerate(self.blocks):
-            y = block(x, buckets, qk_times)  # s_l = x + F_l(x)
-            x = self.pc[i](x, y) if i < len(self.pc) else y
-        return self._finish(x)  # (B, T, D)
+    def _after_block(self, i, x, y):
+        return self.pc[i](x, y) if i < len(self.pc) else y
 
     def init_state(self, batch_size: int, device=None):
-        raise NotImplementedError("PCRec scores by full re-encode (its fast weights need the whole prefix)")
+        raise NotImplementedError(f"{type(self).__name__} scores by full re-encode (its fast weights need the whole prefix)")
 
-    def step(self, state, item, time=None, query_time=None):
-        raise NotImplementedError("PCRec scores by full re-encode (its fast weights need the whole prefix)")
+    def step(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} scores by full re-encode (its fast weights need the whole prefix)")
+
+
+class PCRec(_PCStack, HSTU):
+    """HSTU + the predictive-coding modules (``_PCStack``)."""
+
+    Config = PCRecConfig
+
+    def __init__(self, cfg: PCRecConfig):
+        super().__init__(cfg)
+        self._add_pc(cfg)
 
 
 class PCRecLarge(PCRec):
@@ -196,31 +191,13 @@ class SASRecPCConfig(SASRecConfig, PCSettings):
         self._check_pc()
 
 
-class SASRecPC(SASRec):
-    """SASRec + one PCModule after each of the first ``pc_blocks`` blocks, the same module
-    and rules as PCRec: a SASRec block is also y = x + F(x) (pre-norm residuals), so its
-    input's correction reaches the stream through the residual path. Full re-encode only."""
+class SASRecPC(_PCStack, SASRec):
+    """SASRec + the same modules and rules as PCRec (``_PCStack``): a SASRec block is also
+    y = x + F(x) (pre-norm residuals), so its input's correction reaches the stream through
+    the residual path."""
 
     Config = SASRecPCConfig
-    incremental = False
 
     def __init__(self, cfg: SASRecPCConfig):
         super().__init__(cfg)
-        n = cfg.n_blocks if cfg.pc_blocks is None else cfg.pc_blocks
-        self.pc = nn.ModuleList(PCModule(cfg) for _ in range(n))
-
-    def encode(self, items, times=None):
-        B, T = items.shape
-        if T > self.max_len:
-            raise ValueError(f"sequence length {T} exceeds max_len {self.max_len}")
-        x = self.drop(self.item_emb(items) * self.cfg.d**0.5 + self.pos_emb.weight[:T])  # (B, T, D)
-        for i, block in enumerate(self.blocks):
-            y = block(x)
-            x = self.pc[i](x, y) if i < len(self.pc) else y
-        return self._out(self.ln_f(x))  # (B, T, D)
-
-    def init_state(self, batch_size: int, device=None):
-        raise NotImplementedError("SASRec-PC scores by full re-encode (its fast weights need the whole prefix)")
-
-    def step(self, state, item, time=None):
-        raise NotImplementedError("SASRec-PC scores by full re-encode (its fast weights need the whole prefix)")
+        self._add_pc(cfg)

@@ -99,9 +99,14 @@ class SASRec(SeqRecModel):
             raise ValueError(f"sequence length {T} exceeds max_len {self.max_len}")
         x = self.item_emb(items) * self.cfg.d**0.5 + self.pos_emb.weight[:T]  # (B, T, D)
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = self._after_block(i, x, block(x))
         return self._out(self.ln_f(x))  # (B, T, D)
+
+    def _after_block(self, i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The stream after block ``i`` from its input ``x`` and output ``y``: the output
+        (the predictive-coding variant, models/pcrec.py, corrects it here)."""
+        return y
 
     def _out(self, h):
         return F.normalize(h, dim=-1) if self.cfg.normalize_output else h
