@@ -76,6 +76,21 @@ def test_a_users_scores_do_not_depend_on_the_batch(name):
     assert (together[perm][fin[perm]] - shuffled[fin[perm]]).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("name", PC_MODELS)
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_scoring_corrects_only_the_last_rows_and_equals_the_full_encode(name, alpha):
+    m = _pcrec(name, alpha=alpha).eval()
+    items = _items(B=5)
+    lengths = torch.tensor([T, 3, 7, 1, 10])
+    for b in range(5):
+        items[b, lengths[b]:] = 0
+    with torch.no_grad():
+        full = m.encode(items)[torch.arange(5), lengths - 1]  # every position corrected
+        fast = m.predict_hidden(items, lengths)  # the last block's module on the scored rows only
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)  # float32 sums in another order
+    assert m._score_rows is None  # nothing left behind for the next encode
+
+
 @pytest.mark.parametrize("name,backbone", [("pcrec", "hstu"), ("sasrec-pc", "sasrec")])
 def test_with_its_modules_off_it_is_the_backbone_with_the_same_weights(name, backbone):
     torch.manual_seed(0)

@@ -128,22 +128,39 @@ class PCModule(nn.Module):
             nn.init.normal_(self.gate.weight, std=0.02)
             nn.init.constant_(self.gate.bias, cfg.gamma_bias_init)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: the block's input s_{l-1}, y: its output s_l, both (B, T, d) -> corrected (B, T, d)."""
-        T = x.shape[1]
+    def forward(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x: the block's input s_{l-1}, y: its output s_l, both (B, T, d) -> corrected (B, T, d).
+        ``rows`` (B,): correct only position rows[b] of each sequence (scoring reads nothing
+        else of the last block), the other positions return y unchanged. Row t's correction
+        reads f(y) at t' <= t and x, ε at t alone, so it equals row t of the full one."""
+        B, T = x.shape[:2]
         M = torch.tril(self.theta[:T, :T])  # (T, T)
         fy, dfy = f_and_derivative(y, self.cfg.f)
-        eps = x - torch.einsum("ts,bsd->btd", M, fy)  # ε⁰ with the trained θ
-        diag = torch.diagonal(M).expand(x.shape[0], T)  # (B, T)
+        if rows is None:  # every position: Tq = T
+            xq, yq, dfyq = x, y, dfy
+            eps = x - torch.einsum("ts,bsd->btd", M, fy)  # ε⁰ with the trained θ
+            diag = torch.diagonal(M).expand(B, T)  # (B, T)
+        else:  # one position per sequence: Tq = 1
+            b = torch.arange(B, device=x.device)
+            xq, yq, dfyq, fyq = x[b, rows][:, None], y[b, rows][:, None], dfy[b, rows][:, None], fy[b, rows][:, None]
+            eps = xq - M[rows][:, None] @ fy  # (B, 1, d): row r of M f(y)
+            diag = M[rows, rows][:, None]  # (B, 1)
         if self.cfg.alpha:
-            dtheta = self.cfg.alpha * torch.tril(eps @ fy.transpose(1, 2))  # (B, T, T): per sequence, never stored
+            A = eps @ fy.transpose(1, 2)  # (B, Tq, T): ε⁰_t · f(y)_s
+            if rows is None:
+                dtheta = self.cfg.alpha * torch.tril(A)  # (B, T, T): per sequence, never stored
+                diag = diag + torch.diagonal(dtheta, dim1=1, dim2=2)
+            else:
+                later = torch.arange(T, device=x.device)[None, None] > rows[:, None, None]  # (B, 1, T)
+                dtheta = self.cfg.alpha * A.masked_fill(later, 0.0)  # row r of the tril
+                diag = diag + self.cfg.alpha * (eps * fyq).sum(-1)
             eps = eps - dtheta @ fy  # ε under θ + Δθ
-            diag = diag + torch.diagonal(dtheta, dim1=1, dim2=2)
         if self.cfg.gamma is None:
-            gamma = torch.sigmoid(self.gate(F.layer_norm(x, (x.shape[-1],), eps=1e-6)))
+            gamma = torch.sigmoid(self.gate(F.layer_norm(xq, (x.shape[-1],), eps=1e-6)))
         else:
             gamma = self.cfg.gamma
-        return y + gamma * (dfy * diag[..., None] * eps - eps)
+        out = yq + gamma * (dfyq * diag[..., None] * eps - eps)
+        return out if rows is None else y.index_put((b, rows), out[:, 0])
 
 
 class _PCStack:
@@ -158,8 +175,23 @@ class _PCStack:
         n = cfg.n_blocks if cfg.pc_blocks is None else cfg.pc_blocks
         self.pc = nn.ModuleList(PCModule(cfg) for _ in range(n))
 
+    _score_rows: torch.Tensor | None = None  # set while predict_hidden runs: the rows it reads
+
     def _after_block(self, i, x, y):
-        return self.pc[i](x, y) if i < len(self.pc) else y
+        if i >= len(self.pc):
+            return y
+        last = i == len(self.blocks) - 1  # nothing reads the last block's other positions
+        return self.pc[i](x, y, self._score_rows if last else None)
+
+    def predict_hidden(self, items, lengths, times=None, target_time=None):
+        """The backbone's, with the last block's module correcting only the scored rows
+        (its other positions feed nothing): at inference PCRec then pays for one module
+        per block below the top, not for every block."""
+        self._score_rows = lengths - 1
+        try:
+            return super().predict_hidden(items, lengths, times, target_time)
+        finally:
+            self._score_rows = None
 
     def init_state(self, batch_size: int, device=None):
         raise NotImplementedError(f"{type(self).__name__} scores by full re-encode (its fast weights need the whole prefix)")
