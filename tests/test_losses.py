@@ -16,11 +16,13 @@ def _data(N=37, D=8, I=20, seed=0):
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 1000])
-def test_chunked_ce_equals_reference_value_and_gradient(chunk):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_chunked_ce_equals_reference_value_and_gradient(chunk, weighted):
     h, emb, y = _data()
-    ref = F.cross_entropy(h @ emb[1:].T, y - 1, reduction="sum")
+    w = torch.rand(len(y), generator=torch.Generator().manual_seed(3)) if weighted else None
+    ref = (F.cross_entropy(h @ emb[1:].T, y - 1, reduction="none") * (1.0 if w is None else w)).sum()
     gh, ge = torch.autograd.grad(ref, [h, emb])
-    out = _ChunkedSoftmaxCE.apply(h, emb[1:], y - 1, chunk)
+    out = _ChunkedSoftmaxCE.apply(h, emb[1:], y - 1, chunk, w)
     gh2, ge2 = torch.autograd.grad(out * 1.0, [h, emb])
     assert torch.allclose(out, ref, atol=1e-4)
     assert torch.allclose(gh, gh2, atol=1e-5) and torch.allclose(ge, ge2, atol=1e-5)

@@ -27,10 +27,12 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
     log-softmaxing it and reading it back is memory-bound and dominated the epoch time on a
     2-core CPU (and first-touch page faults on every fresh allocation). Chunks of ~1k rows
     stay in cache and reuse one buffer; the same idea as "cut cross-entropy" on GPUs.
+    ``w`` (N,) or None: each row's weight in the sum (per-user adaptation weighs a user's
+    rows by one over their count).
     """
 
     @staticmethod
-    def forward(ctx, h, E, y, chunk: int):
+    def forward(ctx, h, E, y, chunk: int, w=None):
         N = h.shape[0]
         lse = h.new_empty(N)
         tgt = h.new_empty(N)
@@ -40,36 +42,39 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
             b = torch.mm(h[s:e], E.T, out=buf[: e - s])  # (n, I)
             lse[s:e] = torch.logsumexp(b, 1)
             tgt[s:e] = b.gather(1, y[s:e, None]).squeeze(1)
-        ctx.save_for_backward(h, E, y, lse)
+        ctx.save_for_backward(h, E, y, lse, w)
         ctx.chunk = chunk
-        return (lse - tgt).sum()
+        return (lse - tgt).sum() if w is None else ((lse - tgt) * w).sum()
 
     @staticmethod
     def backward(ctx, g):
-        h, E, y, lse = ctx.saved_tensors
+        h, E, y, lse, w = ctx.saved_tensors
         N, chunk = h.shape[0], ctx.chunk
         gh = torch.empty_like(h)
-        gE = torch.zeros_like(E)
+        gE = torch.zeros_like(E) if ctx.needs_input_grad[1] else None  # a frozen table (adaptation): no gE
         buf = h.new_empty(min(chunk, N), E.shape[0])
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
             p = torch.mm(h[s:e], E.T, out=buf[: e - s])
             p.sub_(lse[s:e, None]).exp_()  # softmax
             p[torch.arange(e - s, device=p.device), y[s:e]] -= 1.0  # d(lse - tgt)/dlogits
-            p.mul_(g)
+            p.mul_(g if w is None else g * w[s:e, None])
             torch.mm(p, E, out=gh[s:e])
-            gE.addmm_(p.T, h[s:e])
-        return gh, gE, None, None
+            if gE is not None:
+                gE.addmm_(p.T, h[s:e])
+        return gh, gE, None, None, None
 
 
-def softmax_ce(h, y, emb, *, temperature: float = 1.0, chunk: int = 1024, **_) -> torch.Tensor:
-    """Full softmax over all items (padding row excluded)."""
+def softmax_ce(h, y, emb, *, temperature: float = 1.0, chunk: int = 1024, weight=None, **_) -> torch.Tensor:
+    """Full softmax over all items (padding row excluded); ``weight`` (N,): each row's
+    weight in the sum (default 1)."""
     E = emb[1:]
     if temperature != 1.0:
         h = h / temperature
     if h.device.type == "cpu" and h.dtype == torch.float32 and torch.is_grad_enabled() and not reference_only():
-        return _ChunkedSoftmaxCE.apply(h, E, y - 1, chunk)
-    return F.cross_entropy(h @ E.T, y - 1, reduction="sum")
+        return _ChunkedSoftmaxCE.apply(h, E, y - 1, chunk, weight)
+    nll = F.cross_entropy(h @ E.T, y - 1, reduction="none")
+    return nll.sum() if weight is None else (nll * weight).sum()
 
 
 def _sample(n: int, n_items: int, q: torch.Tensor | None, device, generator=None) -> torch.Tensor:

@@ -20,13 +20,15 @@ The mean over positions (not the sum) keeps β comparable across history lengths
 adapts in eval mode (no dropout), so adaptation is deterministic and a user's scores do not
 depend on who else is in the batch.
 
-Batched and functional: ``torch.func.grad`` of the per-user loss under
-``torch.func.vmap`` over users, with ``functional_call`` running the model's own training
-forward (``train.forward_targets``, shared with ``train_step``) on per-user parameters, so
-a batch of users adapts at once. These transforms trace only plain torch ops, so
-adaptation runs inside ``perseq.ops.reference_ops()`` (every fused kernel's torch line).
-Models vmap cannot batch (``nn.GRU`` has no batching rule) adapt one user at a time through
-the same functions; the result is the same, only slower.
+Batched and functional: ``functional_call`` runs the model's own training forward
+(``train.forward_targets``, shared with ``train_step``) on per-user parameters θ_u, under
+``torch.func.vmap`` over users, so a batch of users adapts at once. Since user u's loss
+reads θ_u alone, one ordinary backward of Σ_u L_u gives every ∇L_u(θ_u); the loss runs
+outside vmap on the stacked (U, T, D) states, as the training loss's chunked softmax. vmap
+traces only plain torch ops, so the per-user forward runs inside
+``perseq.ops.reference_ops()`` (every fused kernel's torch line). Models vmap cannot batch
+(``nn.GRU`` has no batching rule) run the per-user forward one user at a time; the result
+is the same, only slower.
 
 Defects of the public code that this does not copy (DESIGN.md §5): its step used lr 1e-20
 (numerically nothing), its "restore" aliased the live tensors (restored nothing), Adam's
@@ -41,9 +43,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from ..data.batching import Batch
+from ..losses import softmax_ce
 from ..ops import reference_ops
 from ..train import forward_targets
 from .scope import lora_factors, parse_scope, selected
@@ -103,45 +106,71 @@ def _shift_times(times: torch.Tensor | None, lengths: torch.Tensor) -> torch.Ten
 
 
 def adaptation_loss(h: torch.Tensor, targets: torch.Tensor, emb: torch.Tensor, cfg: AdaptConfig) -> torch.Tensor:
-    """Mean ℓ over the positions with a target: h (T, D), targets (T,) with 0 = none, emb
-    the item table (I + 1, D). Written with masks, not boolean indexing, so ``vmap`` can
-    batch it (a user's number of targets is data)."""
+    """Each user's mean ℓ over the positions with a target: h (U, T, D), targets (U, T) with
+    0 = none, emb the item table (I + 1, D), shared, or (U, I + 1, D), one per user -> (U,).
+    Written with masks, not boolean indexing (a user's number of targets is data)."""
     mask = (targets > 0).to(h.dtype)
+    tgt = emb[targets] if emb.dim() == 2 else emb[torch.arange(len(emb), device=emb.device)[:, None], targets]  # (U, T, D)
     if cfg.objective == "ce":
-        logp = F.log_softmax(h @ emb[1:].T / cfg.temperature, -1)  # (T, I)
-        nll = -logp.gather(-1, (targets - 1).clamp(min=0)[:, None])[:, 0]
+        # -log softmax(z)[target] = logsumexp(z) - z_target, with the temperature on h, not on
+        # the (U, T, I) logits, and the target's logit as a row-wise dot (no dense gather backward)
+        q = h / cfg.temperature
+        nll = torch.logsumexp(q @ emb[..., 1:, :].transpose(-1, -2), -1) - (q * tgt).sum(-1)  # (U, T)
     else:
-        nll = F.kl_div(F.log_softmax(h, -1), F.log_softmax(emb[targets], -1), log_target=True, reduction="none").sum(-1)
-    return (nll * mask).sum() / mask.sum().clamp(min=1)
+        nll = F.kl_div(F.log_softmax(h, -1), F.log_softmax(tgt, -1), log_target=True, reduction="none").sum(-1)
+    return (nll * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def total_adaptation_loss(h: torch.Tensor, targets: torch.Tensor, emb: torch.Tensor, cfg: AdaptConfig) -> torch.Tensor:
+    """Σ_u of ``adaptation_loss``: what one backward differentiates for all users at once.
+    The CE objective runs as the training loss's chunked kernel (``losses.softmax_ce``, each
+    row weighed by one over its user's count), once for a shared table, user by user for
+    per-user tables: the (U, T, I) logits of a batch are hundreds of MB, and writing them,
+    not the matmul, would dominate the step."""
+    if cfg.objective != "ce":
+        return adaptation_loss(h, targets, emb, cfg).sum()
+    sel = targets > 0  # (U, T)
+    w = (1.0 / sel.sum(-1).clamp(min=1).to(h.dtype))[:, None].expand_as(sel)  # (U, T)
+    if emb.dim() == 2:
+        return softmax_ce(h[sel], targets[sel], emb, temperature=cfg.temperature, weight=w[sel])
+    # unbind, not h[u] / emb[u]: its backward stacks the users' gradients once, where each
+    # index's backward would write a zero-filled copy of the whole (U, I + 1, D) stack
+    return sum(softmax_ce(hu[su], yu[su], eu, temperature=cfg.temperature, weight=wu[su])
+               for hu, yu, eu, wu, su in zip(h.unbind(0), targets.unbind(0), emb.unbind(0), w.unbind(0), sel.unbind(0)))
 
 
 class _UserModel(nn.Module):
-    """The model's loss and scores for one user (a leading batch of 1), as one module so that
-    ``functional_call`` swaps the parameters for the forward and the item table alike."""
+    """One user's hidden states (a leading batch of 1) and the item table, as one module so
+    that ``functional_call`` swaps the parameters for both alike."""
 
-    def __init__(self, model: nn.Module, cfg: AdaptConfig):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.model, self.cfg = model, cfg
+        self.model = model
 
-    def forward(self, mode: str, items, lengths, targets, times, query_times, target_time):
-        if mode == "loss":
-            batch = Batch(items, targets, times, lengths, query_times)
-            h, y = forward_targets(self.model, batch)  # (1, T, D), (1, T)
-            return adaptation_loss(h[0], y[0], self.model.output_embeddings(), self.cfg)
-        h = self.model.predict_hidden(items, lengths, times, target_time)  # (1, D)
-        return (h @ self.model.output_embeddings().T)[0]  # (I + 1,)
+    def forward(self, mode: str, items=None, lengths=None, targets=None, times=None, query_times=None, target_time=None):
+        if mode == "train":  # the training forward: every position's hidden state and target
+            h, y = forward_targets(self.model, Batch(items, targets, times, lengths, query_times))
+            return h[0]  # (T, D)
+        if mode == "score":  # the state that scores the next item
+            return self.model.predict_hidden(items, lengths, times, target_time)[0]  # (D,)
+        return self.model.output_embeddings()  # (I + 1, D)
 
 
 class PCRecSimple:
     """Adapts ``model`` per user and scores: ``scores(items, lengths, times, target_time)``.
-    The model's parameters are read, never written (``torch.func`` works on copies)."""
+    The model's parameters are read, never written (``torch.func`` works on copies).
+
+    A step is one ordinary backward: the users' hidden states come from ``vmap`` of the
+    model's forward over per-user parameters θ_u (U, ...), and since user u's loss reads θ_u
+    alone, ∂(Σ_u L_u)/∂θ_u = ∇L_u(θ_u). The loss itself runs on the stacked (U, T, D) states
+    outside vmap, so the catalogue-sized softmax is one plain batched op."""
 
     def __init__(self, model: nn.Module, cfg: AdaptConfig):
         self.model, self.cfg = model, cfg
         if getattr(model, "objective", "causal") != "causal":
             raise ValueError(f"PCRec-simple adapts causal models (each position predicts the next item); "
                              f"{type(model).__name__} is trained with the {model.objective!r} objective")
-        self.user_model = _UserModel(model, cfg)
+        self.user_model = _UserModel(model)
         kind, rank = parse_scope(cfg.scope)
         self.names = selected(model, cfg.scope)
         self.lora_v = None
@@ -151,8 +180,13 @@ class PCRecSimple:
             params = dict(model.named_parameters())
             self.theta0 = {n: params[n].detach() for n in self.names}
         self._batched = True
+        # Does the item table move with θ (scope all)? Then each user scores with their own
+        # table (U, I + 1, D); otherwise with the trained one, computed once.
+        with torch.enable_grad():
+            probe = {n: v.clone().requires_grad_() for n, v in self.theta0.items()}
+            self._own_table = self._table(probe).requires_grad
 
-    # -- one user: the functions vmap batches ---------------------------------------------
+    # -- one user's functions, which vmap batches ---------------------------------------
     def _params(self, theta: dict) -> dict:
         base = {n: p.detach() for n, p in self.model.named_parameters()}
         if self.lora_v is not None:
@@ -162,13 +196,21 @@ class PCRecSimple:
         buffers = {n: b for n, b in self.model.named_buffers()}
         return {f"model.{n}": v for n, v in {**base, **buffers}.items()}
 
-    def _loss(self, theta, items, lengths, targets, times, query_times):
-        args = ("loss", items[None], lengths[None], targets[None], _one(times), _one(query_times), None)
-        return functional_call(self.user_model, self._params(theta), args)
+    def _hidden(self, theta, items, lengths, targets, times, query_times):
+        args = ("train", items[None], lengths[None], targets[None], _one(times), _one(query_times))
+        return functional_call(self.user_model, self._params(theta), args)  # (T, D)
 
-    def _scores(self, theta, items, lengths, times, target_time):
+    def _last(self, theta, items, lengths, times, target_time):
         args = ("score", items[None], lengths[None], None, _one(times), None, _one(target_time))
-        return functional_call(self.user_model, self._params(theta), args)
+        return functional_call(self.user_model, self._params(theta), args)  # (D,)
+
+    def _loss(self, theta, items, lengths, targets, times, query_times):
+        """One user's L_u(θ), a scalar: what the batched step differentiates, user by user."""
+        h = self._hidden(theta, items, lengths, targets, times, query_times)
+        return adaptation_loss(h[None], targets[None], self._table(theta), self.cfg)[0]
+
+    def _table(self, theta):
+        return functional_call(self.user_model, self._params(theta), ("table",))  # (I + 1, D)
 
     # -- a batch of users ---------------------------------------------------------------
     def scores(self, items, lengths, times=None, target_time=None) -> torch.Tensor:
@@ -176,7 +218,7 @@ class PCRecSimple:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.enable_grad(), reference_ops():
+            with torch.enable_grad():
                 out = torch.cat([self._chunk(items[i:j], lengths[i:j], _rows(times, i, j), _rows(target_time, i, j))
                                  for i, j in _spans(len(items), self.cfg.users_per_batch)])
         finally:
@@ -199,25 +241,38 @@ class PCRecSimple:
                 self._batched = False
         return self._run(data, target_time, batched=False)
 
+    def _per_user(self, fn, theta, args, batched: bool):
+        """fn(θ_u, *args_u) for every user u, stacked: vmap, or a loop where vmap has no rule.
+        The model runs its reference ops (torch.func traces plain torch ops only)."""
+        with reference_ops():
+            if batched:
+                return vmap(fn, in_dims=(0, *(None if x is None else 0 for x in args)))(theta, *args)
+            n = len(next(iter(theta.values())))
+            return torch.stack([fn({k: v[u] for k, v in theta.items()}, *(_row(x, u) for x in args)) for u in range(n)])
+
+    def _tables(self, theta, batched: bool):
+        """The item table(s) to score with: each user's (U, I + 1, D), or the trained (I + 1, D)."""
+        if self._own_table:
+            return self._per_user(self._table, theta, (), batched)
+        return self.model.output_embeddings().detach()
+
     def _run(self, data, target_time, batched: bool):
         items, lengths, targets, times, query_times = data
         B = len(items)
         theta = {n: v.expand(B, *v.shape).clone() for n, v in self.theta0.items()}
         if self.cfg.active:
             step = _Optimizer(self.cfg, theta)
-            loss_grad = grad(self._loss)
             for _ in range(self.cfg.steps):
-                if batched:
-                    g = vmap(loss_grad, in_dims=(0, 0, 0, 0, _dim(times), _dim(query_times)))(theta, *data)
-                else:
-                    per = [loss_grad({n: v[u] for n, v in theta.items()}, *(_row(x, u) for x in data)) for u in range(B)]
-                    g = {n: torch.stack([p[n] for p in per]) for n in theta}
-                theta = step(theta, g)
-        if batched:
-            return vmap(self._scores, in_dims=(0, 0, 0, _dim(times), _dim(target_time)))(
-                theta, items, lengths, times, target_time)
-        return torch.stack([self._scores({n: v[u] for n, v in theta.items()}, items[u], lengths[u], _row(times, u),
-                                         _row(target_time, u)) for u in range(B)])
+                theta = {n: v.detach().requires_grad_() for n, v in theta.items()}
+                h = self._per_user(self._hidden, theta, data, batched)  # (B, T, D)
+                loss = total_adaptation_loss(h, targets, self._tables(theta, batched), self.cfg)
+                grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)  # unused: e.g. an off time-bias table
+                g = {n: torch.zeros_like(v) if d is None else d for (n, v), d in zip(theta.items(), grads)}
+                theta = step({n: v.detach() for n, v in theta.items()}, g)
+        with torch.no_grad():
+            h = self._per_user(self._last, theta, (items, lengths, times, target_time), batched)  # (B, D)
+            table = self._tables(theta, batched)
+            return (h[:, None] @ table.transpose(-1, -2))[:, 0]  # (B, I + 1)
 
 
 class _Optimizer:
