@@ -170,7 +170,7 @@ def test_adapt_chooses_on_validation_and_evaluate_predict_use_the_choice(tmp_pat
     assert (tmp_path / "top.csv").read_text().startswith("user_id,rank,item_id,score")
 
 
-def test_adapt_test_writes_the_paired_comparison_as_a_benchmark_row(tmp_path, monkeypatch, capsys):
+def test_adapt_tunes_on_the_first_seed_applies_to_the_others_and_writes_one_benchmark_row(tmp_path, monkeypatch, capsys):
     import json
 
     from perseq.cli import main
@@ -178,15 +178,27 @@ def test_adapt_test_writes_the_paired_comparison_as_a_benchmark_row(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     syn = ["--set", "data.synthetic={n_users: 120, n_items: 40, n_clusters: 4, mean_len: 14, max_len: 40, seed: 2}",
            "--set", "model.d=16", "--set", "data.max_len=20", "--set", "train.epochs=2"]
-    assert main(["train", *syn, "--name", "r", "--no-progress"]) == 0
-    assert main(["adapt", "runs/r-s0", "--steps", "1", "--lr", "0.05", "--bench-name", "x"]) == 2  # needs --test
-    assert main(["adapt", "runs/r-s0", "--steps", "1", "--lr", "0.05", "--test", "--bench-name", "x"]) == 0
+    assert main(["train", *syn, "--name", "r", "--seeds", "0,1", "--no-progress"]) == 0
+    runs = ["runs/r-s0", "runs/r-s1"]
+    assert main(["adapt", *runs, "--steps", "1", "--lr", "0.05", "--bench-name", "x"]) == 2  # needs --test
+    assert main(["adapt", *runs, "--steps", "1,2", "--lr", "0.05", "--test", "--bench-name", "x"]) == 0
     row = json.loads((tmp_path / "benchmarks" / "results" / "x.json").read_text())
-    t = json.loads((tmp_path / "runs" / "r-s0" / "adapt.json").read_text())["test_paired"]
-    assert row["model"] == "sasrec+pcrec-simple" and row["protocol"]["exclude_seen"] is True
-    assert row["gain"] == t["gain"] and row["test_adapted"]["ndcg@10"] - row["test_plain"]["ndcg@10"] == pytest.approx(
-        t["gain"]["mean"], abs=1e-12)
-    assert row["gain"]["ci95"][0] <= row["gain"]["mean"] <= row["gain"]["ci95"][1]
+    a0, a1 = (json.loads((tmp_path / r / "adapt.json").read_text()) for r in runs)
+    assert a1["choice"] == a0["choice"] and a1["tuned_on"] == "runs/r-s0" and a1["rows"] == []  # no grid of its own
+    assert len(a0["rows"]) == 3 and row["validation_grid"] == a0["rows"]
+    assert row["model"] == "sasrec+pcrec-simple" and row["protocol"]["exclude_seen"] is True and row["seeds"] == [0, 1]
+    for i, a in enumerate((a0, a1)):
+        t = a["test_paired"]
+        assert row["paired_gains"][i] == {"seed": i, **t["gain"]}
+        assert row["metrics"]["ndcg@10"]["values"][i] == t["adapted"]["ndcg@10"]
+        assert row["backbone_metrics"]["ndcg@10"]["values"][i] == t["plain"]["ndcg@10"]
+        assert t["adapted"]["ndcg@10"] - t["plain"]["ndcg@10"] == pytest.approx(t["gain"]["mean"], abs=1e-12)
+        assert t["gain"]["ci95"][0] <= t["gain"]["mean"] <= t["gain"]["ci95"][1]
+    assert set(row["breakdown"]) >= {"head", "tail"} and set(row["backbone_breakdown"]) == set(row["breakdown"])
+    capsys.readouterr()
+    assert main(["adapt", *runs, "--steps", "1,2", "--lr", "0.05"]) == 0  # the same grid again: reused, not rerun
+    assert "reusing the validation grid" in capsys.readouterr().out
+    assert json.loads((tmp_path / runs[0] / "adapt.json").read_text())["rows"] == a0["rows"]
 
 
 def test_the_paired_gain_is_the_mean_per_user_difference_with_a_bootstrap_interval():

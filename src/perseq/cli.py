@@ -209,38 +209,46 @@ def _adapted(model, args, run: str, cfg):
 
 def cmd_adapt(args) -> int:
     from .checkpoint import load_model
-    from .personalize.sweep import grid, save_choice, sweep
+    from .personalize import AdaptConfig, Personalized
+    from .personalize.compare import paired
+    from .personalize.sweep import adopt, grid, save_choice, stored_sweep, sweep, write_benchmark
 
     if args.bench_name and not args.test:
         raise ValueError("--bench-name writes the paired test comparison: add --test")
-    model, meta, items = load_model(args.run)
-    cfg, split = _rebuild_split(meta)
-    _check_vocab(items, split.data)
-    configs = grid(_number_list(args.steps, int, "--steps", "integers"), _number_list(args.lr, float, "--lr"),
-                   args.scope.split(","),
-                   args.optimizer, args.objective, cfg.loss.temperature if args.temperature is None else args.temperature,
-                   args.users_per_batch)
-    result = sweep(model, split, cfg.eval, configs, log=print)
-    if args.test:
-        from .personalize import AdaptConfig, Personalized
-        from .personalize.compare import paired
-
-        # the choice is made above on validation; the test only measures it, paired per user
-        result["test_paired"] = t = paired(model, Personalized(model, AdaptConfig(**result["choice"])), split, "test", cfg.eval)
-        g = t["gain"]
-        print(f"test {g['metric']}: plain {t['plain'][g['metric']]:.4f}, adapted {t['adapted'][g['metric']]:.4f}, "
-              f"gain {g['mean']:+.4f} (95% CI {g['ci95'][0]:+.4f} .. {g['ci95'][1]:+.4f}, {t['n_users']} users)")
-    path = save_choice(args.run, result)
+    result = None
+    for i, run in enumerate(args.runs):
+        model, meta, items = load_model(run)
+        cfg, split = _rebuild_split(meta)
+        _check_vocab(items, split.data)
+        if result is None:  # the first run: the grid on its validation event
+            configs = grid(_number_list(args.steps, int, "--steps", "integers"), _number_list(args.lr, float, "--lr"),
+                           args.scope.split(","), args.optimizer, args.objective,
+                           cfg.loss.temperature if args.temperature is None else args.temperature, args.users_per_batch)
+            result = stored_sweep(run, configs)  # the same grid already run there: reuse it
+            if result is None:
+                result = sweep(model, split, cfg.eval, configs, log=print)
+            else:
+                print(f"{run}: reusing the validation grid stored in its adapt.json")
+            this = result
+        else:  # the others take the first run's choice unchanged
+            this = adopt(result, args.runs[0])
+        if args.test:
+            # the choice is made on validation; the test only measures it, paired per user
+            this["test_paired"] = t = paired(model, Personalized(model, AdaptConfig(**this["choice"])), split, "test", cfg.eval)
+            g = t["gain"]
+            print(f"{run}: test {g['metric']}: plain {t['plain'][g['metric']]:.4f}, adapted {t['adapted'][g['metric']]:.4f}, "
+                  f"gain {g['mean']:+.4f} (95% CI {g['ci95'][0]:+.4f} .. {g['ci95'][1]:+.4f}, {t['n_users']} users)")
+        path = save_choice(run, this)
+        if i == 0:
+            c = result["choice"]
+            verdict = (f"steps {c['steps']}, lr {c['lr']:g}, scope {c['scope']}" if result["improves"]
+                       else "no adaptation (none of the grid beat the unadapted model on validation)")
+            print(f"chosen on validation: {verdict} -> {path}")
+        else:
+            print(f"{run}: the same choice -> {path}")
     if args.bench_name:
-        from .personalize.sweep import write_benchmark
-
-        print(f"wrote {write_benchmark(args.run, args.bench_name)}")
-    c = result["choice"]
-    verdict = (f"steps {c['steps']}, lr {c['lr']:g}, scope {c['scope']}" if result["improves"]
-               else "no adaptation (none of the grid beat the unadapted model on validation)")
-    print(f"chosen on validation: {verdict} -> {path}")
+        print(f"wrote {write_benchmark(args.runs, args.bench_name)}")
     return 0
-
 
 
 def cmd_evaluate(args) -> int:
@@ -403,8 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "stage without adaptation and for every steps x lr x scope of the grid, print the "
                                    "table, and store the best (or 'no adaptation' when nothing beats it) in the run "
                                    "folder as adapt.json, which 'evaluate --adapt' and 'predict --adapt' use. The test "
-                                   "event plays no part.")
-    p.add_argument("run", help="run folder written by 'perseq train'")
+                                   "event plays no part. More run folders (other seeds) take the first one's choice: "
+                                   "tune on one seed, confirm on three, e.g. 'perseq adapt runs/ml-1m-hstu-s0 "
+                                   "runs/ml-1m-hstu-s1 runs/ml-1m-hstu-s2 --scope last_block --test --bench-name "
+                                   "ml-1m_hstu+pcrec-simple'.")
+    p.add_argument("runs", nargs="+", metavar="run",
+                   help="run folder(s) written by 'perseq train': the grid runs on the first; the others (e.g. its "
+                        "other seeds) take the first one's choice unchanged")
     p.add_argument("--steps", default="1,3", help="comma-separated step counts S (default 1,3)")
     p.add_argument("--lr", default="0.0001,0.001,0.01",
                    help="comma-separated learning rates β (default 0.0001,0.001,0.01; a model trained with a "
@@ -417,8 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", action="store_true",
                    help="after choosing, also score the test event with and without the choice, paired per user "
                         "(mean gain with a 95%% bootstrap interval), stored in adapt.json as test_paired")
-    p.add_argument("--bench-name", help="with --test: also write benchmarks/results/<name>.json (plain vs adapted, "
-                                        "the paired gain, the grid, the protocol)")
+    p.add_argument("--bench-name", help="with --test: also write benchmarks/results/<name>.json (plain vs adapted "
+                                        "over the runs' seeds, each seed's paired gain, the grid, the protocol)")
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("data", help="prepare a dataset or print its statistics",

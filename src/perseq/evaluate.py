@@ -89,6 +89,12 @@ def evaluate(model, split: Split, stage: str = "test", cfg: EvalConfig = EvalCon
     if len(split.eval_users(stage)) == 0:
         raise ValueError(empty_stage_message(split, stage))
     ranks, _, hist_len, targets = rank_targets(model, split, stage, cfg, device, progress=progress)
+    return summarize_ranks(ranks, hist_len, targets, split, cfg, breakdown)
+
+
+def summarize_ranks(ranks, hist_len, targets, split: Split, cfg: EvalConfig, breakdown: bool = False) -> dict:
+    """``evaluate``'s result from ``rank_targets``' output: mean metrics, and with
+    ``breakdown`` the same by target popularity (head / tail) and history-length bucket."""
     per = per_user_metrics(ranks, cfg.ks)
     out: dict = {k: v.mean().item() for k, v in per.items()}
     out["n_users"] = int(len(ranks))

@@ -29,7 +29,7 @@ def summarize_seeds(results: list[dict], stage: str = "test") -> dict:
     return {"metrics": metrics, "seeds": [r["seed"] for r in results]}
 
 
-def _mean_breakdown(results: list[dict]) -> dict:
+def mean_breakdown(results: list[dict]) -> dict:
     """Test metrics by head/tail target and history-length bucket, averaged over seeds."""
     groups = results[0]["test"].get("breakdown", {})
     out = {}
@@ -117,7 +117,7 @@ def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path
         "hardware": hardware_of(results),
         "commit": git_commit(),
         "date": datetime.date.today().isoformat(),
-        "breakdown": _mean_breakdown(headline),
+        "breakdown": mean_breakdown(headline),
         "config": cfg.to_dict(),
         **(extra or {}),
     }

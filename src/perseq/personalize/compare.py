@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..evaluate import EvalConfig, rank_targets
+from ..evaluate import EvalConfig, rank_targets, summarize_ranks
 from ..metrics import per_user_metrics
 
 
@@ -24,22 +24,21 @@ def bootstrap_ci(diff: np.ndarray, n_boot: int = 2000, seed: int = 0, level: flo
 
 
 def paired(model, adapted, split, stage: str, cfg: EvalConfig, metric: str | None = None, n_boot: int = 2000) -> dict:
-    """Both models' mean metrics at ``stage`` and the per-user gain of ``adapted`` in
-    ``metric`` (default: the early-stopping metric) with its 95% bootstrap interval."""
+    """Both models' results at ``stage`` (``evaluate``'s, with the head/tail and length
+    breakdowns) and the per-user gain of ``adapted`` in ``metric`` (default: the
+    early-stopping metric) with its 95% bootstrap interval."""
     metric = metric or cfg.metric
-    r0, u0, _, _ = rank_targets(model, split, stage, cfg)
+    r0, u0, hl, tg = rank_targets(model, split, stage, cfg)
     r1, u1, _, _ = rank_targets(adapted, split, stage, cfg)
     assert np.array_equal(u0, u1), "both rankings must cover the same users in the same order"
-    m0, m1 = per_user_metrics(r0, cfg.ks), per_user_metrics(r1, cfg.ks)
-    diff = (m1[metric] - m0[metric]).numpy()
+    diff = (per_user_metrics(r1, cfg.ks)[metric] - per_user_metrics(r0, cfg.ks)[metric]).numpy()
     lo, hi = bootstrap_ci(diff, n_boot)
     return {
         "stage": stage,
         "n_users": int(len(diff)),
         "exclude_seen": cfg.exclude_seen,
-        "plain": {k: float(v.mean()) for k, v in m0.items()},
-        "adapted": {k: float(v.mean()) for k, v in m1.items()},
+        "plain": summarize_ranks(r0, hl, tg, split, cfg, breakdown=True),
+        "adapted": summarize_ranks(r1, hl, tg, split, cfg, breakdown=True),
         "gain": {"metric": metric, "mean": float(diff.mean()), "ci95": [lo, hi],
                  "users_better": int((diff > 0).sum()), "users_worse": int((diff < 0).sum())},
     }
-

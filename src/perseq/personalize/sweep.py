@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 
 from ..checkpoint import commit, read_json
+from ..config import from_dict
+from ..report import mean_breakdown, summarize_seeds, write_benchmark_json
 from ..evaluate import EvalConfig, evaluate
 from .simple import AdaptConfig, Personalized
 
@@ -68,35 +70,62 @@ def load_choice(run_dir: str | Path) -> AdaptConfig | None:
     return AdaptConfig(**read_json(run_dir, CHOICE_FILE)["choice"])
 
 
-def write_benchmark(run_dir: str | Path, name: str, out_dir: str | Path = "benchmarks/results") -> Path:
-    """benchmarks/results/<name>.json from a run folder's results.json and adapt.json (with
-    its ``test_paired``): the backbone's and the adapted model's test metrics on the same
-    checkpoint, the paired gain with its interval, the validation grid, and the protocol."""
+def stored_sweep(run_dir: str | Path, configs: list[AdaptConfig]) -> dict | None:
+    """The run's stored ``sweep`` result when it ran exactly ``configs`` (so that tuning on
+    one seed, then confirming on the others, does not run the grid twice), else None."""
     run_dir = Path(run_dir)
-    res, adapt = read_json(run_dir, "results.json"), read_json(run_dir, CHOICE_FILE)
-    if "test_paired" not in adapt:
-        raise ValueError(f"{run_dir / CHOICE_FILE} has no test_paired: run 'perseq adapt {run_dir} --test' first")
-    run = read_json(run_dir, "config.json")["run"]
-    t = adapt["test_paired"]
-    record = {
-        "run": name,
-        "dataset": res["dataset"],
-        "model": f"{res['model']}+pcrec-simple",
-        "backbone": res["model"],
-        "seed": res["seed"],
-        "protocol": {"split": run["data"]["split"], "ranking": "full", "exclude_seen": t["exclude_seen"],
-                     "max_len": run["data"]["max_len"], "loss": run["loss"]["name"], "refit": False,
-                     "selection": "backbone: early stopping on validation; adaptation: grid on validation"},
-        "best_epoch": res["best_epoch"],
-        "choice": adapt["choice"],
-        "test_plain": t["plain"],
-        "test_adapted": t["adapted"],
-        "gain": t["gain"],
-        "n_users": t["n_users"],
-        "validation_grid": adapt["rows"],
-        "hardware": res.get("hardware"),
-    }
-    out = Path(out_dir) / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    return out
+    if not (run_dir / CHOICE_FILE).exists():
+        return None
+    stored = read_json(run_dir, CHOICE_FILE)
+    if "tuned_on" in stored or [r["adapt"] for r in stored["rows"][1:]] != [c.to_dict() for c in configs]:
+        return None
+    return {k: v for k, v in stored.items() if k != "test_paired"}
+
+
+def adopt(result: dict, tuned_on: str | Path) -> dict:
+    """Another run's ``sweep`` result as this run's choice (tune on one seed, apply to the
+    others): the same choice, with where it was made instead of a grid of this run's own."""
+    return {**{k: v for k, v in result.items() if k not in ("rows", "test_paired")}, "rows": [],
+            "tuned_on": str(tuned_on)}
+
+
+def write_benchmark(run_dirs, name: str, out_dir: str | Path = "benchmarks/results") -> Path:
+    """benchmarks/results/<name>.json from run folders (seeds of one config) with
+    results.json and adapt.json (with ``test_paired``): the adapted model's test metrics as
+    ``metrics`` (mean ± std over seeds, as every result file), the backbone's on the same
+    checkpoints as ``backbone_metrics``, each seed's paired gain with its interval, the
+    breakdowns, the validation grid of the tuning run, and the protocol."""
+    run_dirs = [Path(d) for d in run_dirs]
+    results, plain, gains, cfgs, choices = [], [], [], [], []
+    for d in run_dirs:
+        res, adapt = read_json(d, "results.json"), read_json(d, CHOICE_FILE)
+        if "test_paired" not in adapt:
+            raise ValueError(f"{d / CHOICE_FILE} has no test_paired: run 'perseq adapt {d} --test' first")
+        t = adapt["test_paired"]
+        results.append({**res, "test": t["adapted"]})
+        plain.append({**res, "test": t["plain"]})
+        gains.append({"seed": res["seed"], **t["gain"]})
+        choices.append(adapt["choice"])
+        run = read_json(d, "config.json")["run"]
+        run["train"].pop("seed", None)
+        run["train"].pop("threads", None)
+        cfgs.append(run)
+    if any(c != cfgs[0] for c in cfgs) or any(c != choices[0] for c in choices):
+        raise ValueError("the runs differ in more than the seed, or in their adaptation choice: refusing to average them")
+    first = read_json(run_dirs[0], CHOICE_FILE)
+    cfg = from_dict(cfgs[0])
+    return write_benchmark_json(name, cfg, results, out_dir, extra={
+        "model": f"{cfg.model['name']}+pcrec-simple",
+        "backbone": cfg.model["name"],
+        "protocol": {"split": cfg.data.split, "ranking": "full", "exclude_seen": cfg.eval.exclude_seen,
+                     "max_len": cfg.data.max_len, "train_windows": cfg.data.windows, "loss": cfg.loss.name,
+                     "refit": False,
+                     "selection": "backbone: early stopping on validation; adaptation: grid on the first seed's "
+                                  "validation event, applied unchanged to the other seeds"},
+        "backbone_metrics": summarize_seeds(plain)["metrics"],
+        "backbone_breakdown": mean_breakdown(plain),
+        "paired_gains": gains,
+        "choice": choices[0],
+        "tuned_on": str(run_dirs[0]),
+        "validation_grid": first["rows"],
+    })
