@@ -227,3 +227,17 @@ def test_hstu_time_buckets_are_the_same_on_the_reference_line_and_batch_under_vm
             batched = torch.vmap(time_buckets)(gaps.repeat(3, 1))
     assert torch.equal(ref, time_buckets(gaps)) and ref.tolist() == [[5, 0, 0, 7, 22, 37, 68]]
     assert torch.equal(batched, ref.repeat(3, 1))
+
+
+def test_bench_adapt_times_both_paths_and_the_versus_model(tmp_path):
+    import json
+
+    from perseq.bench.adapt import main
+
+    out = tmp_path / "a.json"
+    main(["--model", "pcrec", "--versus", "hstu", "--lengths", "12", "--batch", "6", "--n-items", "30", "--repeat", "1",
+          "--one-by-one", "3", "--scope", "last_block", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["versus"] == "hstu" and row["plain_ratio"] == pytest.approx(row["plain_alternating_ms"] / row["versus_plain_ms"])
+    assert row["max_abs_diff_batched_vs_one"] <= 1e-5  # the batched and one-at-a-time scores agree
+    assert row["speedup_batched"] == pytest.approx(row["adapted_one_by_one_ms"] / row["adapted_batched_ms"])
