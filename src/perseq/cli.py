@@ -143,8 +143,14 @@ def cmd_train(args) -> int:
     for seed, out in outs.items():
         run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
         print(f"seed {seed}: run folder {out}")
-        r = fit(run_cfg, split, out_dir=out, resume=args.resume, overwrite=args.overwrite,
-                progress=None if not args.no_progress else False, extra_meta={"data_fingerprint": fingerprint})
+        if getattr(args, "federated", False):
+            from .federated.simulate import simulate
+
+            r = simulate(run_cfg, split, out_dir=out, resume=args.resume, overwrite=args.overwrite,
+                         extra_meta={"data_fingerprint": fingerprint})
+        else:
+            r = fit(run_cfg, split, out_dir=out, resume=args.resume, overwrite=args.overwrite,
+                    progress=None if not args.no_progress else False, extra_meta={"data_fingerprint": fingerprint})
         r.pop("model_obj")
         results.append(r)
         only = r.get("refit", {}).get("only", False)
@@ -359,16 +365,8 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="perseq",
-        description="Sequential recommendation: train, evaluate (full ranking) and predict.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train a model (early stopping on validation, test once at the best epoch)")
+def _add_run_args(p) -> None:
+    """The arguments of a training command (train, federated simulate)."""
     _add_config_args(p)
     p.add_argument("--out", default="runs", help="parent folder of the run folders (default: runs)")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: train.seed)")
@@ -381,7 +379,31 @@ def build_parser() -> argparse.ArgumentParser:
                                   "or model>, plus a short hash of the settings --set changed")
     p.add_argument("--bench-name", help="also write benchmarks/results/<name>.json with mean ± std over seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="perseq",
+        description="Sequential recommendation: train, evaluate (full ranking) and predict.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (early stopping on validation, test once at the best epoch)")
+    _add_run_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("federated", help="federated training: 'simulate' runs clients and server in one process",
+                       description="Federated training of the config's model under its 'federated' section (rounds, "
+                                   "clients per round, local epochs, aggregator, server optimizer, dropout, client-level "
+                                   "DP; 'perseq config show federated' lists them). 'simulate' runs every client and the "
+                                   "server in this process, one round at a time; the run folder resumes after a kill and "
+                                   "is read by 'perseq evaluate' and 'predict' like any other. Raw events never leave a "
+                                   "simulated client: only weight updates, the target count and the loss do.")
+    p.add_argument("action", choices=["simulate"], help="simulate: the in-process simulator")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_train, federated=True)
 
     p = sub.add_parser("evaluate", help="evaluate a trained run folder")
     p.add_argument("run", help="run folder written by 'perseq train'")

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .evaluate import EvalConfig
+from .federated.config import FederatedConfig
 from .losses import LossConfig
 
 
@@ -81,6 +82,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)  # read by `perseq federated` only
     name: str | None = None  # run name: the run folder is <out>/<name>-s<seed>
 
     def to_dict(self) -> dict:
@@ -90,7 +92,7 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
 
-_SECTIONS = {"data": DataConfig, "train": TrainConfig, "loss": LossConfig, "eval": EvalConfig}
+_SECTIONS = {"data": DataConfig, "train": TrainConfig, "loss": LossConfig, "eval": EvalConfig, "federated": FederatedConfig}
 
 
 def _build(cls, values: dict, where: str):

@@ -98,7 +98,7 @@ def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path
     payload = {
         "run": run,
         "dataset": cfg.data.dataset,
-        "model": cfg.model["name"],
+        "model": results[0].get("model", cfg.model["name"]),  # a federated run names its method: mamba4rec+fedavg
         "protocol": {
             "split": cfg.data.split,
             "ranking": "full",
@@ -108,6 +108,8 @@ def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path
             "loss": cfg.loss.name,
             "refit": refit,
             **({"refit_epochs": results[0]["refit"]["epochs"]} if only else {}),
+            **({"federated": {k: v for k, v in results[0]["federated"].items() if k != "privacy"}}
+               if "federated" in results[0] else {}),
         },
         "seeds": s["seeds"],
         "metrics": s["metrics"],

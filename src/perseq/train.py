@@ -81,12 +81,15 @@ def forward_targets(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return model(inputs, batch.times, batch.target_times if core.query_time_input else None), targets
 
 
-def train_step(model, batch: Batch, loss_fn, optimizer=None, *, grad_clip: float | None = None) -> tuple[float, int]:
+def train_step(model, batch: Batch, loss_fn, optimizer=None, *, grad_clip: float | None = None,
+               regularizer=None) -> tuple[float, int]:
     """One optimization step on ``batch``; returns (summed loss, number of targets).
 
     The loss is the sum over this rank's target positions divided by the target count of
     the whole (global) batch, and gradients are summed over ranks, so data-parallel
     training on N processes equals one process on the same global batch.
+    ``regularizer``: a function of nothing returning a scalar added to that mean loss
+    before the backward (a federated client's proximal or drift term; not with torchrun).
     """
     core = _core(model)
     model.train()
@@ -100,7 +103,10 @@ def train_step(model, batch: Batch, loss_fn, optimizer=None, *, grad_clip: float
     loss_sum = loss_fn(h[sel], targets[sel], core.output_embeddings())
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=False)
-        (loss_sum / n_total.clamp_min(1)).backward()
+        loss = loss_sum / n_total.clamp_min(1)
+        if regularizer is not None:
+            loss = loss + regularizer()
+        loss.backward()
         if world > 1:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -119,7 +125,8 @@ def train_step(model, batch: Batch, loss_fn, optimizer=None, *, grad_clip: float
 # (refit only adds a phase after early stopping, so it can be switched on for a finished run;
 # monitoring the test only adds records to the history)
 RESUMABLE_CHANGES = {("train", "threads"), ("train", "device"), ("train", "epochs"), ("train", "patience"), ("train", "refit"),
-                     ("train", "checkpoint_minutes"), ("eval", "monitor_test"), ("data", "download")}
+                     ("train", "checkpoint_minutes"), ("eval", "monitor_test"), ("data", "download"),
+                     ("federated", "rounds"), ("federated", "patience")}
 
 
 class RunExistsError(ValueError):

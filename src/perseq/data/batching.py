@@ -69,12 +69,13 @@ class TrainWindows:
     def __len__(self) -> int:
         return len(self.user)
 
-    def batch_order(self, batch_size: int, seed: int, bucket: int = 64) -> list[np.ndarray]:
+    def batch_order(self, batch_size: int, seed: int, bucket: int = 64, subset: np.ndarray | None = None) -> list[np.ndarray]:
         """Shuffled windows, grouped so that a batch holds windows of similar length (less
         padding: ML-1M's median length is 96 against max_len 200), batches in random order.
-        Deterministic in ``seed`` so a resumed run sees the same batches."""
+        Deterministic in ``seed`` so a resumed run sees the same batches. ``subset``: only
+        these windows (a federated client's own); all of them in order is the same as none."""
         rng = np.random.default_rng(seed)
-        perm = rng.permutation(len(self))
+        perm = rng.permutation(len(self)) if subset is None else np.asarray(subset)[rng.permutation(len(subset))]
         group = batch_size * bucket
         batches = []
         for g in range(0, len(perm), group):

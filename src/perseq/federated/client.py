@@ -1,0 +1,69 @@
+"""A client's round: start from the global weights, train on the client's own windows with
+the library's ``train_step``, send back the update. Flower's ClientApp and the in-process
+simulator both call ``local_update``; nothing here imports Flower.
+
+What leaves a client (``ClientUpdate``, and nothing else):
+  * ``delta``      the shared parameters' update, new weights minus the global ones it
+                   started from (no item ids, no sequences, no personal parameters);
+  * ``n_targets``  the number of training targets it used: FedAvg's weight. With one user
+                   per client this is that user's number of training events minus one, so
+                   the server learns each participant's history length;
+  * ``loss``       its mean training loss over the round: how predictable the user was.
+The item-embedding rows of ``delta`` still say which items the user touched (the rows a
+sampled loss never reaches stay exactly zero; under the full softmax the touched rows move
+most): client-level DP or secure aggregation is what hides that (``BENCHMARKS.md``, leakage
+probe).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data.batching import TrainWindows
+from ..train import train_step
+
+SENT_METADATA = ("n_targets", "loss")  # what a client reports besides its update
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    delta: dict[str, torch.Tensor]  # shared parameter name -> new minus global weights
+    n_targets: int
+    loss: float
+
+
+def local_optimizer(model: torch.nn.Module, fcfg, tcfg) -> torch.optim.Optimizer:
+    """The client's optimizer: AdamW with the run's betas and weight decay (as centralized
+    training), or plain SGD, at ``federated.local_lr``."""
+    if fcfg.local_optimizer == "adam":
+        return torch.optim.AdamW(model.parameters(), lr=fcfg.local_lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=fcfg.local_lr)
+
+
+def local_update(model: torch.nn.Module, start: dict[str, torch.Tensor], windows: TrainWindows, mine, fcfg, tcfg,
+                 loss_fn, round_: int) -> ClientUpdate:
+    """Train ``model`` (its weights set to ``start``) on the windows ``mine`` for
+    ``local_epochs`` passes; -> the update to send. The local optimizer starts fresh every
+    round (no moments kept on the client between its rounds). Local epoch e of round r
+    shuffles with the seed of centralized epoch r · local_epochs + e, so one client holding
+    every user, one local epoch and FedAvg is centralized training, epoch for epoch."""
+    model.load_state_dict(start)
+    opt = local_optimizer(model, fcfg, tcfg)
+    regularizer = None
+    if fcfg.proximal_mu:  # FedProx: keep the local weights near the round's global ones
+        anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+        def regularizer():
+            return fcfg.proximal_mu / 2 * sum((p - anchor[n]).pow(2).sum() for n, p in model.named_parameters())
+
+    tot_loss, tot_n = 0.0, 0
+    for e in range(fcfg.local_epochs):
+        seed = tcfg.seed * 1_000_003 + round_ * fcfg.local_epochs + e
+        for idx in windows.batch_order(fcfg.local_batch_size, seed, subset=mine):
+            loss, n = train_step(model, windows.make_batch(idx), loss_fn, opt, grad_clip=tcfg.grad_clip,
+                                 regularizer=regularizer)
+            tot_loss += loss
+            tot_n += n
+    delta = {n: p.detach() - start[n] for n, p in model.named_parameters()}
+    return ClientUpdate(delta, tot_n, tot_loss / max(tot_n, 1))

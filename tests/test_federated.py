@@ -1,0 +1,152 @@
+"""The federated simulator (perseq.federated): what leaves a client, equivalence with
+centralized training, dropout, robustness against a poisoned client, and resuming."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from perseq.config import from_dict
+from perseq.data.batching import TrainWindows
+from perseq.data.sequences import leave_one_out
+from perseq.data.synthetic import make_synthetic
+from perseq.federated.client import SENT_METADATA, ClientUpdate, local_update
+from perseq.federated.partition import client_windows, partition
+from perseq.federated.simulate import simulate
+from perseq.losses import get_loss
+from perseq.models import build_model
+from perseq.train import fit
+
+QUIET = dict(log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def small():
+    data, gen = make_synthetic(n_users=120, n_items=40, n_clusters=4, mean_len=14, max_len=40, seed=2)
+    return data, leave_one_out(data)
+
+
+def _cfg(**federated):
+    return from_dict({
+        "model": {"name": "sasrec", "d": 16},
+        "data": {"max_len": 20},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 3e-3, "seed": 0},
+        "eval": {"exclude_seen": False},
+        "federated": {"rounds": 2, "clients_per_round": 0, "local_batch_size": 16, "local_lr": 3e-3, **federated},
+    })
+
+
+def test_partitions_are_deterministic_and_cover_every_user_once():
+    one = partition(10)
+    assert [c.tolist() for c in one] == [[u] for u in range(10)]
+    groups = partition(10, users_per_client=3, seed=5)
+    assert sorted(u for g in groups for u in g.tolist()) == list(range(10)) and [len(g) for g in groups] == [3, 3, 3, 1]
+    assert [g.tolist() for g in groups] == [g.tolist() for g in partition(10, users_per_client=3, seed=5)]
+
+
+def test_a_client_sends_its_shared_weight_update_its_target_count_and_its_loss_only(small):
+    data, split = small
+    cfg = _cfg()
+    model = build_model("sasrec", data.n_items, d=16, max_len=20)
+    windows = TrainWindows(split, 20)
+    mine = client_windows(windows, partition(data.n_users))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    up = local_update(model, start, windows, mine[3], cfg.federated, cfg.train, get_loss(cfg.loss), 0)
+    # the message is exactly these fields; the metadata besides weights is the documented list
+    assert [f.name for f in dataclasses.fields(ClientUpdate)] == ["delta", "n_targets", "loss"]
+    assert SENT_METADATA == ("n_targets", "loss")
+    names = [n for n, _ in model.named_parameters()]
+    assert list(up.delta) == names  # shared parameters, nothing else (no buffers, no ids)
+    for n, p in model.named_parameters():
+        assert up.delta[n].dtype.is_floating_point and up.delta[n].shape == p.shape
+        assert torch.allclose(up.delta[n], p.detach() - start[n])
+    user = 3  # one user per client: its target count is its training history minus one
+    assert up.n_targets == int(split.train_len[user]) - 1 and isinstance(up.loss, float)
+
+
+def test_one_client_one_local_epoch_and_fedavg_is_centralized_training(small):
+    data, split = small
+    # one round: the client's optimizer starts fresh each round, centralized AdamW keeps its
+    # moments from epoch to epoch, so later rounds are FedAvg's own trajectory
+    cfg = _cfg(rounds=1, users_per_client=data.n_users, local_batch_size=16)
+    fed = simulate(cfg, split, **QUIET)
+    central = fit(cfg, split, progress=False, **QUIET)
+    f, c = fed["model_obj"].state_dict(), central["model_obj"].state_dict()
+    assert fed["best_round"] == central["best_epoch"]
+    assert max((f[k] - c[k]).abs().max().item() for k in f) <= 1e-6
+    assert fed["test"]["ndcg@10"] == pytest.approx(central["test"]["ndcg@10"], abs=1e-6)
+
+
+def test_a_client_that_drops_out_costs_its_update_only(small):
+    data, split = small
+    r = simulate(_cfg(rounds=3, clients_per_round=40, dropout=0.3, stragglers=0.1), split, **QUIET)
+    h = r["history"]
+    assert [x["round"] for x in h] == [1, 2, 3] and all(x["sampled"] == 40 for x in h)
+    assert all(x["reported"] < x["sampled"] for x in h)  # some dropped, and the rounds still completed
+    assert r["federated"]["passes"] == pytest.approx(3 * 40 / r["federated"]["clients"])
+
+
+def test_resuming_after_a_stop_ends_with_the_uninterrupted_model(small, tmp_path):
+    data, split = small
+    whole = simulate(_cfg(rounds=3, clients_per_round=30), split, out_dir=tmp_path / "a", **QUIET)
+    simulate(_cfg(rounds=2, clients_per_round=30), split, out_dir=tmp_path / "b", **QUIET)
+    resumed = simulate(_cfg(rounds=3, clients_per_round=30), split, out_dir=tmp_path / "b", resume=True, **QUIET)
+    a, b = whole["model_obj"].state_dict(), resumed["model_obj"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [x["round"] for x in resumed["history"]] == [1, 2, 3]
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert saved["test"]["ndcg@10"] == whole["test"]["ndcg@10"] and saved["model"] == "sasrec+fedavg"
+
+
+def test_a_federated_run_folder_is_read_by_evaluate(small, tmp_path):
+    from perseq.checkpoint import load_model
+
+    data, split = small
+    r = simulate(_cfg(rounds=1, clients_per_round=20), split, out_dir=tmp_path / "f", **QUIET)
+    model, meta, _ = load_model(tmp_path / "f")
+    assert meta["run"]["federated"]["clients_per_round"] == 20
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in r["model_obj"].state_dict().items())
+
+
+@pytest.mark.parametrize("robust", ["median", "trimmed_mean"])
+def test_one_poisoned_client_breaks_fedavg_but_not_a_robust_aggregator(small, robust):
+    data, split = small
+
+    def valid(**kw):  # the last round's model (selecting the best round would fall back to round 1)
+        r = simulate(_cfg(rounds=6, clients_per_round=12, local_lr=1e-2, **kw), split, **QUIET)
+        return r["history"][-1]["valid"]["ndcg@10"]
+
+    clean, attacked = valid(), valid(poisoned=1)
+    assert attacked < 0.5 * clean  # one update ×100 per round is enough to wreck the average
+    clean_r, attacked_r = valid(aggregator=robust), valid(aggregator=robust, poisoned=1)
+    assert attacked_r >= 0.95 * clean_r
+
+
+def test_client_level_dp_reports_the_accountants_epsilon(small):
+    from perseq.federated.privacy import epsilon
+
+    data, split = small
+    r = simulate(_cfg(rounds=2, clients_per_round=30, dp_clip=0.5, dp_noise=1.1), split, **QUIET)
+    p = r["federated"]["privacy"]
+    q = 30 / r["federated"]["clients"]
+    assert p["epsilon"] == pytest.approx(epsilon(1.1, q, 2, 1e-6)) and p["delta"] == 1e-6
+    assert [x["round"] for x in r["history"]] == [1, 2]
+
+
+def test_the_cli_simulates_resumes_and_writes_a_result_row(tmp_path, monkeypatch, capsys):
+    from perseq.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["federated", "simulate", "--set",
+            "data.synthetic={n_users: 60, n_items: 30, n_clusters: 3, mean_len: 10, max_len: 30, seed: 1}",
+            "--set", "model.d=8", "--set", "data.max_len=12", "--set", "federated.rounds=2",
+            "--set", "federated.clients_per_round=10", "--name", "fed", "--no-progress"]
+    assert main([*args, "--bench-name", "syn_fedavg"]) == 0
+    assert "round 2: 10/10 clients" in capsys.readouterr().out
+    row = json.loads((tmp_path / "benchmarks" / "results" / "syn_fedavg.json").read_text())
+    assert row["model"] == "sasrec+fedavg" and row["protocol"]["federated"]["clients_per_round"] == 10
+    assert row["protocol"]["federated"]["sent_metadata"] == ["n_targets", "loss"]
+    assert main(args) == 2  # the folder holds a run: --resume or --overwrite
+    assert main([*args, "--resume"]) == 0  # finished: evaluated again, nothing retrained
+    assert main(["evaluate", "runs/fed-s0"]) == 0
