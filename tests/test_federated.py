@@ -51,7 +51,8 @@ def test_a_client_sends_its_shared_weight_update_its_target_count_and_its_loss_o
     windows = TrainWindows(split, 20)
     mine = client_windows(windows, partition(data.n_users))
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    up = local_update(model, start, windows, mine[3], cfg.federated, cfg.train, get_loss(cfg.loss), 0)
+    up, kept = local_update(model, start, windows, mine[3], cfg.federated, cfg.train, get_loss(cfg.loss), 0)
+    assert kept == {}  # SASRec has no personal parameters
     # the message is exactly these fields; the metadata besides weights is the documented list
     assert [f.name for f in dataclasses.fields(ClientUpdate)] == ["delta", "n_targets", "loss"]
     assert SENT_METADATA == ("n_targets", "loss")

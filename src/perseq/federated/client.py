@@ -4,7 +4,9 @@ simulator both call ``local_update``; nothing here imports Flower.
 
 What leaves a client (``ClientUpdate``, and nothing else):
   * ``delta``      the shared parameters' update, new weights minus the global ones it
-                   started from (no item ids, no sequences, no personal parameters);
+                   started from (no item ids, no sequences, and none of the parameters
+                   named ``personal.*``: those stay on the client, ``local_update``
+                   returns them for the client's own storage);
   * ``n_targets``  the number of training targets it used: FedAvg's weight. With one user
                    per client this is that user's number of training events minus one, so
                    the server learns each participant's history length;
@@ -24,6 +26,16 @@ from ..data.batching import TrainWindows
 from ..train import train_step
 
 SENT_METADATA = ("n_targets", "loss")  # what a client reports besides its update
+PERSONAL_PREFIX = "personal."  # parameters named so are the user's own: trained locally, never sent
+
+
+def shared_names(model: torch.nn.Module) -> list[str]:
+    """The parameters the server aggregates: every one but the personal ones."""
+    return [n for n, _ in model.named_parameters() if not n.startswith(PERSONAL_PREFIX)]
+
+
+def personal_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters() if n.startswith(PERSONAL_PREFIX)]
 
 
 @dataclass(frozen=True)
@@ -42,13 +54,18 @@ def local_optimizer(model: torch.nn.Module, fcfg, tcfg) -> torch.optim.Optimizer
 
 
 def local_update(model: torch.nn.Module, start: dict[str, torch.Tensor], windows: TrainWindows, mine, fcfg, tcfg,
-                 loss_fn, round_: int) -> ClientUpdate:
-    """Train ``model`` (its weights set to ``start``) on the windows ``mine`` for
-    ``local_epochs`` passes; -> the update to send. The local optimizer starts fresh every
-    round (no moments kept on the client between its rounds). Local epoch e of round r
-    shuffles with the seed of centralized epoch r · local_epochs + e, so one client holding
-    every user, one local epoch and FedAvg is centralized training, epoch for epoch."""
+                 loss_fn, round_: int, personal: dict[str, torch.Tensor] | None = None,
+                 ) -> tuple[ClientUpdate, dict[str, torch.Tensor]]:
+    """Train ``model`` (its weights set to ``start``, the global state, and its personal
+    parameters to ``personal``, the client's own, when it has any yet) on the windows
+    ``mine`` for ``local_epochs`` passes; -> (the update to send, the personal parameters
+    to keep on the client). The local optimizer starts fresh every round (no moments kept
+    on the client between its rounds). Local epoch e of round r shuffles with the seed of
+    centralized epoch r · local_epochs + e, so one client holding every user, one local
+    epoch and FedAvg is centralized training, epoch for epoch."""
     model.load_state_dict(start)
+    if personal:
+        model.load_state_dict(personal, strict=False)
     opt = local_optimizer(model, fcfg, tcfg)
     regularizer = None
     if fcfg.proximal_mu:  # FedProx: keep the local weights near the round's global ones
@@ -65,5 +82,7 @@ def local_update(model: torch.nn.Module, start: dict[str, torch.Tensor], windows
                                  regularizer=regularizer)
             tot_loss += loss
             tot_n += n
-    delta = {n: p.detach() - start[n] for n, p in model.named_parameters()}
-    return ClientUpdate(delta, tot_n, tot_loss / max(tot_n, 1))
+    params = dict(model.named_parameters())
+    delta = {n: params[n].detach() - start[n] for n in shared_names(model)}
+    kept = {n: params[n].detach().clone() for n in personal_names(model)}
+    return ClientUpdate(delta, tot_n, tot_loss / max(tot_n, 1)), kept

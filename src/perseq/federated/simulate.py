@@ -8,6 +8,9 @@ A run folder is a normal one (``perseq evaluate`` and ``predict`` read it):
   model.safetensors              the global weights of the best round (validation)
   last.safetensors               the global weights after the last finished round
   server_state.safetensors       the server optimizer's buffers and the RNG state
+  personal.safetensors           the simulated devices' storage: each client's personal
+                                 parameters (models with ``personal.*`` ones), never
+                                 mixed into the shared weights
   trainer_state.json             round, best, patience counter, per-round history
   results.json                   at the end: validation and test of the best round
 Each round's files are one ``checkpoint.commit`` set, so a kill at any moment resumes
@@ -44,12 +47,12 @@ from ..losses import get_loss
 from ..models import build_model
 from ..report import hardware_name
 from ..train import _check_same_run, prepare_run_folder, seed_everything, select_device
-from .client import SENT_METADATA, local_update
+from .client import SENT_METADATA, local_update, shared_names
 from .partition import client_windows, partition
 from .privacy import PrivacyLedger, dp_aggregate
 from .strategies import ServerOptConfig, ServerOptimizer, aggregate
 
-STATE_FILES = ("last.safetensors", "server_state.safetensors", "trainer_state.json")
+PERSONAL_FILE = "personal.safetensors"  # the simulated devices' storage: kept apart from the shared model
 
 
 def _shared(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -110,6 +113,7 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
     global_ = model.state_dict()
     global_ = {k: v.detach().clone() for k, v in global_.items()}
     best_weights = {k: v.clone() for k, v in global_.items()}
+    personal: dict[int, dict[str, torch.Tensor]] = {}  # client -> its personal parameters (never on the server)
     if resume and out is not None and (out / "config.json").exists():
         _check_same_run(out, cfg, model)  # another config's round state would mix two experiments
     if resume and out is not None and (out / "trainer_state.json").exists():
@@ -119,11 +123,13 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
         torch.set_rng_state(srv.pop("__rng_cpu"))
         server.load_state_dict({"tensors": srv, "steps": state["server_steps"]})
         best_weights = read_run_file(out, "model.safetensors", lambda p: load_file(str(p)))
+        if (out / PERSONAL_FILE).exists():
+            personal = _unflatten_personal(read_run_file(out, PERSONAL_FILE, lambda p: load_file(str(p))))
         log(f"resumed from {out} at round {state['round']}")
     if out is not None:
         write_run_files(out, cfg, model, data, extra_meta)
-    shared_names = [n for n, _ in model.named_parameters()]
-    sent = _bytes({n: global_[n] for n in shared_names})  # each way: the global weights down, a dense update up
+    shared = shared_names(model)
+    sent = _bytes({n: global_[n] for n in shared})  # each way: the global weights down, a dense update up
     metric = cfg.eval.metric
     generator = torch.Generator().manual_seed(tc.seed * 7919 + 17)  # the DP noise (resumed below per round)
 
@@ -132,12 +138,17 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
             break
         t0 = time.perf_counter()
         sampled, back = sample_round(active, fc, tc.seed, r)
-        ups = [local_update(model, global_, windows, mine[c], fc, tc, loss_fn, r) for c in sampled[back]]
+        ups = []
+        for c in sampled[back]:
+            up, kept = local_update(model, global_, windows, mine[c], fc, tc, loss_fn, r, personal.get(int(c)))
+            ups.append(up)
+            if kept:
+                personal[int(c)] = kept  # the simulated device's own storage
         for i in range(min(fc.poisoned, len(ups))):  # the attack (robustness experiments): the first reporters lie
             ups[i] = dataclasses.replace(ups[i], delta={n: d * fc.poison_scale for n, d in ups[i].delta.items()})
         rec = {"round": r + 1, "sampled": int(len(sampled)), "reported": len(ups)}
         if ups:
-            stacked = {n: torch.stack([u.delta[n] for u in ups]) for n in shared_names}  # (C, ...) per parameter
+            stacked = {n: torch.stack([u.delta[n] for u in ups]) for n in shared}  # (C, ...) per parameter
             weights = torch.tensor([float(u.n_targets) for u in ups])
             if ledger is not None:
                 generator.manual_seed(tc.seed * 7919 + r)
@@ -146,7 +157,7 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
                 ledger.record(1)
             else:
                 agg = aggregate(stacked, weights, name=fc.aggregator, trim=fc.trim, max_norm=fc.max_update_norm)
-            new = server.step({n: global_[n] for n in shared_names}, agg)
+            new = server.step({n: global_[n] for n in shared}, agg)
             global_ = {**global_, **new}
             rec["loss"] = float(sum(u.loss * u.n_targets for u in ups) / max(sum(u.n_targets for u in ups), 1))
         secs = time.perf_counter() - t0
@@ -174,6 +185,8 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
             srv = {**server.state_dict()["tensors"], "__rng_cpu": torch.get_rng_state()}
             files = {"last.safetensors": _writer(global_), "server_state.safetensors": _writer(srv),
                      "trainer_state.json": lambda p, s=dict(state): p.write_text(_dumps(s))}
+            if personal:
+                files[PERSONAL_FILE] = _writer(_flatten_personal(personal))
             if improved or not (out / "model.safetensors").exists():
                 files["model.safetensors"] = _writer(best_weights)
             commit(out, files)
@@ -204,6 +217,18 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
         write_results(out, result)
     result["model_obj"] = model
     return result
+
+
+def _flatten_personal(personal: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"{c}/{n}": t for c, ps in personal.items() for n, t in ps.items()}
+
+
+def _unflatten_personal(flat: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in flat.items():
+        c, n = key.split("/", 1)
+        out.setdefault(int(c), {})[n] = t
+    return out
 
 
 def _writer(tensors: dict[str, torch.Tensor]):
