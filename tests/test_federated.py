@@ -151,3 +151,50 @@ def test_the_cli_simulates_resumes_and_writes_a_result_row(tmp_path, monkeypatch
     assert main(args) == 2  # the folder holds a run: --resume or --overwrite
     assert main([*args, "--resume"]) == 0  # finished: evaluated again, nothing retrained
     assert main(["evaluate", "runs/fed-s0"]) == 0
+
+
+def test_pfsr_keeps_each_users_response_on_their_client_and_scores_with_it(small, tmp_path):
+    from perseq.federated.personal import PersonalScores, client_of_user
+    from perseq.federated.simulate import _unflatten_personal
+    from safetensors.torch import load_file
+
+    data, split = small
+    cfg = from_dict({**_cfg().to_dict(), "model": {"name": "pfsr", "d": 8, "memory_slots": 4},
+                     "federated": {**_cfg().to_dict()["federated"], "clients_per_round": 30, "rounds": 2, "dml": 0.1}})
+    r = simulate(cfg, split, out_dir=tmp_path / "p", **QUIET)
+    assert r["model"] == "pfsr"
+    stored = _unflatten_personal(load_file(str(tmp_path / "p" / "personal.safetensors")))
+    trained = stored["last"]
+    assert 30 <= len(trained) <= 60 and all(set(v) == {"personal.scale", "personal.shift"} for v in trained.values())
+    # the shared weights never carry them: the server's copy is still the initial identity
+    shared = load_file(str(tmp_path / "p" / "last.safetensors"))
+    assert torch.equal(shared["personal.scale"], torch.zeros(8)) and torch.equal(shared["personal.shift"], torch.zeros(8))
+    # scoring a batch of users at once gives each row what that user's own model gives
+    model = r["model_obj"]
+    owner = client_of_user(partition(data.n_users), data.n_users)
+    users = torch.tensor(sorted(stored["best"])[:3])
+    items = torch.randint(1, data.n_items + 1, (3, 10))
+    lengths = torch.tensor([10, 4, 7])
+    with torch.no_grad():
+        together = PersonalScores(model, stored["best"], owner).eval().scores(items, lengths, users=users.numpy())
+    for b, u in enumerate(users.tolist()):
+        alone = build_model("pfsr", data.n_items, d=8, memory_slots=4, max_len=20).eval()
+        alone.load_state_dict({**model.state_dict(), **stored["best"][u]})
+        with torch.no_grad():
+            want = alone.scores(items[b : b + 1], lengths[b : b + 1])
+        assert torch.allclose(together[b], want[0], atol=1e-6)
+
+
+def test_evaluate_scores_a_federated_pfsr_run_with_each_users_own_response(tmp_path, monkeypatch, capsys):
+    from perseq.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["federated", "simulate", "--set",
+            "data.synthetic={n_users: 60, n_items: 30, n_clusters: 3, mean_len: 10, max_len: 30, seed: 1}",
+            "--set", "model.name=pfsr", "--set", "model.d=8", "--set", "data.max_len=12", "--set", "federated.rounds=2",
+            "--set", "federated.clients_per_round=20", "--set", "eval.exclude_seen=false", "--name", "p", "--no-progress"]
+    assert main(args) == 0
+    saved = json.loads((tmp_path / "runs" / "p-s0" / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["evaluate", "runs/p-s0"]) == 0
+    assert json.loads(capsys.readouterr().out)["ndcg@10"] == pytest.approx(saved["test"]["ndcg@10"], abs=1e-6)

@@ -277,6 +277,9 @@ def cmd_evaluate(args) -> int:
         except TypeError:
             raise ValueError(f"unknown evaluation setting {k}; valid: "
                              f"{', '.join('eval.' + f.name for f in dataclasses.fields(ecfg))}") from None
+    from .federated.personal import with_personal
+
+    model = with_personal(model, args.run, meta, split.data.n_users)  # a federated run: each user's own personal.*
     res = evaluate(_adapted(model, args, args.run, cfg), split, args.stage, ecfg, breakdown=args.breakdown)
     print(json.dumps(res, indent=1))
     return 0

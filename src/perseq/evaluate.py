@@ -57,12 +57,15 @@ def rank_targets(model, split: Split, stage: str, cfg: EvalConfig, device="cpu",
     batches = show_progress(eval_batches(split, stage, model.max_input_len, cfg.batch_size, users),
                             f"evaluating {stage} ({n_users} users)", total=-(-n_users // cfg.batch_size),
                             unit="batches", enabled=progress)
+    # a model with per-user parameters (a federated PFSR's personal ones) is told each row's user
+    who = getattr(model, "wants_users", False)
     for b in batches:
         scores = model.scores(
             b.inputs.to(device),
             b.lengths.to(device),
             None if b.times is None else b.times.to(device),
             None if b.target_time is None else b.target_time.to(device),
+            **({"users": b.users} if who else {}),
         ).float()  # (B, I + 1)
         if torch.isnan(scores).any():
             # NaN compares false with everything, so a NaN target would rank first and score

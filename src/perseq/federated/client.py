@@ -68,11 +68,22 @@ def local_update(model: torch.nn.Module, start: dict[str, torch.Tensor], windows
         model.load_state_dict(personal, strict=False)
     opt = local_optimizer(model, fcfg, tcfg)
     regularizer = None
-    if fcfg.proximal_mu:  # FedProx: keep the local weights near the round's global ones
-        anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if fcfg.proximal_mu or fcfg.dml:
+        shared = {n: p for n, p in model.named_parameters() if not n.startswith(PERSONAL_PREFIX)}
+        anchor = {n: p.detach().clone() for n, p in shared.items()}
 
         def regularizer():
-            return fcfg.proximal_mu / 2 * sum((p - anchor[n]).pow(2).sum() for n, p in model.named_parameters())
+            sq = sum((p - anchor[n]).pow(2).sum() for n, p in shared.items())  # ||w - w_global||², shared weights
+            # FedProx: a fixed pull towards the round's global weights
+            term = fcfg.proximal_mu / 2 * sq
+            if fcfg.dml:
+                # Dynamic Magnitude Loss (our reading of PFSR): the pull grows with the drift's
+                # own magnitude d (weight d / (d + scale), held constant within the step), so a
+                # client's strong, user-specific signal is pushed out of the shared weights,
+                # where averaging would wash it out, into its personal ones, which stay
+                d = sq.detach().sqrt()
+                term = term + fcfg.dml / 2 * d / (d + fcfg.dml_scale) * sq
+            return term
 
     tot_loss, tot_n = 0.0, 0
     for e in range(fcfg.local_epochs):

@@ -29,6 +29,8 @@ class FederatedConfig:
     local_optimizer: str = "adam"  # adam (AdamW with train.betas, train.weight_decay) | sgd; fresh every round
     local_lr: float = 1e-3  # the client optimizer's learning rate
     proximal_mu: float = 0.0  # FedProx: + mu/2 ||w - w_global||^2 in the local loss (0 = FedAvg)
+    dml: float = 0.0  # PFSR's Dynamic Magnitude Loss (ours): + dml/2 · d/(d + dml_scale) · d², d = ||w - w_global|| (0 = off)
+    dml_scale: float = 1.0  # the drift at which the DML's weight is half of dml
     aggregator: str = "fedavg"  # fedavg (weighted by targets) | median | trimmed_mean (coordinate-wise, robust)
     trim: float = 0.1  # trimmed_mean: the fraction cut at each end
     max_update_norm: float | None = None  # bound each client's whole update to this L2 norm before aggregating
@@ -59,6 +61,8 @@ class FederatedConfig:
         for key in ("dropout", "stragglers"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"federated.{key}={getattr(self, key)!r}: a probability in [0, 1)")
+        if self.dml < 0 or self.dml_scale <= 0 or self.proximal_mu < 0:
+            raise ValueError("federated.dml and proximal_mu must be >= 0 and federated.dml_scale > 0")
         if self.poisoned < 0:
             raise ValueError(f"federated.poisoned={self.poisoned!r}: must be 0 or more")
         if not 0 <= self.trim < 0.5:

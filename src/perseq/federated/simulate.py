@@ -47,7 +47,8 @@ from ..losses import get_loss
 from ..models import build_model
 from ..report import hardware_name
 from ..train import _check_same_run, prepare_run_folder, seed_everything, select_device
-from .client import SENT_METADATA, local_update, shared_names
+from .client import SENT_METADATA, local_update, personal_names, shared_names
+from .personal import PersonalScores, client_of_user
 from .partition import client_windows, partition
 from .privacy import PrivacyLedger, dp_aggregate
 from .strategies import ServerOptConfig, ServerOptimizer, aggregate
@@ -114,6 +115,12 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
     global_ = {k: v.detach().clone() for k, v in global_.items()}
     best_weights = {k: v.clone() for k, v in global_.items()}
     personal: dict[int, dict[str, torch.Tensor]] = {}  # client -> its personal parameters (never on the server)
+    best_personal: dict[int, dict[str, torch.Tensor]] = {}  # as they were at the best round
+    owner = client_of_user(clients, data.n_users)
+
+    def scorer(personal_state):
+        """The model as each client scores its own users: with their personal parameters."""
+        return PersonalScores(model, personal_state, owner) if personal_names(model) else model
     if resume and out is not None and (out / "config.json").exists():
         _check_same_run(out, cfg, model)  # another config's round state would mix two experiments
     if resume and out is not None and (out / "trainer_state.json").exists():
@@ -124,7 +131,8 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
         server.load_state_dict({"tensors": srv, "steps": state["server_steps"]})
         best_weights = read_run_file(out, "model.safetensors", lambda p: load_file(str(p)))
         if (out / PERSONAL_FILE).exists():
-            personal = _unflatten_personal(read_run_file(out, PERSONAL_FILE, lambda p: load_file(str(p))))
+            stored = _unflatten_personal(read_run_file(out, PERSONAL_FILE, lambda p: load_file(str(p))))
+            personal, best_personal = stored.get("last", {}), stored.get("best", {})
         log(f"resumed from {out} at round {state['round']}")
     if out is not None:
         write_run_files(out, cfg, model, data, extra_meta)
@@ -168,11 +176,12 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
         improved = False
         if (r + 1) % fc.eval_every == 0 or r + 1 == fc.rounds:
             model.load_state_dict(global_)
-            val = evaluate(model, split, "valid", cfg.eval, device, progress=False)
+            val = evaluate(scorer(personal), split, "valid", cfg.eval, device, progress=False)
             rec["valid"] = {k: v for k, v in val.items() if isinstance(v, float)}
             if val[metric] > state["best"]:
                 state.update(best=val[metric], best_round=r + 1, bad=0)
                 best_weights, improved = {k: v.clone() for k, v in global_.items()}, True
+                best_personal = {c: dict(ps) for c, ps in personal.items()}  # tensors are never modified in place
             else:
                 state["bad"] += 1
         state["history"].append(rec)
@@ -186,17 +195,17 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
             files = {"last.safetensors": _writer(global_), "server_state.safetensors": _writer(srv),
                      "trainer_state.json": lambda p, s=dict(state): p.write_text(_dumps(s))}
             if personal:
-                files[PERSONAL_FILE] = _writer(_flatten_personal(personal))
+                files[PERSONAL_FILE] = _writer(_flatten_personal({"last": personal, "best": best_personal}))
             if improved or not (out / "model.safetensors").exists():
                 files["model.safetensors"] = _writer(best_weights)
             commit(out, files)
 
     model.load_state_dict(best_weights)
-    test = evaluate(model, split, "test", cfg.eval, device, breakdown=True, progress=False)
-    valid = evaluate(model, split, "valid", cfg.eval, device, progress=False)
+    test = evaluate(scorer(best_personal), split, "test", cfg.eval, device, breakdown=True, progress=False)
+    valid = evaluate(scorer(best_personal), split, "valid", cfg.eval, device, progress=False)
     rounds_done = state["round"]
     result = {
-        "model": f"{cfg.model['name']}+{fc.aggregator}" if fc.aggregator != "fedavg" else f"{cfg.model['name']}+fedavg",
+        "model": method_name(cfg),
         "dataset": cfg.data.dataset,
         "seed": tc.seed,
         "best_epoch": state["best_round"],  # the best round, under the key every result reader knows
@@ -219,15 +228,30 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
     return result
 
 
-def _flatten_personal(personal: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {f"{c}/{n}": t for c, ps in personal.items() for n, t in ps.items()}
+def method_name(cfg) -> str:
+    """The name a result file gives the method: <model>+<aggregator> (mamba4rec+fedavg), or
+    for PFSR "pfsr", "pfsr-no-amb" / "-no-vrm" / "-no-dml" with a part switched off; "+dp"
+    with client-level DP."""
+    fc, name = cfg.federated, cfg.model["name"]
+    if name == "pfsr":
+        off = [p for p, on in (("amb", cfg.model.get("amb", True)), ("vrm", cfg.model.get("vrm", True)), ("dml", fc.dml > 0))
+               if not on]
+        base = "pfsr" + "".join(f"-no-{p}" for p in off)
+    else:
+        base = f"{name}+{fc.aggregator}"
+    return base + ("+dp" if fc.dp_clip is not None else "")
 
 
-def _unflatten_personal(flat: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
-    out: dict[int, dict[str, torch.Tensor]] = {}
+def _flatten_personal(states: dict[str, dict[int, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """{"last": {client: {name: t}}, "best": ...} -> {"last/<client>/<name>": t, ...}."""
+    return {f"{which}/{c}/{n}": t for which, st in states.items() for c, ps in st.items() for n, t in ps.items()}
+
+
+def _unflatten_personal(flat: dict[str, torch.Tensor]) -> dict[str, dict[int, dict[str, torch.Tensor]]]:
+    out: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for key, t in flat.items():
-        c, n = key.split("/", 1)
-        out.setdefault(int(c), {})[n] = t
+        which, c, n = key.split("/", 2)
+        out.setdefault(which, {}).setdefault(int(c), {})[n] = t
     return out
 
 

@@ -10,6 +10,7 @@ from .hstu import HSTU, HSTULarge
 from .llama import LlamaRec
 from .mamba4rec import Mamba4Rec
 from .pcrec import PCRec, PCRecLarge, SASRecPC
+from .pfsr import PFSR
 from .sasrec import SASRec
 from .ttt4rec import TTT4Rec
 
@@ -25,6 +26,7 @@ MODELS: dict[str, type[SeqRecModel]] = {
     "pcrec": PCRec,
     "pcrec-large": PCRecLarge,
     "sasrec-pc": SASRecPC,
+    "pfsr": PFSR,
 }
 
 
@@ -65,6 +67,7 @@ SUMMARY: dict[str, str] = {
     "pcrec": "PCRec: HSTU + a predictive-coding correction per block, one inference step per forward (KDD 2025)",
     "pcrec-large": "PCRec at HSTU-large's size (8 blocks, 2 heads)",
     "sasrec-pc": "SASRec + PCRec's predictive-coding module per block (the paper's future work)",
+    "pfsr": "PFSR (our reading of arXiv 2603.22349): Mamba4Rec + a global associative memory + per-user FiLM (personal.*)",
 }
 
 

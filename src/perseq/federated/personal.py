@@ -1,0 +1,73 @@
+"""Scoring every user with their own personal parameters (``personal.*``, which never leave
+a client): the simulator's evaluation, and ``perseq evaluate`` on a federated run folder.
+
+In a deployment each device scores its own user with the parameters on its disk; here the
+simulated devices' storage (``personal.safetensors``) is read back and each row of a batch
+gets its user's own, through the model's ``personal_rows``. A client that never trained
+keeps the model's initial personal parameters.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .client import personal_names
+
+
+class PersonalScores(nn.Module):
+    """``model`` scoring row b with the personal parameters of ``users[b]``'s client."""
+
+    wants_users = True  # evaluate passes each row's user (rank_targets)
+
+    def __init__(self, model: nn.Module, personal: dict[int, dict[str, torch.Tensor]], client_of_user: np.ndarray):
+        super().__init__()
+        self.model, self.personal, self.client_of_user = model, personal, client_of_user
+        self.names = personal_names(model)
+        if not self.names:
+            raise ValueError(f"{type(model).__name__} has no personal parameters")
+
+    @property
+    def max_input_len(self) -> int:
+        return self.model.max_input_len
+
+    @property
+    def n_items(self) -> int:
+        return self.model.n_items
+
+    def scores(self, items, lengths, times=None, target_time=None, users=None) -> torch.Tensor:
+        if users is None:
+            raise ValueError("personal scores need each row's user")
+        own = dict(self.model.named_parameters())
+        rows = [self.personal.get(int(self.client_of_user[u]), {}) for u in np.asarray(users)]
+        stacked = {n: torch.stack([r.get(n, own[n].detach()) for r in rows]) for n in self.names}  # (B, ...) each
+        with self.model.personal_rows(stacked):
+            return self.model.scores(items, lengths, times, target_time)
+
+
+def client_of_user(clients: list[np.ndarray], n_users: int) -> np.ndarray:
+    owner = np.zeros(n_users, dtype=np.int64)
+    for c, users in enumerate(clients):
+        owner[users] = c
+    return owner
+
+
+def with_personal(model: nn.Module, run_dir, meta: dict, n_users: int) -> nn.Module:
+    """The model of a federated run folder as its users are scored: with each one's own
+    personal parameters when the run kept any (personal.safetensors, their best round's),
+    else the model itself."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from ..checkpoint import read_run_file
+    from .partition import partition
+    from .simulate import PERSONAL_FILE, _unflatten_personal
+
+    path = Path(run_dir) / PERSONAL_FILE
+    if not path.exists() or not personal_names(model):
+        return model
+    stored = _unflatten_personal(read_run_file(Path(run_dir), PERSONAL_FILE, lambda p: load_file(str(p))))
+    fed, seed = meta["run"]["federated"], meta["run"]["train"]["seed"]
+    owner = client_of_user(partition(n_users, fed["users_per_client"], seed), n_users)
+    return PersonalScores(model, stored.get("best", {}), owner)
