@@ -17,6 +17,7 @@ from dataclasses import dataclass
 AGGREGATORS = ("fedavg", "median", "trimmed_mean")
 LOCAL_OPTIMIZERS = ("adam", "sgd")
 SERVER_OPTIMIZERS = ("sgd", "adam")
+ENGINES = ("batched", "loop")
 
 
 @dataclass(frozen=True)
@@ -46,16 +47,18 @@ class FederatedConfig:
     dp_delta: float = 1e-6  # the δ of the (ε, δ) reported
     eval_every: int = 1  # evaluate the aggregated validation metric every this many rounds
     patience: int = 10  # evaluations without improvement before stopping (model selection on validation)
-    engine: str = "loop"  # loop: the reference, one client after another through train_step
+    engine: str = "batched"  # batched: the round's clients at once (vmap over per-client weights) | loop: one after another through train_step (the reference)
+    clients_per_batch: int = 256  # batched engine: clients trained together (memory: a copy of the weights and the optimizer state each)
 
     def __post_init__(self):
-        for key in ("rounds", "users_per_client", "local_epochs", "local_batch_size", "eval_every", "patience"):
+        for key in ("rounds", "users_per_client", "local_epochs", "local_batch_size", "eval_every", "patience",
+                    "clients_per_batch"):
             if getattr(self, key) < 1:
                 raise ValueError(f"federated.{key}={getattr(self, key)!r}: must be at least 1")
         if self.clients_per_round < 0:
             raise ValueError(f"federated.clients_per_round={self.clients_per_round!r}: must be 0 (every client) or more")
         for key, valid in (("aggregator", AGGREGATORS), ("local_optimizer", LOCAL_OPTIMIZERS),
-                           ("server_optimizer", SERVER_OPTIMIZERS), ("engine", ("loop",))):
+                           ("server_optimizer", SERVER_OPTIMIZERS), ("engine", ENGINES)):
             if getattr(self, key) not in valid:
                 raise ValueError(f"federated.{key}={getattr(self, key)!r}; valid: {', '.join(valid)}")
         for key in ("dropout", "stragglers"):

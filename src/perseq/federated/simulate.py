@@ -47,6 +47,7 @@ from ..losses import get_loss
 from ..models import build_model
 from ..report import hardware_name
 from ..train import _check_same_run, prepare_run_folder, seed_everything, select_device
+from .batched import batched_updates
 from .client import SENT_METADATA, local_update, personal_names, shared_names
 from .personal import PersonalScores, client_of_user
 from .partition import client_windows, partition
@@ -147,11 +148,19 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
         t0 = time.perf_counter()
         sampled, back = sample_round(active, fc, tc.seed, r)
         ups = []
-        for c in sampled[back]:
-            up, kept = local_update(model, global_, windows, mine[c], fc, tc, loss_fn, r, personal.get(int(c)))
+        reporting = [int(c) for c in sampled[back]]
+        if fc.engine == "loop":
+            done = [local_update(model, global_, windows, mine[c], fc, tc, loss_fn, r, personal.get(c)) for c in reporting]
+        else:
+            done = []
+            for i in range(0, len(reporting), fc.clients_per_batch):
+                part = reporting[i : i + fc.clients_per_batch]
+                done += batched_updates(model, global_, windows, [mine[c] for c in part], fc, tc, loss_fn, r,
+                                        [personal.get(c) for c in part])
+        for c, (up, kept) in zip(reporting, done):
             ups.append(up)
             if kept:
-                personal[int(c)] = kept  # the simulated device's own storage
+                personal[c] = kept  # the simulated device's own storage
         for i in range(min(fc.poisoned, len(ups))):  # the attack (robustness experiments): the first reporters lie
             ups[i] = dataclasses.replace(ups[i], delta={n: d * fc.poison_scale for n, d in ups[i].delta.items()})
         rec = {"round": r + 1, "sampled": int(len(sampled)), "reported": len(ups)}
