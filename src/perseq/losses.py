@@ -65,6 +65,83 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         return gh, gE, None, None, None
 
 
+class _GroupedSoftmaxCE(torch.autograd.Function):
+    """``_ChunkedSoftmaxCE`` for rows scored against their own group's table: rows
+    bounds[g]:bounds[g+1] of h against E[g], with E (G, I, D) a stack of tables (a round of
+    federated clients, each with its own item table). One autograd node for all groups:
+    split per group, each group's gE would go back through its own select, each writing a
+    zero-filled copy of the whole (G, I, D) stack."""
+
+    @staticmethod
+    def forward(ctx, h, E, y, bounds: list, chunk: int, w):
+        out = h.new_zeros(len(bounds) - 1)  # (G,): each group's weighted sum
+        lses = []
+        for g in range(len(bounds) - 1):
+            s, e = bounds[g], bounds[g + 1]
+            if e > s:
+                lse, tgt = _ce_rows(h[s:e], E[g], y[s:e], chunk)
+                out[g] = ((lse - tgt) * w[s:e]).sum()
+                lses.append(lse)
+        ctx.save_for_backward(h, E, y, w, *lses)
+        ctx.bounds, ctx.chunk = bounds, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        h, E, y, w, *lses = ctx.saved_tensors
+        gh = torch.zeros_like(h)
+        gE = torch.zeros_like(E)
+        it = iter(lses)
+        for k in range(len(ctx.bounds) - 1):
+            s, e = ctx.bounds[k], ctx.bounds[k + 1]
+            if e > s:
+                _ce_rows_backward(h[s:e], E[k], y[s:e], next(it), g[k] * w[s:e], ctx.chunk, gh[s:e], gE[k])
+        return gh, gE, None, None, None, None
+
+
+def _ce_rows(h, E, y, chunk):
+    """(logsumexp, target logit) per row of h against E, by row chunks."""
+    N = h.shape[0]
+    lse, tgt = h.new_empty(N), h.new_empty(N)
+    buf = h.new_empty(min(chunk, N), E.shape[0])
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        b = torch.mm(h[s:e], E.T, out=buf[: e - s])  # (n, I)
+        lse[s:e] = torch.logsumexp(b, 1)
+        tgt[s:e] = b.gather(1, y[s:e, None]).squeeze(1)
+    return lse, tgt
+
+
+def _ce_rows_backward(h, E, y, lse, scale, chunk, gh, gE):
+    """Writes d/dh into gh and adds d/dE into gE (None: not wanted) of Σ scale·(lse − tgt)."""
+    N = h.shape[0]
+    buf = h.new_empty(min(chunk, N), E.shape[0])
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        p = torch.mm(h[s:e], E.T, out=buf[: e - s])
+        p.sub_(lse[s:e, None]).exp_()  # softmax
+        p[torch.arange(e - s, device=p.device), y[s:e]] -= 1.0  # d(lse - tgt)/dlogits
+        p.mul_(scale if scale.dim() == 0 else scale[s:e, None])
+        torch.mm(p, E, out=gh[s:e])
+        if gE is not None:
+            gE.addmm_(p.T, h[s:e])
+
+
+def grouped_softmax_ce(h, y, emb, counts, *, temperature: float = 1.0, weight=None, chunk: int = 1024) -> torch.Tensor:
+    """(G,): ``softmax_ce`` of each group's rows against its own table: h (N, D) with the
+    rows of group 0 first, then group 1, ...; counts (G,) rows per group; emb
+    (G, n_items + 1, D); ``weight`` (N,): each row's weight (default 1)."""
+    E = emb[:, 1:]
+    if temperature != 1.0:
+        h = h / temperature
+    w = torch.ones(len(h), dtype=h.dtype, device=h.device) if weight is None else weight
+    bounds = [0, *torch.as_tensor(counts).cumsum(0).tolist()]
+    if h.device.type == "cpu" and h.dtype == torch.float32 and torch.is_grad_enabled() and not reference_only():
+        return _GroupedSoftmaxCE.apply(h, E, y - 1, bounds, chunk, w)
+    return torch.stack([(F.cross_entropy(h[s:e] @ E[g].T, y[s:e] - 1, reduction="none") * w[s:e]).sum()
+                        for g, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))])
+
+
 def softmax_ce(h, y, emb, *, temperature: float = 1.0, chunk: int = 1024, weight=None, **_) -> torch.Tensor:
     """Full softmax over all items (padding row excluded); ``weight`` (N,): each row's
     weight in the sum (default 1)."""

@@ -23,6 +23,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from ..data.batching import Batch, TrainWindows
+from ..losses import grouped_softmax_ce
 from ..ops import reference_ops
 from ..train import forward_targets
 from .client import PERSONAL_PREFIX, ClientUpdate
@@ -54,10 +55,12 @@ def _schedule(windows: TrainWindows, mine: list, fcfg, tcfg, round_: int) -> lis
     return out
 
 
-def batched_updates(model, start: dict, windows: TrainWindows, mine: list, fcfg, tcfg, loss_fn, round_: int,
+def batched_updates(model, start: dict, windows: TrainWindows, mine: list, fcfg, tcfg, loss_fn, loss_cfg, round_: int,
                     personal: list) -> list[tuple[ClientUpdate, dict]]:
     """``local_update`` for every client of ``mine`` (their windows) at once; ``personal``:
-    each client's stored personal parameters or None. -> [(update, kept personal)]."""
+    each client's stored personal parameters or None; ``loss_cfg`` the run's loss section
+    (the full softmax runs grouped, other losses client by client through ``loss_fn``).
+    -> [(update, kept personal)]."""
     C = len(mine)
     names = [n for n, _ in model.named_parameters()]
     theta = {n: start[n].expand(C, *start[n].shape).clone() for n in names}  # (C, ...) each
@@ -83,7 +86,9 @@ def batched_updates(model, start: dict, windows: TrainWindows, mine: list, fcfg,
                 groups[len(plan[c][s])].append(c)
         for b, cs in groups.items():
             idx = torch.tensor(cs)
-            th = {n: theta[n].index_select(0, idx).requires_grad_() for n in names}  # (C_g, ...)
+            whole = len(cs) == C  # every client steps with a batch of this size: no gather, no scatter
+            pick = (lambda t: t) if whole else (lambda t: t.index_select(0, idx))  # noqa: E731
+            th = {n: pick(theta[n]).detach().requires_grad_() for n in names}  # (C_g, ...)
             batch = windows.make_batch(_concat([plan[c][s] for c in cs]))
             Cg, T = len(cs), batch.inputs.shape[1]
             shape = lambda x: None if x is None else x.view(Cg, b, *x.shape[1:])  # noqa: E731
@@ -94,15 +99,17 @@ def batched_updates(model, start: dict, windows: TrainWindows, mine: list, fcfg,
                          in_dims=(0, *dims), randomness="different")(th, *args)  # (C_g, b, T, D)
                 tables = vmap(lambda p: functional_call(fwd, ({f"model.{k}": x for k, x in p.items()} | buffers), ()))(th)
             y = args[1]  # (C_g, b, T)
-            total = 0.0
-            for g, (hg, yg, eg) in enumerate(zip(h.unbind(0), y.unbind(0), tables.unbind(0))):
-                sel = yg > 0
-                n = int(sel.sum())
-                loss_sum = loss_fn(hg[sel], yg[sel], eg)
-                tot_loss[cs[g]] += float(loss_sum.detach())
-                tot_n[cs[g]] += n
-                total = total + loss_sum / max(n, 1)
-            total = total + _regularizer(th, anchor, shared, fcfg)
+            sel = y > 0
+            counts = sel.flatten(1).sum(1)  # (C_g,) targets per client
+            if loss_cfg.name == "ce":  # one node for the group: rows client after client, each its own table
+                sums = grouped_softmax_ce(h[sel], y[sel], tables, counts, temperature=loss_cfg.temperature)  # (C_g,)
+            else:  # other losses client by client (unbind: one stacked backward, not a select per client)
+                sums = torch.stack([loss_fn(hg[sg], yg[sg], eg) for hg, yg, sg, eg in
+                                    zip(h.unbind(0), y.unbind(0), sel.unbind(0), tables.unbind(0))])
+            for g, c in enumerate(cs):
+                tot_loss[c] += float(sums[g].detach())
+                tot_n[c] += int(counts[g])
+            total = (sums / counts.clamp(min=1)).sum() + _regularizer(th, anchor, shared, fcfg)
             grads = torch.autograd.grad(total, [th[n] for n in names], allow_unused=True)
             g = {n: torch.zeros_like(th[n]) if d is None else d for n, d in zip(names, grads)}
             if tcfg.grad_clip:
@@ -110,14 +117,20 @@ def batched_updates(model, start: dict, windows: TrainWindows, mine: list, fcfg,
             with torch.no_grad():
                 new = {n: th[n].detach() for n in names}
                 if adam:
-                    _adamw(new, g, {n: m[n].index_select(0, idx) for n in names},
-                           {n: v[n].index_select(0, idx) for n in names}, s + 1, fcfg.local_lr, tuple(tcfg.betas),
-                           tcfg.weight_decay, m, v, idx)
+                    mg, vg = {n: pick(m[n]) for n in names}, {n: pick(v[n]) for n in names}
+                    _adamw(new, g, mg, vg, s + 1, fcfg.local_lr, tuple(tcfg.betas), tcfg.weight_decay)
+                    if not whole:
+                        for n in names:
+                            m[n].index_copy_(0, idx, mg[n])
+                            v[n].index_copy_(0, idx, vg[n])
                 else:
                     for n in names:
                         new[n] = new[n] - fcfg.local_lr * g[n]
                 for n in names:
-                    theta[n].index_copy_(0, idx, new[n])
+                    if whole:
+                        theta[n] = new[n]
+                    else:
+                        theta[n].index_copy_(0, idx, new[n])
 
     out = []
     for c in range(C):
@@ -153,17 +166,15 @@ def _clip(g: dict, max_norm: float) -> None:
         t.mul_(coef.view(-1, *[1] * (t.dim() - 1)))
 
 
-def _adamw(p: dict, g: dict, m: dict, v: dict, step: int, lr: float, betas, wd: float, m_all: dict, v_all: dict,
-           idx: torch.Tensor) -> None:
+def _adamw(p: dict, g: dict, m: dict, v: dict, step: int, lr: float, betas, wd: float) -> None:
     """torch.optim.AdamW's update (its single-tensor formula) for every client of the group,
-    all at their ``step``-th step; writes the moments back into m_all, v_all at ``idx``."""
+    all at their ``step``-th step: p replaced, the moments m, v updated in place."""
     b1, b2 = betas
     bc1, bc2 = 1 - b1**step, 1 - b2**step
     for n in p:
-        p[n] = p[n] * (1 - lr * wd)
+        if wd:
+            p[n] = p[n] * (1 - lr * wd)
         m[n].lerp_(g[n], 1 - b1)
         v[n].mul_(b2).addcmul_(g[n], g[n], value=1 - b2)
         denom = (v[n].sqrt() / math.sqrt(bc2)).add_(1e-8)
         p[n] = p[n].addcdiv(m[n], denom, value=-lr / bc1)
-        m_all[n].index_copy_(0, idx, m[n])
-        v_all[n].index_copy_(0, idx, v[n])

@@ -155,7 +155,7 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
             done = []
             for i in range(0, len(reporting), fc.clients_per_batch):
                 part = reporting[i : i + fc.clients_per_batch]
-                done += batched_updates(model, global_, windows, [mine[c] for c in part], fc, tc, loss_fn, r,
+                done += batched_updates(model, global_, windows, [mine[c] for c in part], fc, tc, loss_fn, cfg.loss, r,
                                         [personal.get(c) for c in part])
         for c, (up, kept) in zip(reporting, done):
             ups.append(up)

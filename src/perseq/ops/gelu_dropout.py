@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import reference_only
 from .dropout import _BLOCK, SERIAL_BELOW, check_p, draw_seed, hash_dropout, mask_params, njit, seed_halves
 
 if njit is not None:
@@ -163,7 +164,8 @@ def bias_gelu_dropout(h: torch.Tensor, bias: torch.Tensor, p: float, training: b
     check_p(p)
     if bias.shape != h.shape[-1:]:
         raise ValueError(f"bias of shape ({h.shape[-1]},) expected for h of shape {tuple(h.shape)}, got {tuple(bias.shape)}")
-    fused = training and 0.0 < p < 1.0 and njit is not None and h.device.type == "cpu" and h.dtype == bias.dtype == torch.float32
+    fused = (training and 0.0 < p < 1.0 and njit is not None and h.device.type == "cpu" and h.dtype == bias.dtype == torch.float32
+             and not reference_only())
     if not fused:
         return hash_dropout(F.gelu(h + bias), p, training)
     return _BiasGeluDropout.apply(h, bias, p, draw_seed())  # the seed hash_dropout would draw

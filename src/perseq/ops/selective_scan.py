@@ -109,9 +109,11 @@ def selective_scan_ref(x, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     x, delta, A, B, C = (t.to(_compute_dtype(dtype)) for t in (x, delta, A, B, C))
     h = x.new_zeros(x.shape[0], x.shape[2], A.shape[1])  # (B, E, N)
     ys = []
-    for t in range(x.shape[1]):
-        h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * x[:, t])[:, :, None] * B[:, t, None, :]
-        ys.append(torch.einsum("ben,bn->be", h, C[:, t]))
+    # unbind, not [:, t]: under autograd each [:, t] would go back through its own select,
+    # writing a zero-filled (B, L, ·) gradient per step (O(L²)); unbind's backward stacks once
+    for d_t, x_t, B_t, C_t in zip(delta.unbind(1), x.unbind(1), B.unbind(1), C.unbind(1)):
+        h = torch.exp(d_t[:, :, None] * A) * h + (d_t * x_t)[:, :, None] * B_t[:, None, :]
+        ys.append(torch.einsum("ben,bn->be", h, C_t))
     y = torch.stack(ys, 1)  # (B, L, E)
     return _gate(y, x, D, None if z is None else z.to(y.dtype)).to(dtype)
 

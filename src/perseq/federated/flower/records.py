@@ -21,15 +21,19 @@ Run config keys (all optional):
   out                    the server's run folder ("" = <tmp>/perseq-flower/<run key>)
   resume, overwrite      as ``perseq federated simulate --resume / --overwrite``
   round-timeout          seconds the server waits for a round's replies (default 3600)
+  client-state-dir       a node's state dir when its node config names none (simulations,
+                         whose nodes get only partition ids)
   secagg-num-shares, secagg-reconstruction-threshold, secagg-clipping-range
                          SecAgg+ (the legacy-workflow apps only; see server_app.py)
 Node config keys: partition-id, num-partitions (required), state-dir (where the node keeps
-its personal parameters; default <tmp>/perseq-flower-state).
+its personal parameters; default: the run config's client-state-dir, else
+<tmp>/perseq-flower-state).
 
 Nothing here trains or talks to the network; it imports Flower only for the record types.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import tempfile
@@ -105,6 +109,7 @@ class FlowerRunConfig:
     resume: bool = False  # continue the run in ``out`` from its last finished round
     overwrite: bool = False  # replace a run already in ``out``
     round_timeout: float = _DEFAULT_TIMEOUT  # seconds to wait for a round's replies
+    client_state_dir: str | None = None  # a node's state dir when its node config has no state-dir
     secagg_num_shares: float = 1.0  # SecAgg+: shares per client's key (a float: a fraction of the sampled clients)
     secagg_reconstruction_threshold: float = 0.5  # SecAgg+: shares needed to rebuild a key (float: fraction)
     secagg_clipping_range: float = 8.0  # SecAgg+: updates are clipped to [-r, r] before quantization
@@ -126,14 +131,15 @@ class FlowerRunConfig:
                 kw["config"] = str(value) or None
             elif key == "set":
                 kw["set"] = tuple(str(value).split())
-            elif key == "out":
-                kw["out"] = str(value) or None
+            elif key in ("out", "client-state-dir"):
+                kw[key.replace("-", "_")] = str(value) or None
             elif key in ("resume", "overwrite"):
                 kw[key] = _as_bool(key, value)
             elif key in _FLOAT_KEYS:
                 kw[_FLOAT_KEYS[key]] = float(value)
             else:
-                valid = ["config", "set", "perseq.<section>.<key>", "out", "resume", "overwrite", *_FLOAT_KEYS]
+                valid = ["config", "set", "perseq.<section>.<key>", "out", "resume", "overwrite", "client-state-dir",
+                         *_FLOAT_KEYS]
                 raise ValueError(f"unknown run config key {key!r}; valid: {', '.join(valid)}")
         kw["overrides"] = tuple(typed) + kw.pop("set", ())
         return cls(**kw)
@@ -142,15 +148,19 @@ class FlowerRunConfig:
         """The flat dict ``from_run_config`` reads back to an equal value (``set`` carries
         every override, typed ones included)."""
         out: dict[str, object] = {"config": self.config or "", "set": " ".join(self.overrides), "out": self.out or "",
-                                  "resume": self.resume, "overwrite": self.overwrite}
+                                  "resume": self.resume, "overwrite": self.overwrite,
+                                  "client-state-dir": self.client_state_dir or ""}
         out |= {k: float(getattr(self, f)) for k, f in _FLOAT_KEYS.items()}
         return out
 
     def perseq_config(self):
         """perseq's RunConfig: the YAML (or the defaults), then the overrides in order."""
         from ...config import load_config
+        from ...data.loading import resolve_data_config
 
-        return load_config(self.config, list(self.overrides))
+        cfg = load_config(self.config, list(self.overrides))
+        # data paths absolute, as `perseq train` saves them (evaluate works from any directory)
+        return dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
 
     def out_dir(self, cfg) -> Path:
         """The run folder: ``out``, or <tmp>/perseq-flower/<run key> when unset."""
@@ -173,11 +183,17 @@ def _as_bool(key: str, value) -> bool:
 
 
 def run_key(cfg) -> str:
-    """A short name for one experiment (its whole perseq config): where a node keeps its
-    personal parameters, so two runs on one node never mix them and a resumed run finds
-    its own."""
+    """A short name for one experiment: where a node keeps its personal parameters, so two
+    runs on one node never mix them and a resumed run finds its own. A hash of the config
+    without the settings a resume may change (``train.RESUMABLE_CHANGES``: more rounds,
+    another thread count, ...)."""
+    from ...train import RESUMABLE_CHANGES
+
+    d = cfg.to_dict()
+    for sec, key in RESUMABLE_CHANGES:
+        d.get(sec, {}).pop(key, None)
     name = cfg.name or f"{cfg.model['name']}-s{cfg.train.seed}"
-    return f"{name}-{hashlib.sha256(cfg.to_json().encode()).hexdigest()[:12]}"
+    return f"{name}-{hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]}"
 
 
 @dataclass(frozen=True)
@@ -192,7 +208,7 @@ class NodeSettings:
                              f"{self.num_partitions})")
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, object]) -> NodeSettings:
+    def from_node_config(cls, node_config: Mapping[str, object], default_state_dir: str | None = None) -> NodeSettings:
         missing = [k for k in ("partition-id", "num-partitions") if k not in node_config]
         if missing:
             raise ValueError(f"node config lacks {missing}: start the SuperNode with "
@@ -200,6 +216,6 @@ class NodeSettings:
         unknown = set(node_config) - {"partition-id", "num-partitions", "state-dir"}
         if unknown:
             raise ValueError(f"unknown node config key(s) {sorted(unknown)}; valid: partition-id, num-partitions, state-dir")
-        state = node_config.get("state-dir") or Path(tempfile.gettempdir()) / "perseq-flower-state"
+        state = node_config.get("state-dir") or default_state_dir or Path(tempfile.gettempdir()) / "perseq-flower-state"
         return cls(int(node_config["partition-id"]), int(node_config["num-partitions"]), Path(str(state)))
 

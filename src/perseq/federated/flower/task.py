@@ -33,7 +33,7 @@ from ...losses import get_loss
 from ...models import build_model
 from ...runtime import apply_threads, choose_threads
 from ...train import seed_everything, select_device
-from ..client import local_update, personal_names, shared_names
+from ..client import local_update, shared_names
 from ..partition import client_windows, partition
 
 
@@ -101,15 +101,11 @@ class FederatedSetup:
         return {**self.init_state, **{n: t.to(self.device) for n, t in shared.items()}}
 
 
-def _config_json(cfg) -> str:
-    return cfg.to_json()
-
-
 def load_setup(cfg) -> FederatedSetup:
     """The setup for ``cfg``, built once per process (reading and splitting the data each
     message would dominate a round). Keyed by the whole config, so another run's config in
     the same process gets its own."""
-    return _load_setup(_config_json(cfg))
+    return _load_setup(cfg.to_json())
 
 
 @functools.lru_cache(maxsize=2)
@@ -120,7 +116,6 @@ def _load_setup(cfg_json: str) -> FederatedSetup:
 
     cfg = from_dict(json.loads(cfg_json))
     tc, fc = cfg.train, cfg.federated
-    apply_threads(choose_threads(tc.threads).n)
     device = select_device(tc.device)
     data, _ = load_data(cfg.data, log=lambda s: None)
     split = make_split(data, cfg.data.split)
@@ -133,6 +128,16 @@ def _load_setup(cfg_json: str) -> FederatedSetup:
         init_state={k: v.detach().clone() for k, v in model.state_dict().items()},
         shared=tuple(shared_names(model)),
     )
+
+
+@functools.lru_cache(maxsize=1)
+def use_threads_once(requested: int | None) -> int:
+    """Set this process's torch (and numba) thread count for training, once: ``train.threads``,
+    else perseq's automatic choice (``perseq.runtime``). The ClientApp calls it; the
+    ServerApp, which only aggregates, leaves its process alone."""
+    n = choose_threads(requested).n
+    apply_threads(n)
+    return n
 
 
 # ---------------------------------------------------------------- a client's round
@@ -229,7 +234,3 @@ class PersonalStore:
 def personal_store(state_dir: str | Path, run: str, client: int) -> PersonalStore:
     """The store of ``client`` in run ``run`` (``records.run_key``) under a node's state dir."""
     return PersonalStore(Path(state_dir) / run / f"client-{client}")
-
-
-def has_personal(setup: FederatedSetup) -> bool:
-    return bool(personal_names(setup.model))
