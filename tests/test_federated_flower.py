@@ -307,3 +307,86 @@ def test_secagg_plus_legacy_workflow_matches_the_simulator_to_quantization(tmp_p
     assert _max_diff(flower, ref) <= 1e-4
     result = json.loads((tmp_path / "flower" / "results.json").read_text())
     assert result["model"].endswith("+secagg") and result["epochs"] == 1 and result["test"]["n_users"] == 8
+
+
+# ------------------------------------------------- a deployment on loopback (subprocesses)
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, seconds: float) -> bool:
+    import socket
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+@pytest.mark.slow
+def test_superlink_and_two_supernodes_on_loopback_run_the_example_app(tmp_path):
+    """flower-superlink + 2 flower-supernode (partition-id 0 and 1) + `flwr run` of
+    examples/flower-app, all on 127.0.0.1, in this environment (runtime dependency
+    installation off), Flower's home in tmp_path."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bindir = Path(sys.executable).parent
+    app_dir = Path(__file__).resolve().parents[1] / "examples" / "flower-app"
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    port = _free_port()  # flwr 1.42: one HTTP port for the Fleet, Control and Runtime APIs
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n'
+                                      f'[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    procs = []
+
+    def start(name, *args):
+        log = open(tmp_path / f"{name}.log", "w")
+        procs.append(subprocess.Popen([str(bindir / args[0]), *args[1:]], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+
+    t0 = time.perf_counter()
+    try:
+        start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+              "--port", str(port), "--database", str(tmp_path / "state.db"))
+        assert _wait_for_port(port, 120), (tmp_path / "superlink.log").read_text()[-2000:]
+        for i in range(2):
+            start(f"node{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                  "--port", str(_free_port()),
+                  "--node-config", f'partition-id={i} num-partitions=2 state-dir="{tmp_path / f"node{i}"}"')
+        # the example's config, with 2 clients of 4 users (one per SuperNode) and one round
+        overrides = SASREC.replace("federated.users_per_client=2", "federated.users_per_client=4") + \
+            " federated.rounds=1"
+        run = subprocess.run([str(bindir / "flwr"), "run", str(app_dir), "loopback", "--stream", "--run-config",
+                              f'set="{overrides}" out="{tmp_path / "run"}"'],
+                             env=env, capture_output=True, text=True, timeout=400)
+        secs = time.perf_counter() - t0
+        print(f"\nflower deployment (superlink + 2 supernodes + flwr run, 1 round): {secs:.1f}s")
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["engine"] == "flower" and result["federated"]["clients"] == 2 and result["test"]["n_users"] == 8
+    sim = _simulate(overrides, tmp_path / "sim")
+    assert _max_diff(load_file(str(tmp_path / "run" / "last.safetensors")),
+                     load_file(str(tmp_path / "sim" / "last.safetensors"))) <= 1e-5
+    assert result["test"]["ndcg@10"] == pytest.approx(sim["test"]["ndcg@10"], abs=1e-6)

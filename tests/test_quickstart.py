@@ -87,3 +87,15 @@ def test_the_pcrec_demo_compares_hstu_its_adaptation_and_pcrec(tmp_path):
     assert ad["test"]["ndcg@10"] - r["models"]["hstu"]["test"]["ndcg@10"] == pytest.approx(ad["gain"]["mean"], abs=1e-9)
     assert (tmp_path / "pcrec" / "results.json").exists()
     assert build_parser().parse_args(["quickstart", "pcrec"]).method == "pcrec"
+
+
+def test_the_federated_demo_compares_centralized_fedavg_and_pfsr(tmp_path):
+    from perseq.quickstart import run_federated_demo
+
+    r = run_federated_demo(epochs=2, out=str(tmp_path), log=lambda s: None,
+                           synthetic={"n_users": 40, "n_items": 60, "n_clusters": 4, "mean_len": 10, "max_len": 20}, threads=1)
+    names = [row["name"].split(" (")[0] for row in r["rows"]]
+    assert names == ["mamba4rec", "mamba4rec + FedAvg", "PFSR", "Bayes-optimal ceiling"]
+    assert r["models"]["PFSR"]["of"] == 2 and (tmp_path / "pfsr" / "personal.safetensors").exists()
+    assert json.loads((tmp_path / "fedavg" / "results.json").read_text())["model"] == "mamba4rec+fedavg"
+    assert build_parser().parse_args(["quickstart", "federated"]).method == "federated"

@@ -512,9 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="train on embedded synthetic data and compare with the Bayes-optimal ceiling",
                        description="A demo on the embedded synthetic data (no download): about 35 s on 2 idle CPU cores.")
     # one demo per method, by name (perseq.quickstart.DEMOS; kept here too so --help needs no torch import)
-    p.add_argument("method", nargs="?", default="baselines", choices=["baselines", "pcrec"],
+    p.add_argument("method", nargs="?", default="baselines", choices=["baselines", "pcrec", "federated"],
                    help="which demo (default: baselines: SASRec and GRU4Rec vs the Bayes-optimal ceiling; "
-                        "pcrec: HSTU, HSTU + PCRec-simple and PCRec)")
+                        "pcrec: HSTU, HSTU + PCRec-simple and PCRec; federated: Mamba4Rec centralized, FedAvg "
+                        "and PFSR, one user per client)")
     p.add_argument("--epochs", type=int, default=None,
                    help="cap on epochs per model (default 100; early stopping ends both models near 20)")
     p.add_argument("--out", default="runs/quickstart",
