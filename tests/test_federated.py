@@ -69,7 +69,8 @@ def test_one_client_one_local_epoch_and_fedavg_is_centralized_training(small):
     data, split = small
     # one round: the client's optimizer starts fresh each round, centralized AdamW keeps its
     # moments from epoch to epoch, so later rounds are FedAvg's own trajectory
-    cfg = _cfg(rounds=1, users_per_client=data.n_users, local_batch_size=16)
+    # the loop engine: the same train_step calls, dropout masks included, as fit makes
+    cfg = _cfg(rounds=1, users_per_client=data.n_users, local_batch_size=16, engine="loop")
     fed = simulate(cfg, split, **QUIET)
     central = fit(cfg, split, progress=False, **QUIET)
     f, c = fed["model_obj"].state_dict(), central["model_obj"].state_dict()

@@ -13,7 +13,7 @@ import torch
 
 flwr = pytest.importorskip("flwr", reason="the Flower apps need flwr[simulation]: pip install 'perseq[federated]'")
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from perseq.checkpoint import load_model  # noqa: E402
@@ -204,15 +204,22 @@ def sasrec_runs(tmp_path_factory):
     return tmp, replies1 + replies2, sim
 
 
-def test_flower_simulation_runs_end_to_end_and_resumes(sasrec_runs):
+def test_flower_simulation_runs_end_to_end_and_resumes(sasrec_runs, capsys):
     tmp, _, _ = sasrec_runs
     out = tmp / "flower"
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["round"] == 2 and [h["reported"] for h in state["history"]] == [N_NODES, N_NODES]
     result = json.loads((out / "results.json").read_text())
     assert result["engine"] == "flower" and result["epochs"] == 2 and result["test"]["n_users"] == 8
-    model, meta, _ = load_model(out)  # a normal run folder: perseq evaluate / predict read it
+    _, meta, _ = load_model(out)  # a normal run folder: perseq evaluate / predict read it
     assert meta["engine"] == "flower"
+    from perseq.cli import main
+
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 0
+    printed = capsys.readouterr().out
+    central = json.loads(printed[printed.index("{"):])  # the best round's model, scored in one process
+    assert central["ndcg@10"] == pytest.approx(result["test"]["ndcg@10"], abs=1e-9)
 
 
 def test_flower_and_the_simulator_compute_the_same_global_model(sasrec_runs):
@@ -220,6 +227,7 @@ def test_flower_and_the_simulator_compute_the_same_global_model(sasrec_runs):
     flower, ref = load_file(str(tmp / "flower" / "last.safetensors")), load_file(str(tmp / "sim" / "last.safetensors"))
     # not bit for bit: the server sums the 4 float32 updates in node-id order, the simulator
     # in client order (a Flower reply names no client), which can change the last bit
+    print(f"\nflower vs simulator (sasrec, 2 rounds, resumed after 1): max |diff| {_max_diff(flower, ref):.2e}")
     assert _max_diff(flower, ref) <= 1e-5
     result = json.loads((tmp / "flower" / "results.json").read_text())
     assert result["best_round"] == sim["best_round"]
@@ -253,6 +261,7 @@ def test_pfsr_on_flower_keeps_personal_parameters_on_the_nodes(tmp_path):
     sim = _simulate(PFSR, tmp_path / "sim")
     flower, ref = load_file(str(tmp_path / "flower" / "last.safetensors")), load_file(str(tmp_path / "sim" / "last.safetensors"))
     # the shared weights agree; the server's personal.* are the untouched initial values
+    print(f"\npfsr flower vs simulator: max |diff| {_max_diff(flower, ref):.2e}")
     assert _max_diff({k: v for k, v in flower.items() if not k.startswith(PERSONAL_PREFIX)},
                      {k: v for k, v in ref.items() if not k.startswith(PERSONAL_PREFIX)}) <= 1e-5
     for m in replies:
@@ -304,6 +313,7 @@ def test_secagg_plus_legacy_workflow_matches_the_simulator_to_quantization(tmp_p
     print(f"\nflower secagg+: {secs:.1f}s")
     _simulate(one, tmp_path / "sim")
     flower, ref = load_file(str(tmp_path / "flower" / "last.safetensors")), load_file(str(tmp_path / "sim" / "last.safetensors"))
+    print(f"\nsecagg+ vs simulator (1 round): max |diff| {_max_diff(flower, ref):.2e}")
     assert _max_diff(flower, ref) <= 1e-4
     result = json.loads((tmp_path / "flower" / "results.json").read_text())
     assert result["model"].endswith("+secagg") and result["epochs"] == 1 and result["test"]["n_users"] == 8

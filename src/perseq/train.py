@@ -226,7 +226,7 @@ def _resolved_data(saved: dict) -> dict:
     return _json(dataclasses.asdict(dc))
 
 
-def _check_same_run(out: Path, cfg: RunConfig, model) -> None:
+def check_same_run(out: Path, cfg: RunConfig, model) -> None:
     """Refuse to resume a folder trained under another configuration: continuing someone
     else's weights under new settings would silently mix two experiments. The model is
     compared by its full effective config (saved in config.json; keys it gained since get
@@ -348,7 +348,7 @@ def fit(
     hardware = hardware_name(device)
     saved_cfg = earlier_hardware = None  # what a resumed folder says it was trained with, and on
     if resume and out is not None and (out / "config.json").exists():
-        _check_same_run(out, cfg, model)
+        check_same_run(out, cfg, model)
         saved_cfg = read_json(out, "config.json")["run"]
         _check_folder_files(out, data, saved_state)
         try:  # only its hardware name is read back: a damaged results.json is rewritten at the end

@@ -56,7 +56,11 @@ class SyntheticGenerator:
         for k in range(C):
             members = np.flatnonzero(self.cluster == k)
             w[k, members] = rng.permutation(zipf[: len(members)])
-        self.w = w / w.sum(1, keepdims=True)  # (C, I)
+        sums = w.sum(1, keepdims=True)
+        if (sums == 0).any():
+            raise ValueError(f"synthetic: {int((sums == 0).sum())} of n_clusters={C} clusters got no item "
+                             f"(n_items={I}); use fewer clusters")
+        self.w = w / sums  # (C, I)
         # successors: mostly same cluster, one from anywhere
         T = np.zeros((I, I))
         for i in range(I):

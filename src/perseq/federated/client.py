@@ -62,7 +62,8 @@ def local_update(model: torch.nn.Module, start: dict[str, torch.Tensor], windows
     to keep on the client). The local optimizer starts fresh every round (no moments kept
     on the client between its rounds). Local epoch e of round r shuffles with the seed of
     centralized epoch r · local_epochs + e, so one client holding every user, one local
-    epoch and FedAvg is centralized training, epoch for epoch."""
+    epoch and FedAvg is centralized training, epoch for epoch. ``model`` is left holding
+    the trained weights (the Flower client replies with them)."""
     model.load_state_dict(start)
     if personal:
         model.load_state_dict(personal, strict=False)

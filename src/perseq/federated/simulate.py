@@ -46,7 +46,7 @@ from ..evaluate import evaluate, train_item_counts
 from ..losses import get_loss
 from ..models import build_model
 from ..report import hardware_name
-from ..train import _check_same_run, prepare_run_folder, seed_everything, select_device
+from ..train import check_same_run, prepare_run_folder, seed_everything, select_device
 from .batched import batched_updates
 from .client import SENT_METADATA, local_update, personal_names, shared_names
 from .personal import PersonalScores, client_of_user
@@ -123,7 +123,7 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
         """The model as each client scores its own users: with their personal parameters."""
         return PersonalScores(model, personal_state, owner) if personal_names(model) else model
     if resume and out is not None and (out / "config.json").exists():
-        _check_same_run(out, cfg, model)  # another config's round state would mix two experiments
+        check_same_run(out, cfg, model)  # another config's round state would mix two experiments
     if resume and out is not None and (out / "trainer_state.json").exists():
         state = read_json(out, "trainer_state.json")
         global_ = read_run_file(out, "last.safetensors", lambda p: load_file(str(p)))

@@ -9,6 +9,7 @@ same client step (``perseq.federated.client.local_update``) and the same aggrega
   records            weights <-> ArrayRecord, run_config -> FlowerRunConfig, node_config
   task               the torch side (no Flower): data, model, a client's round, its store
   strategy           PerseqFedAvg, a Message-API FedAvg aggregating with perseq
+  legacy             PerseqLegacyFedAvg, its legacy-API twin for SecAgg+
   run_folder         the server's resumable run folder (no Flower)
 
 Needs the ``federated`` extra (``pip install 'perseq[federated]'``, which brings

@@ -40,6 +40,7 @@ from .records import (ARRAYS_KEY, CONFIG_KEY, KEEP_UPTO, METRICS_KEY, NUM_EXAMPL
 from .task import (FederatedSetup, PersonalStore, evaluate_client, load_setup, personal_store, train_client,
                    use_threads_once)
 
+
 def bind(context: Context, defaults: Mapping[str, object] | None) -> tuple[FederatedSetup, int, PersonalStore]:
     """(setup, this node's client, its personal store) from the node's context."""
     run = FlowerRunConfig.from_run_config({**(defaults or {}), **context.run_config})

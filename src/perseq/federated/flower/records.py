@@ -126,7 +126,7 @@ class FlowerRunConfig:
         typed, kw = [], {}
         for key, value in run_config.items():
             if key.startswith("perseq."):
-                typed.append(f"{key[len('perseq.'):]}={json.dumps(value)}")  # JSON is YAML: the type survives
+                typed.append(f"{key[len('perseq.'):]}={json.dumps(value, separators=(',', ':'))}")  # JSON is YAML: typed
             elif key == "config":
                 kw["config"] = str(value) or None
             elif key == "set":

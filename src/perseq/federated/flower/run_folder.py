@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ...checkpoint import commit, read_json, read_run_file, recover, write_results, write_run_files
 from ...report import hardware_name
-from ...train import _check_same_run, prepare_run_folder
+from ...train import check_same_run, prepare_run_folder
 from ..client import SENT_METADATA
 from ..privacy import PrivacyLedger
 from ..strategies import ServerOptConfig, ServerOptimizer
@@ -71,7 +71,7 @@ class ServerRun:
         if resume:
             recover(out)
             if (out / "config.json").exists():
-                _check_same_run(out, cfg, setup.model)  # another config's rounds would mix two experiments
+                check_same_run(out, cfg, setup.model)  # another config's rounds would mix two experiments
             if (out / "trainer_state.json").exists():
                 saved = read_json(out, "trainer_state.json")
                 self.state = RoundState(**{k: saved[k] for k in (f.name for f in dataclasses.fields(RoundState))
@@ -143,7 +143,7 @@ class ServerRun:
     def finish(self, valid: dict | None, test: dict | None, method: str) -> dict:
         """results.json: the federated validation and test of the best round."""
         fc, st = self.cfg.federated, self.state
-        n_active, per_round = len(self.setup.active()), None
+        n_active = len(self.setup.active())
         per_round = n_active if fc.clients_per_round == 0 else min(fc.clients_per_round, n_active)
         sent = sum(t.numel() * 4 for t in self.shared.values())
         result = {
