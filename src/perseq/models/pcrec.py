@@ -166,7 +166,13 @@ class PCModule(nn.Module):
             fa = self.cfg.alpha * fy  # α f(y): Δθ = tril(ε⁰ (α f(y))ᵀ), per sequence, never stored
             if rows is None:
                 diag = diag + (eps * fa).sum(-1)  # diag(Δθ)_t = α ε⁰_t · f(y)_t
-                eps = eps - fast_weight_product(eps, fa, fy)  # ε under θ + Δθ
+                # ε under θ + Δθ. Two ways to the same numbers: the chunked form is cheaper under
+                # autograd (no (B, T, T) tensor and its backward), the (T, T) triangle without it
+                # (one bmm pair; ML-1M batch 128, L 50 / 200: 1.4 / 1.2x faster than chunks)
+                if torch.is_grad_enabled():
+                    eps = eps - fast_weight_product(eps, fa, fy)
+                else:
+                    eps = eps - torch.tril(eps @ fa.transpose(1, 2)) @ fy
             else:
                 later = torch.arange(T, device=x.device)[None, None] > rows[:, None, None]  # (B, 1, T)
                 dtheta = (eps @ fa.transpose(1, 2)).masked_fill(later, 0.0)  # (B, 1, T): row r of the tril
