@@ -181,6 +181,7 @@ def test_adapt_tunes_on_the_first_seed_applies_to_the_others_and_writes_one_benc
     assert main(["train", *syn, "--name", "r", "--seeds", "0,1", "--no-progress"]) == 0
     runs = ["runs/r-s0", "runs/r-s1"]
     assert main(["adapt", *runs, "--steps", "1", "--lr", "0.05", "--bench-name", "x"]) == 2  # needs --test
+    assert main(["adapt", *runs, "runs/r-s9", "--test", "--bench-name", "x"]) == 2  # and finished runs only
     assert main(["adapt", *runs, "--steps", "1,2", "--lr", "0.05", "--test", "--bench-name", "x"]) == 0
     row = json.loads((tmp_path / "benchmarks" / "results" / "x.json").read_text())
     a0, a1 = (json.loads((tmp_path / r / "adapt.json").read_text()) for r in runs)

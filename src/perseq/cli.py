@@ -221,6 +221,10 @@ def cmd_adapt(args) -> int:
 
     if args.bench_name and not args.test:
         raise ValueError("--bench-name writes the paired test comparison: add --test")
+    if args.bench_name:  # a result row compares finished runs (a run still training has no results.json)
+        unfinished = [r for r in args.runs if not (Path(r) / "results.json").exists()]
+        if unfinished:
+            raise ValueError(f"--bench-name needs finished runs; no results.json in {', '.join(unfinished)}")
     result = None
     for i, run in enumerate(args.runs):
         model, meta, items = load_model(run)
