@@ -226,12 +226,13 @@ def _resolved_data(saved: dict) -> dict:
     return _json(dataclasses.asdict(dc))
 
 
-def check_same_run(out: Path, cfg: RunConfig, model) -> None:
+def check_same_run(out: Path, cfg: RunConfig, model, ignore: tuple[str, ...] = ()) -> None:
     """Refuse to resume a folder trained under another configuration: continuing someone
     else's weights under new settings would silently mix two experiments. The model is
     compared by its full effective config (saved in config.json; keys it gained since get
     the values that reproduce the saved run, ``saved_model_config``); the other sections
-    key by key, a key missing from an older folder counting as its default."""
+    key by key, a key missing from an older folder counting as its default; sections in
+    ``ignore`` are not read by this kind of run (centralized training and ``federated``)."""
     meta = read_json(out, "config.json")
     saved, now = meta["run"], json.loads(cfg.to_json())
     diffs = []
@@ -241,7 +242,7 @@ def check_same_run(out: Path, cfg: RunConfig, model) -> None:
         old, new = _json(saved_model_config(meta)), _json(dataclasses.asdict(_core(model).cfg))
         diffs += [f"model.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     for sec, vals in now.items():
-        if sec == "model" or not isinstance(vals, dict):
+        if sec == "model" or sec in ignore or not isinstance(vals, dict):
             continue
         default = _json(dataclasses.asdict(getattr(RunConfig(), sec)))
         old = saved.get(sec, {})
@@ -348,7 +349,7 @@ def fit(
     hardware = hardware_name(device)
     saved_cfg = earlier_hardware = None  # what a resumed folder says it was trained with, and on
     if resume and out is not None and (out / "config.json").exists():
-        check_same_run(out, cfg, model)
+        check_same_run(out, cfg, model, ignore=("federated",))  # centralized training reads no federated setting
         saved_cfg = read_json(out, "config.json")["run"]
         _check_folder_files(out, data, saved_state)
         try:  # only its hardware name is read back: a damaged results.json is rewritten at the end

@@ -28,7 +28,11 @@ def main(argv=None) -> int:
         meta = json.loads((d / "config.json").read_text())["run"]
         meta["train"].pop("seed", None)
         meta["train"].pop("threads", None)  # execution detail, not a hyper-parameter
-        cfgs.append(meta)
+        # through from_dict: a folder written before a section or key existed compares as its default
+        cfgs.append(from_dict(meta).to_dict())
+    if not any("federated" in r for r in results):  # centralized runs read no federated setting
+        for c in cfgs:
+            c.pop("federated")
     if any(c != cfgs[0] for c in cfgs):
         raise SystemExit("error: the runs differ in more than the seed; refusing to average them")
     cfg = from_dict(cfgs[0])

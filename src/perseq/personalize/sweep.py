@@ -109,7 +109,7 @@ def write_benchmark(run_dirs, name: str, out_dir: str | Path = "benchmarks/resul
         run = read_json(d, "config.json")["run"]
         run["train"].pop("seed", None)
         run["train"].pop("threads", None)
-        cfgs.append(run)
+        cfgs.append({k: v for k, v in from_dict(run).to_dict().items() if k != "federated"})  # predated keys: defaults
     if any(c != cfgs[0] for c in cfgs) or any(c != choices[0] for c in choices):
         raise ValueError("the runs differ in more than the seed, or in their adaptation choice: refusing to average them")
     first = read_json(run_dirs[0], CHOICE_FILE)
