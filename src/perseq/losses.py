@@ -33,15 +33,7 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, E, y, chunk: int, w=None):
-        N = h.shape[0]
-        lse = h.new_empty(N)
-        tgt = h.new_empty(N)
-        buf = h.new_empty(min(chunk, N), E.shape[0])
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            b = torch.mm(h[s:e], E.T, out=buf[: e - s])  # (n, I)
-            lse[s:e] = torch.logsumexp(b, 1)
-            tgt[s:e] = b.gather(1, y[s:e, None]).squeeze(1)
+        lse, tgt = _ce_rows(h, E, y, chunk)
         ctx.save_for_backward(h, E, y, lse, w)
         ctx.chunk = chunk
         return (lse - tgt).sum() if w is None else ((lse - tgt) * w).sum()
@@ -49,19 +41,9 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         h, E, y, lse, w = ctx.saved_tensors
-        N, chunk = h.shape[0], ctx.chunk
         gh = torch.empty_like(h)
         gE = torch.zeros_like(E) if ctx.needs_input_grad[1] else None  # a frozen table (adaptation): no gE
-        buf = h.new_empty(min(chunk, N), E.shape[0])
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            p = torch.mm(h[s:e], E.T, out=buf[: e - s])
-            p.sub_(lse[s:e, None]).exp_()  # softmax
-            p[torch.arange(e - s, device=p.device), y[s:e]] -= 1.0  # d(lse - tgt)/dlogits
-            p.mul_(g if w is None else g * w[s:e, None])
-            torch.mm(p, E, out=gh[s:e])
-            if gE is not None:
-                gE.addmm_(p.T, h[s:e])
+        _ce_rows_backward(h, E, y, lse, g if w is None else g * w, ctx.chunk, gh, gE)
         return gh, gE, None, None, None
 
 

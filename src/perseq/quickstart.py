@@ -172,13 +172,7 @@ def run_pcrec_demo(epochs: int | None = None, out: str | None = "runs/quickstart
     rows.append({"name": f"hstu + PCRec-simple ({chosen}; gain {g['mean']:+.4f}, "
                          f"95% CI {g['ci95'][0]:+.4f}..{g['ci95'][1]:+.4f})", **cmp["adapted"]})
     rows.append({"name": f"pcrec (epoch {results['pcrec']['best_epoch']} of {results['pcrec']['epochs']})", **results["pcrec"]["test"]})
-    ceiling = gen.bayes_ceiling(data, split.test_pos)
-    rows.append({"name": "Bayes-optimal ceiling", **ceiling})
-    log("\ntest metrics, full ranking, seen items not excluded; early-stopped on validation:\n")
-    log(markdown_table(rows))
-    seconds = time.perf_counter() - t0
-    log(f"\nquickstart pcrec finished in {seconds:.0f}s")
-    return {"rows": rows, "ceiling": ceiling, "models": results, "seconds": seconds}
+    return _table(rows, results, gen, data, split, "pcrec", t0, log)
 
 
 # `perseq quickstart federated`: one user per client. A smaller synthetic population than the
@@ -223,12 +217,17 @@ def run_federated_demo(epochs: int | None = None, out: str | None = "runs/quicks
         unit = "epoch" if trainer is fit else "round"
         results[label] = {"best": r["best_epoch"], "of": r["epochs"], "test": r["test"]}
         rows.append({"name": f"{label} ({unit} {r['best_epoch']} of {r['epochs']})", **r["test"]})
+    return _table(rows, results, gen, data, split, "federated", t0, log)
+
+
+def _table(rows, results, gen, data, split, name: str, t0: float, log) -> dict:
+    """A demo's last lines: its rows beside the Bayes ceiling, as a table, and its time."""
     ceiling = gen.bayes_ceiling(data, split.test_pos)
     rows.append({"name": "Bayes-optimal ceiling", **ceiling})
     log("\ntest metrics, full ranking, seen items not excluded; early-stopped on validation:\n")
     log(markdown_table(rows))
     seconds = time.perf_counter() - t0
-    log(f"\nquickstart federated finished in {seconds:.0f}s")
+    log(f"\nquickstart {name} finished in {seconds:.0f}s")
     return {"rows": rows, "ceiling": ceiling, "models": results, "seconds": seconds}
 
 

@@ -226,6 +226,14 @@ def _resolved_data(saved: dict) -> dict:
     return _json(dataclasses.asdict(dc))
 
 
+def run_model(cfg: RunConfig, n_items: int, device="cpu") -> torch.nn.Module:
+    """The run's model, freshly initialized from the torch seed (its window defaults to
+    data.max_len): centralized and federated training build it the same way."""
+    params = {k: v for k, v in cfg.model.items() if k != "name"}
+    params.setdefault("max_len", cfg.data.max_len)
+    return build_model(cfg.model["name"], n_items, **params).to(device)
+
+
 def check_same_run(out: Path, cfg: RunConfig, model, ignore: tuple[str, ...] = ()) -> None:
     """Refuse to resume a folder trained under another configuration: continuing someone
     else's weights under new settings would silently mix two experiments. The model is
@@ -340,9 +348,7 @@ def fit(
     device = select_device(tc.device)
     seed_everything(tc.seed)
     data = split.data
-    params = {k: v for k, v in cfg.model.items() if k != "name"}
-    params.setdefault("max_len", cfg.data.max_len)
-    model = build_model(cfg.model["name"], data.n_items, **params).to(device)
+    model = run_model(cfg, data.n_items, device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     windows = TrainWindows(split, model.max_len if model.objective == "causal" else model.max_len - 1, cfg.data.windows, cloze=model.objective == "cloze")
     loss_fn = get_loss(cfg.loss, train_item_counts(split))

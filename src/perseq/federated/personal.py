@@ -12,28 +12,21 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..models.base import ScoringWrapper
 from .client import personal_names
 
 
-class PersonalScores(nn.Module):
+class PersonalScores(ScoringWrapper):
     """``model`` scoring row b with the personal parameters of ``users[b]``'s client."""
 
     wants_users = True  # evaluate passes each row's user (rank_targets)
 
     def __init__(self, model: nn.Module, personal: dict[int, dict[str, torch.Tensor]], client_of_user: np.ndarray):
-        super().__init__()
-        self.model, self.personal, self.client_of_user = model, personal, client_of_user
+        super().__init__(model)
+        self.personal, self.client_of_user = personal, client_of_user
         self.names = personal_names(model)
         if not self.names:
             raise ValueError(f"{type(model).__name__} has no personal parameters")
-
-    @property
-    def max_input_len(self) -> int:
-        return self.model.max_input_len
-
-    @property
-    def n_items(self) -> int:
-        return self.model.n_items
 
     def scores(self, items, lengths, times=None, target_time=None, users=None) -> torch.Tensor:
         if users is None:

@@ -44,9 +44,8 @@ from ..data.batching import TrainWindows
 from ..data.sequences import Split
 from ..evaluate import evaluate, train_item_counts
 from ..losses import get_loss
-from ..models import build_model
 from ..report import hardware_name
-from ..train import check_same_run, prepare_run_folder, seed_everything, select_device
+from ..train import check_same_run, prepare_run_folder, run_model, seed_everything, select_device
 from .batched import batched_updates
 from .client import SENT_METADATA, local_update, personal_names, shared_names
 from .personal import PersonalScores, client_of_user
@@ -94,9 +93,7 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
     device = select_device(tc.device)
     seed_everything(tc.seed)
     data = split.data
-    params = {k: v for k, v in cfg.model.items() if k != "name"}
-    params.setdefault("max_len", cfg.data.max_len)
-    model = build_model(cfg.model["name"], data.n_items, **params).to(device)
+    model = run_model(cfg, data.n_items, device)
     if model.objective != "causal":
         raise ValueError(f"federated training needs a causal model; {cfg.model['name']} is trained with {model.objective!r}")
     windows = TrainWindows(split, model.max_len, cfg.data.windows)

@@ -64,3 +64,21 @@ class SeqRecModel(nn.Module):
         s = self.predict_hidden(items, lengths, times, target_time) @ self.output_embeddings().T
         s[:, 0] = float("-inf")
         return s
+
+
+class ScoringWrapper(nn.Module):
+    """A trained model that scores with something added (per-user adaptation, each user's
+    own parameters): the ``scores`` contract of ``SeqRecModel`` and its sizes, so evaluate,
+    predict and serving take it as a model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def max_input_len(self) -> int:
+        return self.model.max_input_len
+
+    @property
+    def n_items(self) -> int:
+        return self.model.n_items

@@ -47,6 +47,7 @@ from torch.func import functional_call, vmap
 
 from ..data.batching import Batch
 from ..losses import softmax_ce
+from ..models.base import ScoringWrapper
 from ..ops import reference_ops
 from ..train import forward_targets
 from .scope import lora_factors, parse_scope, selected
@@ -320,24 +321,15 @@ def _spans(n: int, size: int):
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-class Personalized(nn.Module):
-    """A trained model that adapts to each user before scoring: the ``scores`` contract of
-    ``SeqRecModel``, so ``evaluate``, ``predict`` and serving take it unchanged. It owns no
-    parameters of its own and never changes the wrapped model's."""
+class Personalized(ScoringWrapper):
+    """A trained model that adapts to each user before scoring (``ScoringWrapper``: evaluate,
+    predict and serving take it unchanged). It owns no parameters of its own and never
+    changes the wrapped model's."""
 
     def __init__(self, model: nn.Module, cfg: AdaptConfig):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.adapter = PCRecSimple(model, cfg)
         self.cfg = cfg
-
-    @property
-    def max_input_len(self) -> int:
-        return self.model.max_input_len
-
-    @property
-    def n_items(self) -> int:
-        return self.model.n_items
 
     def scores(self, items, lengths, times=None, target_time=None) -> torch.Tensor:
         return self.adapter.scores(items, lengths, times, target_time)
