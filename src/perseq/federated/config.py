@@ -47,7 +47,7 @@ class FederatedConfig:
     dp_delta: float = 1e-6  # the δ of the (ε, δ) reported
     eval_every: int = 1  # evaluate the aggregated validation metric every this many rounds
     patience: int = 10  # evaluations without improvement before stopping (model selection on validation)
-    engine: str = "batched"  # batched: the round's clients at once (vmap over per-client weights) | loop: one after another through train_step (the reference)
+    engine: str = "loop"  # loop: one client after another through train_step (the reference; uses the fused CPU kernels) | batched: the round's clients at once (vmap over per-client weights; plain torch ops only)
     clients_per_batch: int = 256  # batched engine: clients trained together (memory: a copy of the weights and the optimizer state each)
 
     def __post_init__(self):
