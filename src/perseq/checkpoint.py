@@ -157,15 +157,21 @@ def _commit(out: Path, writers: dict[str, Callable[[Path], None]]) -> None:
     _after("done")
 
 
-def _json_writer(obj) -> Callable[[Path], None]:
+def json_writer(obj) -> Callable[[Path], None]:
+    """A ``commit`` writer of ``obj`` as JSON, serialized now (later changes do not leak in)."""
     text = json.dumps(obj, indent=1, sort_keys=True)
     return lambda p: p.write_text(text)
 
 
+def tensors_writer(tensors: dict[str, torch.Tensor]) -> Callable[[Path], None]:
+    """A ``commit`` writer of ``tensors`` as safetensors, copied now (later in-place changes
+    do not leak in; safetensors refuses tensors that share storage, as tied embeddings would)."""
+    frozen = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    return lambda p: save_file(frozen, str(p))
+
+
 def _weights_writer(model: torch.nn.Module) -> Callable[[Path], None]:
-    # clone: safetensors refuses tensors that share storage (tied embeddings would)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    return lambda p: save_file(state, str(p))
+    return tensors_writer(model.state_dict())
 
 
 # what to do about a damaged or missing file, by file
@@ -254,14 +260,14 @@ def write_run_files(out: Path, cfg, model, data, extra: dict | None = None) -> N
     meta = {"run": cfg.to_dict(), "n_items": data.n_items, "model_config": model_cfg, "perseq_format": 1, **(extra or {})}
     items = pl.DataFrame({"item_id": data.item_ids.astype(str)})
     users = pl.DataFrame({"user_id": data.user_ids.astype(str)})
-    commit(Path(out), {"config.json": _json_writer(meta),
+    commit(Path(out), {"config.json": json_writer(meta),
                        "vocab/items.parquet": lambda p: items.write_parquet(p),
                        "vocab/users.parquet": lambda p: users.write_parquet(p)})
 
 
 def write_run_meta(out: Path, meta: dict) -> None:
     """config.json of a run folder (``write_run_files`` makes it; ``train`` adds to it)."""
-    commit(Path(out), {"config.json": _json_writer(meta)})
+    commit(Path(out), {"config.json": json_writer(meta)})
 
 
 def write_results(out: Path, result: dict) -> None:

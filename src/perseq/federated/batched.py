@@ -90,7 +90,7 @@ def batched_updates(model, start: dict, windows: TrainWindows, mine: list, fcfg,
             pick = (lambda t: t) if whole else (lambda t: t.index_select(0, idx))  # noqa: E731
             th = {n: pick(theta[n]).detach().requires_grad_() for n in names}  # (C_g, ...)
             batch = windows.make_batch(_concat([plan[c][s] for c in cs]))
-            Cg, T = len(cs), batch.inputs.shape[1]
+            Cg = len(cs)
             shape = lambda x: None if x is None else x.view(Cg, b, *x.shape[1:])  # noqa: E731
             args = [shape(batch.inputs), shape(batch.targets), shape(batch.lengths), shape(batch.times), shape(batch.target_times)]
             dims = tuple(None if a is None else 0 for a in args)

@@ -18,6 +18,14 @@ def partition(n_users: int, users_per_client: int = 1, seed: int = 0) -> list[np
     return [np.sort(users[i : i + users_per_client]) for i in range(0, n_users, users_per_client)]
 
 
+def active_clients(mine: list[np.ndarray]) -> np.ndarray:
+    """The clients that hold a training window (the only ones a round samples)."""
+    active = np.array([c for c, w in enumerate(mine) if len(w)], dtype=np.int64)
+    if not len(active):
+        raise ValueError("no client holds a training target")
+    return active
+
+
 def client_windows(windows: TrainWindows, clients: list[np.ndarray]) -> list[np.ndarray]:
     """Each client's training windows (indices into ``windows``): the windows of its users.
     A client whose users have no training target gets none (it is never sampled)."""

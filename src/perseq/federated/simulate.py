@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..checkpoint import commit, read_json, read_run_file, recover, write_results, write_run_files
+from ..checkpoint import commit, json_writer, read_json, read_run_file, recover, tensors_writer, write_results, write_run_files
 from ..data.batching import TrainWindows
 from ..data.sequences import Split
 from ..evaluate import evaluate, train_item_counts
@@ -49,7 +49,7 @@ from ..train import check_same_run, prepare_run_folder, run_model, seed_everythi
 from .batched import batched_updates
 from .client import SENT_METADATA, local_update, personal_names, shared_names
 from .personal import PersonalScores, client_of_user
-from .partition import client_windows, partition
+from .partition import active_clients, client_windows, partition
 from .privacy import PrivacyLedger, dp_aggregate
 from .strategies import ServerOptConfig, ServerOptimizer, aggregate
 
@@ -62,6 +62,17 @@ def _shared(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def initial_model(cfg, n_items: int, device="cpu") -> torch.nn.Module:
+    """The round-0 model: seeded, then built as centralized training builds it. The
+    simulator and the Flower apps (server and clients) all start from it; a client's
+    personal parameters start from its values too."""
+    seed_everything(cfg.train.seed)
+    model = run_model(cfg, n_items, device)
+    if model.objective != "causal":
+        raise ValueError(f"federated training needs a causal model; {cfg.model['name']} is trained with {model.objective!r}")
+    return model
 
 
 def sample_round(active: np.ndarray, fcfg, seed: int, round_: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,18 +102,13 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
         if resume:
             recover(out)
     device = select_device(tc.device)
-    seed_everything(tc.seed)
     data = split.data
-    model = run_model(cfg, data.n_items, device)
-    if model.objective != "causal":
-        raise ValueError(f"federated training needs a causal model; {cfg.model['name']} is trained with {model.objective!r}")
+    model = initial_model(cfg, data.n_items, device)
     windows = TrainWindows(split, model.max_len, cfg.data.windows)
     loss_fn = get_loss(cfg.loss, train_item_counts(split))
     clients = partition(data.n_users, fc.users_per_client, tc.seed)
     mine = client_windows(windows, clients)
-    active = np.array([c for c in range(len(clients)) if len(mine[c])])
-    if not len(active):
-        raise ValueError("no client holds a training target")
+    active = active_clients(mine)
     per_round = len(active) if fc.clients_per_round == 0 else min(fc.clients_per_round, len(active))
     ledger = PrivacyLedger(noise_multiplier=fc.dp_noise, sample_rate=per_round / len(active), delta=fc.dp_delta) \
         if fc.dp_clip is not None else None
@@ -198,12 +204,12 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
             f"{shown}{secs:.1f}s")
         if out is not None:
             srv = {**server.state_dict()["tensors"], "__rng_cpu": torch.get_rng_state()}
-            files = {"last.safetensors": _writer(global_), "server_state.safetensors": _writer(srv),
-                     "trainer_state.json": lambda p, s=dict(state): p.write_text(_dumps(s))}
+            files = {"last.safetensors": tensors_writer(global_), "server_state.safetensors": tensors_writer(srv),
+                     "trainer_state.json": json_writer(state)}
             if personal:
-                files[PERSONAL_FILE] = _writer(_flatten_personal({"last": personal, "best": best_personal}))
+                files[PERSONAL_FILE] = tensors_writer(_flatten_personal({"last": personal, "best": best_personal}))
             if improved or not (out / "model.safetensors").exists():
-                files["model.safetensors"] = _writer(best_weights)
+                files["model.safetensors"] = tensors_writer(best_weights)
             commit(out, files)
 
     model.load_state_dict(best_weights)
@@ -259,14 +265,3 @@ def _unflatten_personal(flat: dict[str, torch.Tensor]) -> dict[str, dict[int, di
         which, c, n = key.split("/", 2)
         out.setdefault(which, {}).setdefault(int(c), {})[n] = t
     return out
-
-
-def _writer(tensors: dict[str, torch.Tensor]):
-    frozen = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    return lambda p: save_file(frozen, str(p))
-
-
-def _dumps(obj) -> str:
-    import json
-
-    return json.dumps(obj, indent=1)

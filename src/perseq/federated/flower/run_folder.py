@@ -17,16 +17,15 @@ Imports no Flower.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ...checkpoint import commit, read_json, read_run_file, recover, write_results, write_run_files
+from ...checkpoint import commit, json_writer, read_json, read_run_file, recover, tensors_writer, write_results, write_run_files
 from ...report import hardware_name
 from ...train import check_same_run, prepare_run_folder
 from ..client import SENT_METADATA
@@ -132,11 +131,11 @@ class ServerRun:
                  f"loss {rec.get('loss', float('nan')):.4f}  {shown}{secs:.1f}s")
         if self.out is None:
             return
-        files = {"last.safetensors": _writer(self.global_),
-                 "server_state.safetensors": _writer(self.server.state_dict()["tensors"]),
-                 "trainer_state.json": _json_writer(dataclasses.asdict(st))}
+        files = {"last.safetensors": tensors_writer(self.global_),
+                 "server_state.safetensors": tensors_writer(self.server.state_dict()["tensors"]),
+                 "trainer_state.json": json_writer(dataclasses.asdict(st))}
         if improved or not (self.out / "model.safetensors").exists():
-            files["model.safetensors"] = _writer(self.best_weights)
+            files["model.safetensors"] = tensors_writer(self.best_weights)
         commit(self.out, files)
 
     # ---------------------------------------------------------------------- the end
@@ -170,12 +169,3 @@ class ServerRun:
             write_results(self.out, result)
         return result
 
-
-def _writer(tensors: dict[str, torch.Tensor]):
-    frozen = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    return lambda p: save_file(frozen, str(p))
-
-
-def _json_writer(obj):
-    text = json.dumps(obj, indent=1)
-    return lambda p: Path(p).write_text(text)

@@ -4,8 +4,7 @@ evaluation, and the node's on-disk store of personal parameters. Imports no Flow
 apps stay thin: unpack the message, call one function here, pack the reply.
 
 Everything here reproduces the in-process simulator (``perseq.federated.simulate``) step
-for step: the same model construction (``seed_everything(train.seed)`` then
-``build_model``), the same partition of users into clients, the same training windows,
+for step: the same round-0 model (``simulate.initial_model``), the same partition of users into clients, the same training windows,
 loss and ``local_update`` call with the same round number, so a Flower run and a
 simulation of the same config train the same clients the same way.
 
@@ -30,23 +29,11 @@ from ...data.loading import load_data
 from ...data.sequences import Split, make_split
 from ...evaluate import rank_targets, summarize_ranks, train_item_counts
 from ...losses import get_loss
-from ...models import build_model
 from ...runtime import apply_threads, choose_threads
-from ...train import seed_everything, select_device
+from ...train import select_device
 from ..client import local_update, shared_names
-from ..partition import client_windows, partition
-
-
-def build_initial_model(cfg, n_items: int, device="cpu") -> torch.nn.Module:
-    """The round-0 model, exactly as the simulator builds it: seed, then build. Clients
-    build it too: their personal parameters start from these same initial values."""
-    seed_everything(cfg.train.seed)
-    params = {k: v for k, v in cfg.model.items() if k != "name"}
-    params.setdefault("max_len", cfg.data.max_len)
-    model = build_model(cfg.model["name"], n_items, **params).to(device)
-    if model.objective != "causal":
-        raise ValueError(f"federated training needs a causal model; {cfg.model['name']} is trained with {model.objective!r}")
-    return model
+from ..partition import active_clients, client_windows, partition
+from ..simulate import initial_model
 
 
 def check_flower_settings(fc) -> None:
@@ -82,7 +69,7 @@ class FederatedSetup:
 
     def active(self) -> np.ndarray:
         """The clients that hold a training target (the simulator samples only these)."""
-        return np.array([c for c in range(self.n_clients) if len(self.mine[c])], dtype=np.int64)
+        return active_clients(self.mine)
 
     def client_of(self, partition_id: int, num_partitions: int) -> int:
         """This node's client: node i is client i, so the federation must have one node
@@ -119,7 +106,7 @@ def _load_setup(cfg_json: str) -> FederatedSetup:
     device = select_device(tc.device)
     data, _ = load_data(cfg.data, log=lambda s: None)
     split = make_split(data, cfg.data.split)
-    model = build_initial_model(cfg, data.n_items, device)
+    model = initial_model(cfg, data.n_items, device)
     windows = TrainWindows(split, model.max_len, cfg.data.windows)
     clients = partition(data.n_users, fc.users_per_client, tc.seed)
     return FederatedSetup(
