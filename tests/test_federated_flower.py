@@ -167,6 +167,27 @@ def test_a_federation_that_does_not_match_the_clients_is_refused():
         setup.client_of(0, 3)
 
 
+def test_sampling_returns_registered_node_ids_even_above_2_to_the_63():
+    # Flower's node ids are unsigned 64-bit; a list of them mixing values above 2**63 with
+    # smaller ones once went through numpy as float64 and came back as ids no node has
+    from perseq.federated.config import FederatedConfig
+    from perseq.federated.flower.strategy import PerseqFedAvg
+    from perseq.federated.strategies import ServerOptConfig, ServerOptimizer
+
+    ids = [2**64 - 1 - 7 * i for i in range(5)] + [12345 + i for i in range(5)]
+
+    class Grid:
+        def get_node_ids(self):
+            return list(ids)
+
+    strategy = PerseqFedAvg(FederatedConfig(clients_per_round=4), ServerOptimizer(ServerOptConfig()), ("w",),
+                            n_clients=len(ids), seed=0)
+    picks = [strategy.sample(Grid(), r) for r in range(6)]
+    assert all(len(p) == 4 and set(p) <= set(ids) for p in picks)
+    assert picks[0] == strategy.sample(Grid(), 0)  # a function of (seed, round)
+    assert len({tuple(p) for p in picks}) > 1
+
+
 # --------------------------------------------------------------- Flower simulations (Ray)
 def _run_flower(defaults: dict, secagg: bool = False):
     """A Flower simulation of N_NODES nodes; -> (wall seconds, every reply the server received)."""

@@ -364,10 +364,10 @@ def cmd_models(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import adapt, collect, curves, epoch, scan, speed
+    from .bench import adapt, collect, curves, epoch, federated, scan, speed
 
     mains = {"speed": speed.main, "epoch": epoch.main, "scan": scan.main, "collect": collect.main, "curves": curves.main,
-             "adapt": adapt.main}
+             "adapt": adapt.main, "federated": federated.main}
     mains[args.kind](args.rest)
     return 0
 
@@ -496,9 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: 'speed' (vs sequence length, all backbones), 'epoch' (one training epoch), "
                        "'scan' (Mamba's selective scan alone), 'collect' (runs of several seeds -> benchmarks/results/<name>.json), "
                        "'curves' (validation metric per epoch and per training minute of run folders -> PNG + CSV), "
-                       "'adapt' (PCRec-simple's cost: plain, batched and one-user-at-a-time scoring)",
-                       description="perseq bench speed|epoch|scan|collect|curves|adapt [--help]")
-    p.add_argument("kind", choices=["speed", "epoch", "scan", "collect", "curves", "adapt"])
+                       "'adapt' (PCRec-simple's cost: plain, batched and one-user-at-a-time scoring), "
+                       "'federated' (seconds per round and peak memory of the simulator's engines and of Flower)",
+                       description="perseq bench speed|epoch|scan|collect|curves|adapt|federated [--help]")
+    p.add_argument("kind", choices=["speed", "epoch", "scan", "collect", "curves", "adapt", "federated"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark (see its --help)")
     p.set_defaults(func=cmd_bench)
 

@@ -143,7 +143,10 @@ class PerseqFedAvg(FedAvg):
         if self.per_round >= len(nodes):
             return nodes
         rng = np.random.default_rng([self.seed, round_])
-        return sorted(int(n) for n in rng.choice(nodes, size=self.per_round, replace=False))
+        # choose positions, not ids: node ids are unsigned 64-bit, and numpy turns a list of
+        # Python ints above 2**63 mixed with smaller ones into float64, which rounds them
+        picked = rng.choice(len(nodes), size=self.per_round, replace=False)
+        return sorted(nodes[int(i)] for i in picked)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
