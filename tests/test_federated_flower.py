@@ -363,10 +363,13 @@ def _wait_for_port(port: int, seconds: float) -> bool:
 
 
 @pytest.mark.slow
-def test_superlink_and_two_supernodes_on_loopback_run_the_example_app(tmp_path):
+@pytest.mark.parametrize("secure", [False, True], ids=["insecure", "tls-and-node-auth"])
+def test_superlink_and_two_supernodes_on_loopback_run_the_example_app(tmp_path, secure):
     """flower-superlink + 2 flower-supernode (partition-id 0 and 1) + `flwr run` of
     examples/flower-app, all on 127.0.0.1, in this environment (runtime dependency
-    installation off), Flower's home in tmp_path."""
+    installation off), Flower's home in tmp_path. ``secure``: as the example's README
+    deploys it, with TLS (the credentials of examples/flower-app/make_credentials.sh) and
+    node authentication on (each SuperNode's public key registered before it starts)."""
     import os
     import signal
     import subprocess
@@ -379,8 +382,15 @@ def test_superlink_and_two_supernodes_on_loopback_run_the_example_app(tmp_path):
     home.mkdir()
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     port = _free_port()  # flwr 1.42: one HTTP port for the Fleet, Control and Runtime APIs
+    creds = tmp_path / "credentials"
+    if secure:
+        subprocess.run(["bash", str(app_dir / "make_credentials.sh"), str(creds), "2", "127.0.0.1"], check=True,
+                       capture_output=True)
+    tls = f'root-certificates = "{creds / "ca.crt"}"' if secure else "insecure = true"
     (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n'
-                                      f'[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+                                      f'[superlink.loopback]\naddress = "127.0.0.1:{port}"\n{tls}\n')
+    link_security = ["--ssl-ca-certfile", str(creds / "ca.crt"), "--ssl-certfile", str(creds / "server.pem"),
+                     "--ssl-keyfile", str(creds / "server.key"), "--enable-supernode-auth"] if secure else ["--insecure"]
     procs = []
 
     def start(name, *args):
@@ -390,11 +400,18 @@ def test_superlink_and_two_supernodes_on_loopback_run_the_example_app(tmp_path):
 
     t0 = time.perf_counter()
     try:
-        start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+        start("superlink", "flower-superlink", *link_security, "--disable-runtime-dependency-installation",
               "--port", str(port), "--database", str(tmp_path / "state.db"))
         assert _wait_for_port(port, 120), (tmp_path / "superlink.log").read_text()[-2000:]
         for i in range(2):
-            start(f"node{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+            node_security = ["--insecure"]
+            if secure:  # register the node's public key first: the SuperLink refuses unknown nodes
+                reg = subprocess.run([str(bindir / "flwr"), "supernode", "register", str(creds / f"node{i}.pub"),
+                                      "loopback"], env=env, capture_output=True, text=True, timeout=60)
+                assert reg.returncode == 0, reg.stdout[-2000:] + reg.stderr[-2000:]
+                node_security = ["--root-certificates", str(creds / "ca.crt"),
+                                 "--auth-supernode-private-key", str(creds / f"node{i}")]
+            start(f"node{i}", "flower-supernode", *node_security, "--superlink", f"127.0.0.1:{port}",
                   "--port", str(_free_port()),
                   "--node-config", f'partition-id={i} num-partitions=2 state-dir="{tmp_path / f"node{i}"}"')
         # the example's config, with 2 clients of 4 users (one per SuperNode) and one round
@@ -404,7 +421,7 @@ def test_superlink_and_two_supernodes_on_loopback_run_the_example_app(tmp_path):
                               f'set="{overrides}" out="{tmp_path / "run"}"'],
                              env=env, capture_output=True, text=True, timeout=400)
         secs = time.perf_counter() - t0
-        print(f"\nflower deployment (superlink + 2 supernodes + flwr run, 1 round): {secs:.1f}s")
+        print(f"\nflower deployment (superlink + 2 supernodes + flwr run, 1 round, secure={secure}): {secs:.1f}s")
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     finally:
         for p in procs:
