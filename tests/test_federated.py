@@ -149,6 +149,10 @@ def test_the_cli_simulates_resumes_and_writes_a_result_row(tmp_path, monkeypatch
     row = json.loads((tmp_path / "benchmarks" / "results" / "syn_fedavg.json").read_text())
     assert row["model"] == "sasrec+fedavg" and row["protocol"]["federated"]["clients_per_round"] == 10
     assert row["protocol"]["federated"]["sent_metadata"] == ["n_targets", "loss"]
+    run = row["federated_runs"][0]  # the seed's cost and its validation curve, for the per-round plot
+    assert [r for r, _ in run["valid_curve"]] == [1, 2] and 0 < run["train_seconds"] <= run["wall_seconds"]
+    state = json.loads((tmp_path / "runs" / "fed-s0" / "trainer_state.json").read_text())
+    assert [m["ndcg@10"] for _, m in run["valid_curve"]] == [h["valid"]["ndcg@10"] for h in state["history"]]
     assert main(args) == 2  # the folder holds a run: --resume or --overwrite
     assert main([*args, "--resume"]) == 0  # finished: evaluated again, nothing retrained
     assert main(["evaluate", "runs/fed-s0"]) == 0

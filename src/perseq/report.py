@@ -120,6 +120,7 @@ def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path
         "commit": git_commit(),
         "date": datetime.date.today().isoformat(),
         "breakdown": mean_breakdown(headline),
+        **({"federated_runs": [federated_run_summary(r) for r in results]} if "federated" in results[0] else {}),
         "config": cfg.to_dict(),
         **(extra or {}),
     }
@@ -127,6 +128,16 @@ def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(payload, indent=1))
     return p
+
+
+def federated_run_summary(result: dict) -> dict:
+    """A federated seed's cost and curve for a benchmark file: whole-run seconds, the
+    privacy spent, and the validation metric after every evaluated round."""
+    curve = [[h["round"], h["valid"]] for h in result.get("history", []) if "valid" in h]
+    return {"seed": result.get("seed"), "rounds": result["federated"]["rounds"],
+            "train_seconds": result.get("train_seconds"), "wall_seconds": result.get("wall_seconds"),
+            **({"privacy": result["federated"]["privacy"]} if "privacy" in result["federated"] else {}),
+            "valid_curve": [[r, {k: v for k, v in m.items() if k in ("ndcg@10", "hr@10")}] for r, m in curve]}
 
 
 def markdown_table(rows: list[dict], keys=METRIC_KEYS) -> str:

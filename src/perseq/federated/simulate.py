@@ -198,6 +198,7 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
                 state["bad"] += 1
         state["history"].append(rec)
         state["round"] = r + 1
+        state["wall_seconds"] = state.get("wall_seconds", 0.0) + time.perf_counter() - t0  # training and evaluation
         state["server_steps"] = server.state_dict()["steps"]
         shown = f"valid {metric} {rec['valid'][metric]:.4f}  best {state['best']:.4f}@{state['best_round']}  " if "valid" in rec else ""
         log(f"round {r + 1}: {rec['reported']}/{rec['sampled']} clients  loss {rec.get('loss', float('nan')):.4f}  "
@@ -226,6 +227,8 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
         "valid": valid,
         "test": test,
         "epoch_seconds": state["train_seconds"] / max(rounds_done, 1),
+        "train_seconds": state["train_seconds"],  # the rounds' training and aggregation
+        "wall_seconds": state.get("wall_seconds"),  # the rounds with their evaluations (None: a run from before it was kept)
         "federated": {"clients": int(len(active)), "clients_per_round": per_round, "rounds": rounds_done,
                       "local_epochs": fc.local_epochs, "passes": rounds_done * fc.local_epochs * per_round / len(active),
                       "bytes_per_client_per_round": {"down": sent, "up": sent + 8 * len(SENT_METADATA)},
