@@ -137,6 +137,9 @@ def main(argv=None) -> dict:
         rows.append({"engine": "flower", "clients_per_round": a.flower, **r})
         print(f"flower   {a.flower:5d} clients: rounds {', '.join(f'{s:.1f}' for s in r['round_seconds'])} s "
               f"({r['nodes']} nodes)", file=sys.stderr)
+    import torch
+
+    torch.set_num_threads(a.threads)  # as the measurements ran: hardware_name reports the thread count
     result = {"config": a.config, "overrides": a.set, "threads": a.threads, "rows": rows,
               "hardware": hardware_name("cpu"), "commit": git_commit(), "date": time.strftime("%Y-%m-%d")}
     if a.out:
