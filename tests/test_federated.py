@@ -203,6 +203,38 @@ def test_evaluate_scores_a_federated_pfsr_run_with_each_users_own_response(tmp_p
     capsys.readouterr()
     assert main(["evaluate", "runs/p-s0"]) == 0
     assert json.loads(capsys.readouterr().out)["ndcg@10"] == pytest.approx(saved["test"]["ndcg@10"], abs=1e-6)
+    # predict ranks with the same per-user model. Personal parameters this far apart make
+    # each user's ranking their own: give every client a random response, then predict's top
+    # 10 must hold the test target exactly as often as evaluate's HR@10 says, and that must
+    # differ from the shared model's own HR@10
+    import csv
+
+    from safetensors.torch import load_file, save_file
+
+    from perseq.checkpoint import load_model
+    from perseq.config import from_dict
+    from perseq.data.loading import load_data
+    from perseq.data.sequences import make_split
+    from perseq.evaluate import evaluate
+
+    folder = tmp_path / "runs" / "p-s0"
+    stored = load_file(str(folder / "personal.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    save_file({k: torch.randn(v.shape, generator=g) * 3 for k, v in stored.items()}, str(folder / "personal.safetensors"))
+    capsys.readouterr()
+    assert main(["evaluate", "runs/p-s0"]) == 0
+    personal_hr = json.loads(capsys.readouterr().out)["hr@10"]
+    assert main(["predict", "runs/p-s0", "--stage", "test", "--k", "10", "--out", "top.csv", "--include-seen"]) == 0
+    model, meta, _ = load_model(folder)
+    cfg = from_dict(meta["run"])
+    split = make_split(load_data(cfg.data, log=lambda s: None)[0], cfg.data.split)
+    data = split.data
+    target = {str(data.user_ids[u]): str(data.item_ids[data.items[data.offsets[u] + split.positions("test")[u]]])
+              for u in split.eval_users("test")}
+    with open("top.csv") as f:
+        hits = sum(row["item_id"] == target[row["user_id"]] for row in csv.DictReader(f))
+    assert hits / len(target) == pytest.approx(personal_hr, abs=1e-9)
+    assert evaluate(model, split, "test", cfg.eval, progress=False)["hr@10"] != pytest.approx(personal_hr, abs=1e-9)
 
 
 @pytest.mark.parametrize("name,extra", [("sasrec", {}), ("mamba4rec", {"d_state": 4}), ("pfsr", {"memory_slots": 3})])

@@ -298,6 +298,9 @@ def cmd_predict(args) -> int:
         raise ValueError(f"--k {args.k} is more than the run's catalogue of {len(items) - 1} items")
     cfg, split = _rebuild_split(meta)
     _check_vocab(items, split.data)
+    from .federated.personal import with_personal
+
+    model = with_personal(model, args.run, meta, split.data.n_users)  # a federated run: each user's own personal.*
     n = predict_topk(_adapted(model, args, args.run, cfg), split, args.stage, args.k, args.out, exclude_seen=not args.include_seen)
     print(f"wrote top-{args.k} for {n} users to {args.out}")
     return 0

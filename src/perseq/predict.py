@@ -23,7 +23,9 @@ def topk_for_positions(model, data, users: np.ndarray, positions: np.ndarray, k:
             # models that score for a request time: the held-out event's time (as the
             # evaluation uses), or right after the last event when predicting beyond it
             request = torch.from_numpy(data.times[data.offsets[u] + np.minimum(p, data.lengths[u] - 1)])
-        scores = model.scores(items, torch.from_numpy(n_in), times, request).float()
+        # a model with per-user parameters (a federated PFSR's personal ones) is told each row's user
+        who = {"users": u} if getattr(model, "wants_users", False) else {}
+        scores = model.scores(items, torch.from_numpy(n_in), times, request, **who).float()
         if exclude_seen:
             rows, seen = history_items(data, u, p)
             scores[rows, seen] = float("-inf")
