@@ -7,9 +7,9 @@
 #     bash benchmarks/federated_rows.sh ml1m-ablations  # one group: ml1m-seeds, ml1m-ablations, ml1m-dp, beauty
 #
 # DP rows: clipping at 1.0 (two local SGD steps of 0.5 on gradients clipped to norm 1 give
-# updates of norm <= 1 already) and the noise multiplier that spends ε over 236 rounds at
-# q = 256 / 6,040 with δ = 1e-6 (perseq.federated.privacy.noise_for_epsilon, dp-accounting's
-# RDP accountant): ε 2 -> 1.830, ε 8 -> 0.847, ε 32 -> 0.487.
+# updates of norm <= 1 already) and the noise multiplier that spends ε over 944 rounds at
+# q = 64 / 6,040 with δ = 1e-6 (perseq.federated.privacy.noise_for_epsilon, dp-accounting's
+# RDP accountant): ε 2 -> 1.111, ε 8 -> 0.651, ε 32 -> 0.417.
 set -e
 groups=("$@"); [ ${#groups[@]} -eq 0 ] && groups=(ml1m-seeds ml1m-ablations ml1m-dp beauty)
 mkdir -p logs
@@ -37,7 +37,7 @@ for g in "${groups[@]}"; do
       f configs/ml-1m/pfsr.yaml 0 ml-1m-pfsr-no-vrm --set model.vrm=false && collect ml-1m_pfsr-no-vrm ml-1m-pfsr-no-vrm 0
       f configs/ml-1m/pfsr.yaml 0 ml-1m-pfsr-no-dml --set federated.dml=0 && collect ml-1m_pfsr-no-dml ml-1m-pfsr-no-dml 0 ;;
     ml1m-dp)
-      for e in "8 0.847" "2 1.830" "32 0.487"; do
+      for e in "8 0.651" "2 1.111" "32 0.417"; do
         set -- $e
         f configs/ml-1m/pfsr.yaml 0 ml-1m-pfsr-dp-eps$1 --set federated.dp_clip=1.0 --set federated.dp_noise=$2
         collect ml-1m_pfsr+dp-eps$1 ml-1m-pfsr-dp-eps$1 0
