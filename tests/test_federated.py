@@ -235,6 +235,10 @@ def test_evaluate_scores_a_federated_pfsr_run_with_each_users_own_response(tmp_p
         hits = sum(row["item_id"] == target[row["user_id"]] for row in csv.DictReader(f))
     assert hits / len(target) == pytest.approx(personal_hr, abs=1e-9)
     assert evaluate(model, split, "test", cfg.eval, progress=False)["hr@10"] != pytest.approx(personal_hr, abs=1e-9)
+    # PCRec-simple adapts one shared model per user: with personal parameters it is refused, not silently wrong
+    capsys.readouterr()
+    assert main(["evaluate", "runs/p-s0", "--adapt-steps", "1", "--adapt-lr", "0.01"]) == 2
+    assert "does not combine" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name,extra", [("sasrec", {}), ("mamba4rec", {"d_state": 4}), ("pfsr", {"memory_slots": 3})])

@@ -9,6 +9,8 @@
 #
 # DIR/ca.crt                  the CA: SuperNodes (--root-certificates) and the flwr CLI
 #                             (root-certificates in config.toml) check the SuperLink with it
+# DIR/ca.key                  the CA's private key: signs certificates; keep it offline, never
+#                             hand it out with ca.crt
 # DIR/server.pem, server.key  the SuperLink's certificate and key (--ssl-certfile, --ssl-keyfile)
 # DIR/node<i>, node<i>.pub    SuperNode i's private key (--auth-supernode-private-key, stays on
 #                             the node) and public key (`flwr supernode register`)
@@ -16,6 +18,11 @@ set -euo pipefail
 out=${1:?usage: make_credentials.sh DIR [NODES] [HOSTS]}
 nodes=${2:-2}
 hosts=${3:-127.0.0.1,localhost}
+if [ -e "$out/ca.crt" ]; then
+  # a new CA would silently invalidate every certificate and node already deployed with the old one
+  echo "$out/ca.crt exists: this folder holds a federation's credentials; choose another folder" >&2
+  exit 1
+fi
 mkdir -p "$out"
 san=""
 IFS=, read -ra names <<< "$hosts"

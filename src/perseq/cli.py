@@ -201,6 +201,11 @@ def _adapted(model, args, run: str, cfg):
     from .personalize import AdaptConfig, Personalized
     from .personalize.sweep import load_choice
 
+    if getattr(model, "wants_users", False):
+        # PCRec-simple adapts one shared model per user; a federated run's users each have
+        # their own personal parameters, which the adaptation would have to start from
+        raise ValueError(f"{run} scores each user with their own personal parameters (a federated run): "
+                         "--adapt does not combine with them yet; evaluate or predict it without --adapt")
     stored = load_choice(run)
     if stored is None and not {"steps", "lr"} <= set(given):
         raise ValueError(f"{run} has no stored adaptation (adapt.json): choose one on validation with "

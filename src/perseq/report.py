@@ -131,8 +131,9 @@ def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path
 
 
 def federated_run_summary(result: dict) -> dict:
-    """A federated seed's cost and curve for a benchmark file: whole-run seconds, the
-    privacy spent, and the validation metric after every evaluated round."""
+    """A federated seed's cost and curve for a benchmark file: the seconds of its rounds
+    (training, and with their validation), the privacy spent, and the validation metric
+    after every evaluated round."""
     curve = [[h["round"], h["valid"]] for h in result.get("history", []) if "valid" in h]
     return {"seed": result.get("seed"), "rounds": result["federated"]["rounds"],
             "train_seconds": result.get("train_seconds"), "wall_seconds": result.get("wall_seconds"),

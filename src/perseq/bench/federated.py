@@ -2,8 +2,8 @@
 simulator (each engine, at several clients per round), its peak memory, the bytes each
 client sends and receives, and a round of the Flower engine (Ray simulation) of the same size.
 
-    perseq bench federated --config configs/ml-1m/mamba4rec-fedavg.yaml --clients 256,2048 \\
-        --engines loop,batched --flower 256 --out benchmarks/results/federated_speed_cpu.json
+    perseq bench federated --config configs/ml-1m/mamba4rec-fedavg.yaml --set federated.local_epochs=1 \\
+        --clients 256,2048 --engines loop,batched --flower 256 --out benchmarks/results/federated_speed_cpu.json
 
 Every measurement runs in its own process, so its peak resident memory (``peak_rss_gib``)
 is its own. A measurement trains 2 rounds from the config's round-0 model, one local epoch
@@ -14,7 +14,9 @@ kernels' compilation). The evaluation after the last round is not in these secon
 The Flower measurement registers one SuperNode per client of the data (one user each) in
 Flower's simulation engine, samples ``--flower`` of them per round as the simulator does,
 times round 2 from the server's run folder, and stops the federation there (its full
-evaluation over every node is not part of a round).
+evaluation over every node is not part of a round). Flower's round seconds run from the end of
+one round to the end of the next, so they include the server committing its round state; the
+simulator's leave that out (a few milliseconds at ML-1M's size).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,12 +85,17 @@ def _flower_round(config: str, overrides: list[str], clients: int, timeout: floa
         f"run_simulation(server_app=make_server_app(d), client_app=make_client_app(d), num_supernodes={n_nodes}, "
         "backend_config={'client_resources': {'num_cpus': 1, 'num_gpus': 0.0}})\n")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=open(out / "log", "w"),
+    log = open(out / "log", "w")
+    # its own session: killing the group stops the driver and the Ray processes it started,
+    # and nothing else (another Flower run or test on this machine keeps its Ray)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=log,
                             start_new_session=True)
     state_file = out / "server" / "trainer_state.json"
+    failed = False
     try:
         while time.perf_counter() - t0 < timeout:
             if proc.poll() is not None:
+                failed = True
                 raise RuntimeError(f"the Flower simulation ended early; its log: {out / 'log'}")
             if state_file.exists():
                 try:
@@ -100,10 +108,17 @@ def _flower_round(config: str, overrides: list[str], clients: int, timeout: floa
                             "clients_reported": [h[0]["reported"], h[1]["reported"]],
                             "wall_seconds_to_round_2": time.perf_counter() - t0}
             time.sleep(1.0)
+        failed = True
         raise TimeoutError(f"no second Flower round within {timeout:.0f} s; its log: {out / 'log'}")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray workers
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray workers
+        except ProcessLookupError:  # it had already ended
+            pass
+        proc.wait()
+        log.close()
+        if not failed:  # the run folder and one state folder per node; a failure keeps its log
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def main(argv=None) -> dict:

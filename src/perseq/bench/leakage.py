@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
     from ..data.sequences import make_split
     from ..evaluate import train_item_counts
     from ..federated.client import local_update
-    from ..federated.leakage import EMBEDDING, clipped_norms, probe, touched_items
+    from ..federated.leakage import probe, touched_items, update_norms
     from ..federated.partition import active_clients, client_windows, partition
     from ..federated.privacy import noise_for_epsilon
     from ..federated.simulate import initial_model, sample_round
@@ -73,12 +73,12 @@ def main(argv=None) -> dict:
         up, _ = local_update(model, start, windows, mine[int(c)], fc, tc, loss_fn, a.round)
         deltas.append(up.delta)
         items.append(touched_items(windows, mine[int(c)]))
-    norms = clipped_norms(deltas)
+    norms = update_norms(deltas)
     clip = fc.dp_clip if fc.dp_clip is not None else float(np.median(norms))
     q = len(sampled) / len(active)
     z = noise_for_epsilon(a.epsilon, sample_rate=q, rounds=fc.rounds, delta=fc.dp_delta)
-    scores = probe([d[EMBEDDING] for d in deltas], items, clip=clip, noise_multiplier=z,
-                   generator=torch.Generator().manual_seed(tc.seed), full_norms=norms)
+    counts = torch.as_tensor(np.asarray(train_item_counts(split)), dtype=torch.float64)
+    scores = probe(deltas, items, counts, clip=clip, noise_multiplier=z, generator=torch.Generator().manual_seed(tc.seed))
     result = {"config": a.config, "overrides": a.set, "weights": a.weights or "round 0", "round": a.round,
               "clients": len(sampled), "mean_items_per_client": float(np.mean([len(i) for i in items])),
               "n_items": data.n_items, "recovered": scores,

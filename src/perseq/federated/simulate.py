@@ -228,7 +228,9 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
         "test": test,
         "epoch_seconds": state["train_seconds"] / max(rounds_done, 1),
         "train_seconds": state["train_seconds"],  # the rounds' training and aggregation
-        "wall_seconds": state.get("wall_seconds"),  # the rounds with their evaluations (None: a run from before it was kept)
+        # the rounds with their validation (not the per-round checkpoint commits nor the final
+        # test); None: a run from before it was kept
+        "wall_seconds": state.get("wall_seconds"),
         "federated": {"clients": int(len(active)), "clients_per_round": per_round, "rounds": rounds_done,
                       "local_epochs": fc.local_epochs, "passes": rounds_done * fc.local_epochs * per_round / len(active),
                       "bytes_per_client_per_round": {"down": sent, "up": sent + 8 * len(SENT_METADATA)},
