@@ -3,6 +3,7 @@ centralized training, dropout, robustness against a poisoned client, and resumin
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,6 +154,11 @@ def test_the_cli_simulates_resumes_and_writes_a_result_row(tmp_path, monkeypatch
     assert [r for r, _ in run["valid_curve"]] == [1, 2] and 0 < run["train_seconds"] <= run["wall_seconds"]
     state = json.loads((tmp_path / "runs" / "fed-s0" / "trainer_state.json").read_text())
     assert [m["ndcg@10"] for _, m in run["valid_curve"]] == [h["valid"]["ndcg@10"] for h in state["history"]]
+    assert (tmp_path / "runs" / "fed-s0" / "curve.png").stat().st_size > 0  # NDCG@10 per round
+    assert main(["bench", "curves", "runs/fed-s0", "--out", "curves"]) == 0  # rounds, as epochs are
+    assert (tmp_path / "curves.csv").read_text().splitlines()[1:] == [
+        f"fed-s0,{r},{s:.1f},{m['ndcg@10']:.6f}" for r, m, s in
+        zip((1, 2), (h["valid"] for h in state["history"]), np.cumsum([h["seconds"] for h in state["history"]]))]
     assert main(args) == 2  # the folder holds a run: --resume or --overwrite
     assert main([*args, "--resume"]) == 0  # finished: evaluated again, nothing retrained
     assert main(["evaluate", "runs/fed-s0"]) == 0

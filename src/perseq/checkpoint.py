@@ -210,7 +210,7 @@ def read_json(out: Path, name: str) -> dict:
 
 
 #: everything a run folder may hold; ``remove_run`` deletes these and nothing else
-RUN_ENTRIES = (*RUN_FILES, "last.safetensors", "optimizer.safetensors", "server_state.safetensors", "personal.safetensors", "vocab", "refit", "adapt.json", _JOURNAL, ".lock")
+RUN_ENTRIES = (*RUN_FILES, "last.safetensors", "optimizer.safetensors", "server_state.safetensors", "personal.safetensors", "vocab", "refit", "adapt.json", "curve.png", _JOURNAL, ".lock")
 
 
 def holds_run(out: Path) -> bool:

@@ -23,16 +23,19 @@ def read_curve(run: str | Path, metric: str = "ndcg@10") -> dict:
     if not path.exists():
         raise SystemExit(f"error: {d} has no trainer_state.json (not a run folder, or no epoch finished yet)")
     hist = json.loads(path.read_text())["history"]
-    if hist and metric not in hist[0]["valid"]:
-        raise SystemExit(f"error: {d}: no validation metric {metric!r}; it has {sorted(hist[0]['valid'])}")
+    scored = [rec for rec in hist if "valid" in rec]  # a federated run validates every eval_every rounds
+    if scored and metric not in scored[0]["valid"]:
+        raise SystemExit(f"error: {d}: no validation metric {metric!r}; it has {sorted(scored[0]['valid'])}")
     epochs, values, seconds, total = [], [], [], 0.0
     for rec in hist:
         total += rec["seconds"]
-        epochs.append(rec["epoch"])
-        values.append(rec["valid"][metric])
-        seconds.append(total)
+        if "valid" in rec:
+            epochs.append(rec["epoch"] if "epoch" in rec else rec["round"])  # a federated run counts rounds
+            values.append(rec["valid"][metric])
+            seconds.append(total)
     finished = (d / "results.json").exists()
-    return {"run": d.name, "epoch": epochs, "value": values, "seconds": seconds, "finished": finished}
+    unit = "round" if hist and "round" in hist[0] else "epoch"
+    return {"run": d.name, "epoch": epochs, "value": values, "seconds": seconds, "finished": finished, "unit": unit}
 
 
 def plot(curves: list[dict], metric: str, out: Path, title: str | None = None, ymin: float | None = None) -> None:
@@ -50,7 +53,8 @@ def plot(curves: list[dict], metric: str, out: Path, title: str | None = None, y
         for ax, x in zip(axes, (c["epoch"], [s / 60 for s in c["seconds"]])):
             (line,) = ax.plot(x, c["value"], label=label, lw=1.4)
             ax.plot([x[best]], [c["value"][best]], "o", color=line.get_color(), ms=5)
-    axes[0].set_xlabel("epoch")
+    units = {c.get("unit", "epoch") for c in curves}
+    axes[0].set_xlabel(" / ".join(sorted(units)))
     axes[1].set_xlabel("training time (min, evaluation excluded)")
     axes[0].set_ylabel(f"validation {metric}")
     for ax in axes:
@@ -58,7 +62,7 @@ def plot(curves: list[dict], metric: str, out: Path, title: str | None = None, y
     if ymin is not None:  # the first epochs compress the interesting end of the curves
         axes[0].set_ylim(bottom=ymin)
     axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(title or f"validation {metric} (dot: best epoch)")
+    fig.suptitle(title or f"validation {metric} (dot: best {' / '.join(sorted(units))})")
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110)
     plt.close(fig)

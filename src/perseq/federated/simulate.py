@@ -13,6 +13,7 @@ A run folder is a normal one (``perseq evaluate`` and ``predict`` read it):
                                  mixed into the shared weights
   trainer_state.json             round, best, patience counter, per-round history
   results.json                   at the end: validation and test of the best round
+  curve.png                      at the end: the validation metric per round
 Each round's files are one ``checkpoint.commit`` set, so a kill at any moment resumes
 from the last finished round and ends with the same model as an uninterrupted run.
 
@@ -241,8 +242,21 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
     }
     if out is not None:
         write_results(out, result)
+        _plot_rounds(out, metric, log)
     result["model_obj"] = model
     return result
+
+
+def _plot_rounds(out: Path, metric: str, log) -> None:
+    """<out>/curve.png: the validation metric per evaluated round and per training minute
+    (``perseq bench curves`` draws the same from several run folders)."""
+    from ..bench.curves import plot, read_curve
+
+    try:
+        plot([read_curve(out, metric)], metric, out / "curve", title=f"{out.name}: validation {metric} per round")
+    except ImportError:  # matplotlib is a dependency; a stripped-down install still trains
+        return
+    log(f"validation {metric} per round: {out / 'curve.png'}")
 
 
 def method_name(cfg) -> str:
