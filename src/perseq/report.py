@@ -130,15 +130,28 @@ def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path
     return p
 
 
+def write_result_file(path: str | Path, result: dict) -> None:
+    """A benchmark's JSON result at ``path`` (its folder made), stamped with the commit,
+    the hardware (as ``hardware_name`` sees this process's threads) and the date, and named on stderr."""
+    import sys
+    import time
+
+    result |= {"hardware": hardware_name("cpu"), "commit": git_commit(), "date": time.strftime("%Y-%m-%d")}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def federated_run_summary(result: dict) -> dict:
     """A federated seed's cost and curve for a benchmark file: the seconds of its rounds
     (training, and with their validation), the privacy spent, and the validation metric
     after every evaluated round."""
-    curve = [[h["round"], h["valid"]] for h in result.get("history", []) if "valid" in h]
+    curve = [[h["round"], {k: v for k, v in h["valid"].items() if k in ("ndcg@10", "hr@10")}]
+             for h in result.get("history", []) if "valid" in h]
     return {"seed": result.get("seed"), "rounds": result["federated"]["rounds"],
             "train_seconds": result.get("train_seconds"), "wall_seconds": result.get("wall_seconds"),
             **({"privacy": result["federated"]["privacy"]} if "privacy" in result["federated"] else {}),
-            "valid_curve": [[r, {k: v for k, v in m.items() if k in ("ndcg@10", "hr@10")}] for r, m in curve]}
+            "valid_curve": curve}
 
 
 def markdown_table(rows: list[dict], keys=METRIC_KEYS) -> str:

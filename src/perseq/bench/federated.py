@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..report import git_commit, hardware_name
+from ..report import write_result_file
 
 
 def _one_simulator(config: str, overrides: list[str]) -> dict:
@@ -154,13 +154,10 @@ def main(argv=None) -> dict:
               f"({r['nodes']} nodes)", file=sys.stderr)
     import torch
 
-    torch.set_num_threads(a.threads)  # as the measurements ran: hardware_name reports the thread count
-    result = {"config": a.config, "overrides": a.set, "threads": a.threads, "rows": rows,
-              "hardware": hardware_name("cpu"), "commit": git_commit(), "date": time.strftime("%Y-%m-%d")}
+    torch.set_num_threads(a.threads)  # as the measurements ran: the result's hardware line names the thread count
+    result = {"config": a.config, "overrides": a.set, "threads": a.threads, "rows": rows}
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {a.out}", file=sys.stderr)
+        write_result_file(a.out, result)
     return result
 
 

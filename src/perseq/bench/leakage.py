@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ..report import git_commit, hardware_name
+from ..report import write_result_file
 
 
 def main(argv=None) -> dict:
@@ -62,7 +62,8 @@ def main(argv=None) -> dict:
         model.load_state_dict(load_file(str(Path(a.weights) / "model.safetensors")))
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     windows = TrainWindows(split, model.max_len, cfg.data.windows)
-    loss_fn = get_loss(cfg.loss, train_item_counts(split))
+    counts = train_item_counts(split)  # (n_items + 1,): the loss's and the popularity guess's
+    loss_fn = get_loss(cfg.loss, counts)
     mine = client_windows(windows, partition(data.n_users, fc.users_per_client, tc.seed))
     active = active_clients(mine)
     plain_fc = type(fc)(**{**fc.__dict__, "dp_clip": None, "dropout": 0.0, "stragglers": 0.0})
@@ -77,20 +78,16 @@ def main(argv=None) -> dict:
     clip = fc.dp_clip if fc.dp_clip is not None else float(np.median(norms))
     q = len(sampled) / len(active)
     z = noise_for_epsilon(a.epsilon, sample_rate=q, rounds=fc.rounds, delta=fc.dp_delta)
-    counts = torch.as_tensor(np.asarray(train_item_counts(split)), dtype=torch.float64)
-    scores = probe(deltas, items, counts, clip=clip, noise_multiplier=z, generator=torch.Generator().manual_seed(tc.seed))
+    scores = probe(deltas, items, torch.as_tensor(counts, dtype=torch.float64), clip=clip, noise_multiplier=z, generator=torch.Generator().manual_seed(tc.seed))
     result = {"config": a.config, "overrides": a.set, "weights": a.weights or "round 0", "round": a.round,
               "clients": len(sampled), "mean_items_per_client": float(np.mean([len(i) for i in items])),
               "n_items": data.n_items, "recovered": scores,
               "dp": {"epsilon": a.epsilon, "delta": fc.dp_delta, "noise_multiplier": z, "clip": clip,
                      "sample_rate": q, "rounds": fc.rounds},
-              "seconds": time.perf_counter() - t0, "hardware": hardware_name("cpu"), "commit": git_commit(),
-              "date": time.strftime("%Y-%m-%d")}
+              "seconds": time.perf_counter() - t0}
     print(json.dumps(result["recovered"], indent=1), file=sys.stderr)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {a.out}", file=sys.stderr)
+        write_result_file(a.out, result)
     return result
 
 

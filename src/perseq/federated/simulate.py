@@ -252,10 +252,7 @@ def _plot_rounds(out: Path, metric: str, log) -> None:
     (``perseq bench curves`` draws the same from several run folders)."""
     from ..bench.curves import plot, read_curve
 
-    try:
-        plot([read_curve(out, metric)], metric, out / "curve", title=f"{out.name}: validation {metric} per round")
-    except ImportError:  # matplotlib is a dependency; a stripped-down install still trains
-        return
+    plot([read_curve(out, metric)], metric, out / "curve", title=f"{out.name}: validation {metric} per round")
     log(f"validation {metric} per round: {out / 'curve.png'}")
 
 
