@@ -10,6 +10,7 @@ from .hstu import HSTU, HSTULarge
 from .llama import LlamaRec
 from .mamba4rec import Mamba4Rec
 from .pcrec import PCRec, PCRecLarge, SASRecPC
+from .persrec import HSTUPerSRec, LlamaPerSRec, SASRecPerSRec
 from .pfsr import PFSR
 from .sasrec import SASRec
 from .ttt4rec import TTT4Rec
@@ -27,6 +28,9 @@ MODELS: dict[str, type[SeqRecModel]] = {
     "pcrec-large": PCRecLarge,
     "sasrec-pc": SASRecPC,
     "pfsr": PFSR,
+    "sasrec+persrec": SASRecPerSRec,
+    "hstu+persrec": HSTUPerSRec,
+    "llama+persrec": LlamaPerSRec,
 }
 
 
@@ -67,6 +71,9 @@ SUMMARY: dict[str, str] = {
     "pcrec": "PCRec: HSTU + a predictive-coding correction per block, one inference step per forward (KDD 2025)",
     "pcrec-large": "PCRec at HSTU-large's size (8 blocks, 2 heads)",
     "sasrec-pc": "SASRec + PCRec's predictive-coding module per block (the paper's future work)",
+    "sasrec+persrec": "SASRec in PerSRec form: old history compressed into K cached tokens, the recent R encoded per request",
+    "hstu+persrec": "HSTU in PerSRec form (K compression tokens per history segment, no time bias)",
+    "llama+persrec": "LLaMA-style decoder in PerSRec form (rotary positions restart per segment)",
     "pfsr": "PFSR (our reading of arXiv 2603.22349): Mamba4Rec + a global associative memory + per-user FiLM (personal.*)",
 }
 

@@ -1,0 +1,144 @@
+"""PerSRec (models/persrec.py): the one-pass layout, compress-then-recommend, folding and
+the cache, checked in numbers on every attention backbone."""
+import pytest
+import torch
+
+from perseq.models import build_model
+from perseq.models.persrec import cache_bytes, load_cache, save_cache
+
+FORMS = ["sasrec+persrec", "hstu+persrec", "llama+persrec"]
+N_ITEMS = 60
+
+
+def _model(name, max_len=40, recent=6, segments=3, tokens=3, **kw):
+    torch.manual_seed(0)
+    m = build_model(name, n_items=N_ITEMS, max_len=max_len, d=16, dropout=0.0, recent=recent,
+                    segments=segments, tokens=tokens, **kw).eval()
+    # livelier weights than the small init, so that attention (and thus the history, through
+    # the tokens) moves the outputs well above float rounding
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.dim() >= 2 and "item_emb" not in n or n.endswith("pos_w") or n == "tokens":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return m
+
+
+def _seqs(lengths, L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, N_ITEMS + 1, (len(lengths), L), generator=g)
+    for b, n in enumerate(lengths):
+        x[b, n:] = 0
+    return x
+
+
+def _close(a, b, tol=1e-5):
+    return (a - b).abs().max().item() <= tol
+
+
+# lengths: full window, multi-segment, exactly R, shorter than R, one event, history in
+# segment 0 only (P = (40 - 6) / 3 = 11)
+LENGTHS = [40, 29, 6, 3, 1, 13]
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_one_pass_equals_compress_then_recommend(name):
+    m = _model(name)
+    assert (m.P, m.K, m.R) == (11, 3, 6)
+    x = _seqs(LENGTHS, 40)
+    lengths = torch.tensor(LENGTHS)
+    with torch.no_grad():
+        h = m.encode(x)  # training's one pass over [S0 | T | S1 | T | S2 | T | recent]
+        one_pass = h[torch.arange(len(x)), lengths - 1]
+        served = m.predict_hidden(x, lengths)  # compress(history) then recommend(cache, recent)
+    assert torch.isfinite(h).all()
+    assert _close(one_pass, served)
+    # user isolation: each user alone gives the same hidden state as inside the batch
+    for b, n in enumerate(LENGTHS):
+        with torch.no_grad():
+            alone = m.predict_hidden(x[b : b + 1, :n], lengths[b : b + 1])
+        assert _close(alone[0], served[b]), (name, b)
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_history_reaches_recent_items_only_through_the_tokens(name):
+    m = _model(name, segments=1, max_len=20, recent=6)  # P = 14
+    g = torch.Generator().manual_seed(3)
+    hist_a = torch.randint(1, N_ITEMS + 1, (2, 14), generator=g)
+    hist_b = hist_a.clone()
+    hist_b[:, 2] = hist_a[:, 2] % N_ITEMS + 1  # one raw history item edited
+    hist_b[:, 9] = hist_a[:, 9] % N_ITEMS + 1
+    recent = torch.randint(1, N_ITEMS + 1, (2, 6), generator=g)
+    with torch.no_grad():
+        h_a, *_ = m.forward_layout([hist_a], recent)
+        h_b, *_ = m.forward_layout([hist_b], recent)
+        cache_a = m.compress(hist_a)
+        h_b_fixed, *_ = m.forward_layout([hist_b], recent, token_kv=cache_a)
+    rec = slice(-6, None)
+    assert not _close(h_a[:, rec], h_b[:, rec], 1e-3)  # the edit matters, through the tokens
+    assert _close(h_a[:, rec], h_b_fixed[:, rec])  # with the tokens' K/V fixed it cannot
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_folding_equals_the_one_pass_over_the_chained_layout(name):
+    m = _model(name, segments=1, max_len=20, recent=6, fold=4)  # P = 14, R = 6
+    g = torch.Generator().manual_seed(5)
+    hist = torch.randint(1, N_ITEMS + 1, (2, 14), generator=g)
+    recent = torch.randint(1, N_ITEMS + 1, (2, 5), generator=g)
+    new = torch.randint(1, N_ITEMS + 1, (2, 3), generator=g)  # 8 recent > R: fold max(2, 4) = 4
+    with torch.no_grad():
+        cache, rec = m.append(m.compress(hist), recent, new)
+        served = m.recommend_hidden(cache, rec)
+        seq = torch.cat([recent, new], 1)
+        h, *_ = m.forward_layout([hist, seq[:, :4]], seq[:, 4:])
+    assert torch.equal(rec, seq[:, 4:])
+    assert cache["k"].shape[3] == m.K  # still K tokens per layer
+    assert _close(served, h[:, -1])
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_the_cache_stays_bounded_however_long_the_history(name):
+    m = _model(name, segments=1, max_len=20, recent=6, fold=3)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        cache = m.compress(torch.randint(1, N_ITEMS + 1, (1, 300), generator=g))  # 22 segments of 14
+        rec = torch.randint(1, N_ITEMS + 1, (1, 2), generator=g)
+        for _ in range(40):  # one event at a time: a fold of 3 whenever R = 6 is exceeded
+            cache, rec = m.append(cache, rec, torch.randint(1, N_ITEMS + 1, (1, 1), generator=g))
+            assert cache["k"].shape[3] == m.K and 1 <= rec.shape[1] <= m.R
+        s = m.recommend(cache, rec)
+    assert torch.isfinite(s[:, 1:]).all() and torch.isinf(s[:, 0]).all()
+    blk = m.backbone.blocks
+    assert cache_bytes(cache) == cache["k"].numel() * 4 + cache["v"].numel() * 4
+    assert cache["k"].shape[:3] == (len(blk), 1, cache["k"].shape[2])
+
+
+def test_the_cache_round_trips_through_safetensors_bit_exactly(tmp_path):
+    m = _model("hstu+persrec")
+    with torch.no_grad():
+        cache = m.compress(_seqs([30, 12, 0], 30))
+    save_cache(cache, tmp_path / "c.safetensors")
+    back = load_cache(tmp_path / "c.safetensors")
+    assert set(back) == {"k", "v"}
+    assert all(torch.equal(back[k], cache[k]) and back[k].dtype == cache[k].dtype for k in cache)
+
+
+def test_users_with_no_history_share_the_empty_cache():
+    m = _model("sasrec+persrec")
+    with torch.no_grad():
+        c = m.compress(_seqs([0, 0], 5))
+    assert torch.equal(c["k"][:, 0], c["k"][:, 1]) and torch.equal(c["v"][:, 0], c["v"][:, 1])
+
+
+def test_bad_sizes_are_clear_errors():
+    with pytest.raises(ValueError, match="recent"):
+        build_model("sasrec+persrec", n_items=5, max_len=8, recent=8)
+    with pytest.raises(ValueError, match="segment"):
+        build_model("sasrec+persrec", n_items=5, max_len=8, recent=4, segments=5)
+    with pytest.raises(ValueError, match="time bias"):
+        build_model("hstu+persrec", n_items=5, max_len=8, time_bias=True)
+    m = _model("sasrec+persrec")
+    with pytest.raises(ValueError, match="max_len"):
+        m.encode(torch.ones(1, 41, dtype=torch.long))
+    with pytest.raises(ValueError, match="recent event"):
+        m.recommend(m.compress(torch.ones(1, 3, dtype=torch.long)), torch.zeros(1, 2, dtype=torch.long))
