@@ -139,6 +139,9 @@ def cmd_train(args) -> int:
     fingerprint = data_fingerprint(cfg.data)
     print(f"data {data.name}: {data.n_users} users, {data.n_items} items, {data.n_interactions} events "
           f"({time.perf_counter() - t0:.1f}s); split {split.kind}; model {cfg.model['name']}")
+    ceilings = _bayes_ceilings(gen, data, split, cfg.eval.exclude_seen) if gen is not None else {}
+    for name, c in ceilings.items():
+        print(f"Bayes-optimal ceiling, {name}: {_metrics_line(c)}")
     results = []
     for seed, out in outs.items():
         run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
@@ -163,9 +166,19 @@ def cmd_train(args) -> int:
         summary["test_after_refit"] = summarize_seeds(after_refit(results))["metrics"]
     print(json.dumps(summary, indent=1))
     if args.bench_name:
-        path = write_benchmark_json(args.bench_name, cfg, results)
+        path = write_benchmark_json(args.bench_name, cfg, results, extra={"bayes_ceiling": ceilings} if ceilings else None)
         print(f"wrote {path}")
     return 0
+
+
+def _bayes_ceilings(gen, data, split, exclude_seen: bool) -> dict:
+    """The synthetic data's test-stage ceilings: full information, and in long-history mode
+    the last ``cooldown`` events only (data/synthetic.py)."""
+    out = {"full information": gen.bayes_ceiling(data, split.test_pos, exclude_seen=exclude_seen)}
+    if gen.cfg.favorites:
+        R = gen.cfg.cooldown
+        out[f"last {R} events only"] = gen.bayes_ceiling(data, split.test_pos, exclude_seen=exclude_seen, recent=R)
+    return out
 
 
 def _metrics_line(metrics: dict) -> str:
