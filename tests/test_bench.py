@@ -114,3 +114,24 @@ def test_a_sweep_stopped_part_way_keeps_the_points_it_measured(tmp_path, monkeyp
     assert [p["length"] for p in saved["points"]] == [8, 16] and saved["complete"] is False
     assert speed.main(["--render", str(out.with_suffix(".json")), "--out", str(tmp_path / "drawn")]) == 0
     assert "| gru4rec | 16 |" in (tmp_path / "drawn.md").read_text()
+
+
+def test_persrec_cost_benchmark_rows_and_flat_persrec_cost(tmp_path):
+    """Every method at every length; PerSRec's FLOPs per request do not depend on the
+    history length, re-encoding's grow, and the point past --max-reencode is extrapolated."""
+    import json
+
+    from perseq.bench import persrec
+
+    out = tmp_path / "pc"
+    persrec.main(["--lengths", "48,96,192", "--history", "16", "--recent", "8", "--tokens", "2", "--fold", "4",
+                  "--requests", "8", "--max-reencode", "96", "--out", str(out)])
+    r = json.loads(out.with_suffix(".json").read_text())
+    rows = {(x["method"], x["history"]): x for x in r["rows"]}
+    assert {m for m, _ in rows} == set(persrec.METHODS) and {n for _, n in rows} == {48, 96, 192}
+    for m in ("persrec", "persrec_stream", "recent", "mamba4rec_step"):
+        assert rows[(m, 48)]["flops"] == rows[(m, 192)]["flops"], m
+    assert rows[("reencode", 96)]["flops"] > 1.9 * rows[("reencode", 48)]["flops"]
+    assert rows[("kv_step", 192)]["flops"] > rows[("kv_step", 48)]["flops"]
+    assert rows[("reencode", 192)]["extrapolated"] and rows[("reencode", 192)]["flops"] == 4 * rows[("reencode", 96)]["flops"]
+    assert out.with_suffix(".png").exists()

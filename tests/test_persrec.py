@@ -142,3 +142,22 @@ def test_bad_sizes_are_clear_errors():
         m.encode(torch.ones(1, 41, dtype=torch.long))
     with pytest.raises(ValueError, match="recent event"):
         m.recommend(m.compress(torch.ones(1, 3, dtype=torch.long)), torch.zeros(1, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_streaming_one_event_at_a_time_equals_append_then_recommend(name):
+    """stream_step caches the recent part's keys/values too; each event's hidden state
+    equals re-encoding the recent part after append (folds included)."""
+    m = _model(name, segments=1, max_len=20, recent=6, fold=4)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        cache = m.compress(torch.randint(1, N_ITEMS + 1, (2, 30), generator=g))
+        recent = torch.randint(1, N_ITEMS + 1, (2, 3), generator=g)
+        state = m.stream_state(cache, recent)
+        for _ in range(15):  # passes R twice: two folds of 4
+            ev = torch.randint(1, N_ITEMS + 1, (2,), generator=g)
+            state, h = m.stream_step(state, ev)
+            cache, recent = m.append(cache, recent, ev[:, None])
+            assert torch.equal(state["recent"], recent)
+            assert _close(h, m.recommend_hidden(cache, recent))
+        assert _close(state["k"], cache["k"]) and _close(state["v"], cache["v"])

@@ -385,11 +385,11 @@ def cmd_models(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import adapt, collect, curves, epoch, federated, leakage, scan, speed
+    from .bench import adapt, collect, curves, epoch, federated, leakage, persrec, scan, speed
 
     mains = {"speed": speed.main, "epoch": epoch.main, "scan": scan.main, "collect": collect.main, "curves": curves.main,
              "adapt": adapt.main, "federated": federated.main,
-             "leakage": leakage.main}
+             "leakage": leakage.main, "persrec": persrec.main}
     mains[args.kind](args.rest)
     return 0
 
@@ -520,9 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "'curves' (validation metric per epoch and per training minute of run folders -> PNG + CSV), "
                        "'adapt' (PCRec-simple's cost: plain, batched and one-user-at-a-time scoring), "
                        "'federated' (seconds per round and peak memory of the simulator's engines and of Flower), "
-                       "'leakage' (how many of a client's items its update, the SecAgg+ sum or the DP release gives away)",
-                       description="perseq bench speed|epoch|scan|collect|curves|adapt|federated|leakage [--help]")
-    p.add_argument("kind", choices=["speed", "epoch", "scan", "collect", "curves", "adapt", "federated", "leakage"])
+                       "'leakage' (how many of a client's items its update, the SecAgg+ sum or the DP release gives away), "
+                       "'persrec' (one request's cost against history length: PerSRec's cache vs re-encoding, KV cache, "
+                       "recent-only, Mamba's step)",
+                       description="perseq bench speed|epoch|scan|collect|curves|adapt|federated|leakage|persrec [--help]")
+    p.add_argument("kind", choices=["speed", "epoch", "scan", "collect", "curves", "adapt", "federated", "leakage", "persrec"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark (see its --help)")
     p.set_defaults(func=cmd_bench)
 

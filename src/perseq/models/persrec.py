@@ -460,6 +460,58 @@ class PerSRec(SeqRecModel):
         width = max(1, int((seq != 0).sum(1).max()))
         return cache, seq[:, :width]
 
+    # -- streaming: one event per request, the recent part's keys/values cached too --------
+    def stream_state(self, cache, recent):
+        """A serving state for users whose recent parts (B, r) all hold r ≥ 0 events (no
+        padding): the token cache, the recent items, and their keys/values per layer, so
+        each ``stream_step`` encodes one event instead of the whole recent part."""
+        if recent.shape[1] and (recent == 0).any():
+            raise ValueError("stream_state takes recent parts of equal length, without padding")
+        if recent.shape[1] > self.R:
+            raise ValueError(f"recent part of {recent.shape[1]} events exceeds R={self.R}: use append first")
+        rk, rv = self._recent_kv(cache, recent)
+        return {"k": cache["k"], "v": cache["v"], "recent": recent, "rk": rk, "rv": rv}
+
+    def _recent_kv(self, cache, recent):
+        B, r = recent.shape
+        if r == 0:
+            k, v = cache["k"], cache["v"]
+            return k.new_zeros(*k.shape[:3], 0, k.shape[4]), v.new_zeros(*v.shape[:3], 0, v.shape[4])
+        dev = recent.device
+        meta = self._meta([(RECENT, 1, r)], dev)
+        prefix = {**cache, "meta": self._meta([(TOKEN, 0, self.K)], dev)}
+        kmeta = tuple(torch.cat([p, m]) for p, m in zip(prefix["meta"], meta))
+        allowed = _allowed(meta, kmeta, torch.ones(B, self.K + r, dtype=torch.bool, device=dev),
+                           torch.zeros(B, dtype=torch.long, device=dev))
+        _, k, v = self._window(recent, meta, allowed, prefix)
+        return k, v
+
+    def stream_step(self, state, item):
+        """One new event per row (B,) -> (new state, hidden (B, D)) scoring the next item.
+        Past R recent events, the oldest ``fold`` are folded into the token cache and the
+        recent keys/values recomputed once (amortized over ``fold`` events). Equals
+        ``append`` then ``recommend_hidden`` (tests/test_persrec.py)."""
+        recent, cache = state["recent"], {"k": state["k"], "v": state["v"]}
+        rk, rv = state["rk"], state["rv"]
+        if recent.shape[1] + 1 > self.R:
+            f = min(max(recent.shape[1] + 1 - self.R, self.fold), recent.shape[1])
+            cache = self._compress_window(cache, recent[:, :f])
+            recent = recent[:, f:]
+            rk, rv = self._recent_kv(cache, recent)
+        B, r = recent.shape
+        dev = item.device
+        meta = self._meta([(RECENT, 1, 1)], dev)
+        meta = (meta[0], meta[1], meta[2] + r)  # its position in the recent part
+        prefix = {"k": torch.cat([cache["k"], rk], 3), "v": torch.cat([cache["v"], rv], 3),
+                  "meta": self._meta([(TOKEN, 0, self.K), (RECENT, 1, r)], dev)}
+        kmeta = tuple(torch.cat([p, m]) for p, m in zip(prefix["meta"], meta))
+        allowed = _allowed(meta, kmeta, torch.ones(B, self.K + r + 1, dtype=torch.bool, device=dev),
+                           torch.zeros(B, dtype=torch.long, device=dev))
+        h, k, v = self._window(item[:, None], meta, allowed, prefix)
+        new = {"k": cache["k"], "v": cache["v"], "recent": torch.cat([recent, item[:, None]], 1),
+               "rk": torch.cat([rk, k], 3), "rv": torch.cat([rv, v], 3)}
+        return new, h[:, 0]
+
     # -- the model contract: evaluate and predict score through compress then recommend --
     def predict_hidden(self, items, lengths, times=None, target_time=None):
         segments, recent, _ = self._split(items)
