@@ -161,3 +161,30 @@ def test_streaming_one_event_at_a_time_equals_append_then_recommend(name):
             assert torch.equal(state["recent"], recent)
             assert _close(h, m.recommend_hidden(cache, recent))
         assert _close(state["k"], cache["k"]) and _close(state["v"], cache["v"])
+
+
+def test_long_history_comparison_of_trained_runs(tmp_path, monkeypatch):
+    """perseq trains the PerSRec form from a config, and bench long scores it against a
+    recent-only run: all users and the long subset, exclude_seen on and off, and PerSRec's
+    sizes in its result file's protocol."""
+    import json
+
+    from perseq.bench.long import compare
+    from perseq.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    small = ["--set", "data.synthetic={n_users: 60, n_items: 40, n_clusters: 4, mean_len: 40, min_len: 20, max_len: 60}",
+             "--set", "model.d=16", "--set", "train.epochs=1", "--set", "eval.exclude_seen=false",
+             "--out", str(tmp_path), "--no-progress"]
+    assert main(["train", *small, "--set", "data.max_len=30", "--set", "model.name=sasrec+persrec",
+                 "--set", "model.recent=10", "--name", "p", "--bench-name", "t_persrec"]) == 0
+    assert main(["train", *small, "--set", "data.max_len=10", "--name", "r"]) == 0
+    res = compare({"persrec": [str(tmp_path / "p-s0")], "recent": [str(tmp_path / "r-s0")]}, min_history=30)
+    for v in ("persrec", "recent"):
+        for setting in ("exclude_seen", "seen_kept"):
+            row = res[v][setting]
+            assert row["n_users"] == 60 and 0 < row["n_long"] < 60
+            lo, hi = row["long_ndcg@10"]["ci95"]
+            assert lo <= row["long_ndcg@10"]["mean"] <= hi
+    bench = json.loads((tmp_path / "benchmarks" / "results" / "t_persrec.json").read_text())
+    assert bench["model"] == "sasrec+persrec" and bench["protocol"]["persrec"] == {"P": 20, "K": 4, "R": 10, "segments": 1}

@@ -385,11 +385,11 @@ def cmd_models(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import adapt, collect, curves, epoch, federated, leakage, persrec, scan, speed
+    from .bench import adapt, collect, curves, epoch, federated, leakage, long, persrec, scan, speed
 
     mains = {"speed": speed.main, "epoch": epoch.main, "scan": scan.main, "collect": collect.main, "curves": curves.main,
              "adapt": adapt.main, "federated": federated.main,
-             "leakage": leakage.main, "persrec": persrec.main}
+             "leakage": leakage.main, "persrec": persrec.main, "long": long.main}
     mains[args.kind](args.rest)
     return 0
 
@@ -522,9 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "'federated' (seconds per round and peak memory of the simulator's engines and of Flower), "
                        "'leakage' (how many of a client's items its update, the SecAgg+ sum or the DP release gives away), "
                        "'persrec' (one request's cost against history length: PerSRec's cache vs re-encoding, KV cache, "
-                       "recent-only, Mamba's step)",
-                       description="perseq bench speed|epoch|scan|collect|curves|adapt|federated|leakage|persrec [--help]")
-    p.add_argument("kind", choices=["speed", "epoch", "scan", "collect", "curves", "adapt", "federated", "leakage", "persrec"])
+                       "recent-only, Mamba's step), 'long' (trained runs on all users and on the long-history subset, "
+                       "exclude_seen on and off, bootstrap intervals)",
+                       description="perseq bench speed|epoch|scan|collect|curves|adapt|federated|leakage|persrec|long [--help]")
+    p.add_argument("kind", choices=["speed", "epoch", "scan", "collect", "curves", "adapt", "federated", "leakage", "persrec",
+                                    "long"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark (see its --help)")
     p.set_defaults(func=cmd_bench)
 

@@ -79,6 +79,19 @@ def hardware_of(results: list[dict]) -> str:
     return " + ".join(dict.fromkeys(h for r in results for h in r["hardware"].split(" + ")))
 
 
+def _persrec_protocol(cfg) -> dict:
+    """{"persrec": {P, K, R, segments}} for a model in PerSRec form, else {}."""
+    from .models.registry import model_class
+
+    params = {k: v for k, v in cfg.model.items() if k != "name"}
+    mcls = model_class(cfg.model["name"]).Config
+    if not hasattr(mcls, "persrec_sizes"):
+        return {}
+    mc = mcls(n_items=1, **{"max_len": cfg.data.max_len, **params})
+    P, K, R = mc.persrec_sizes()
+    return {"persrec": {"P": P, "K": K, "R": R, "segments": mc.segments}}
+
+
 def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path = "benchmarks/results", extra: dict | None = None) -> Path:
     """With ``train.refit`` the headline metrics are the refitted models' (protocol
     ``refit: true``) and the early-stopped models' test metrics stay under
@@ -110,6 +123,7 @@ def write_benchmark_json(run: str, cfg, results: list[dict], out_dir: str | Path
             **({"refit_epochs": results[0]["refit"]["epochs"]} if only else {}),
             **({"federated": {k: v for k, v in results[0]["federated"].items() if k != "privacy"}}
                if "federated" in results[0] else {}),
+            **_persrec_protocol(cfg),
         },
         "seeds": s["seeds"],
         "metrics": s["metrics"],

@@ -220,7 +220,8 @@ class SyntheticGenerator:
         out = {}
         for k in ks:
             out[f"hr@{k}"] = float(ps[:, :k].sum(1).mean())
-            out[f"ndcg@{k}"] = float((ps[:, :k] / np.log2(np.arange(2, k + 2))).sum(1).mean())
+            top = ps[:, :k]  # a catalogue smaller than k: all of it
+            out[f"ndcg@{k}"] = float((top / np.log2(np.arange(2, top.shape[1] + 2))).sum(1).mean())
         out["mrr"] = float((ps / np.arange(1, ps.shape[1] + 1)).sum(1).mean())
         return out
 

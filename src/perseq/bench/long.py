@@ -1,0 +1,104 @@
+"""Long-history comparison of trained runs (issue 26): all users and the long-history
+subset, with ``exclude_seen`` on and off, seeds averaged, 95% bootstrap intervals.
+
+    perseq bench long --variant full=runs/ml-1m-sasrec-full1024-s0,runs/ml-1m-sasrec-full1024-s1 \\
+        --variant recent=runs/ml-1m-sasrec-recent128-s0,... --variant persrec=runs/... \\
+        --min-history 512 --name ml-1m_sasrec_long
+
+Each run is evaluated at the test stage through its model's own scoring path (PerSRec's is
+compress-then-recommend). ``exclude_seen`` masks the same set for every variant: the user's
+whole known history, whatever part of it the model reads. The long-history subset is the
+users whose known history before the test event is longer than ``--min-history`` events
+(P + R for PerSRec). Per variant and setting: the mean over seeds ± their std, and for the
+subset also a 95% bootstrap interval over users of the seed-averaged per-user metric.
+Writes ``benchmarks/results/<name>.json`` and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import numpy as np
+
+from ..metrics import per_user_metrics
+from ..personalize.compare import bootstrap_ci
+from ..report import write_result_file
+
+METRICS = ("ndcg@10", "hr@10")
+
+
+def _per_user(run: str, exclude_seen: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(users, known-history lengths, {metric: per-user values}) of one run at the test stage."""
+    from ..checkpoint import load_model
+    from ..cli import _check_vocab, _rebuild_split
+    from ..evaluate import rank_targets
+
+    model, meta, items = load_model(run)
+    cfg, split = _rebuild_split(meta)
+    _check_vocab(items, split.data)
+    ecfg = dataclasses.replace(cfg.eval, exclude_seen=exclude_seen)
+    ranks, users, hist_len, _ = rank_targets(model, split, "test", ecfg)
+    per = per_user_metrics(ranks, ecfg.ks)
+    order = np.argsort(users)
+    return users[order], hist_len[order], {m: per[m].numpy()[order] for m in METRICS}
+
+
+def compare(variants: dict[str, list[str]], min_history: int, n_boot: int = 2000) -> dict:
+    out = {}
+    for name, runs in variants.items():
+        out[name] = {}
+        for excl in (True, False):
+            per_seed, users0, hl0 = [], None, None
+            for run in runs:
+                users, hl, per = _per_user(run, excl)
+                if users0 is not None and not np.array_equal(users, users0):
+                    raise ValueError(f"{run} scores other users than {runs[0]}")
+                users0, hl0 = users, hl
+                per_seed.append(per)
+            long = hl0 > min_history
+            row = {"n_users": int(len(users0)), "n_long": int(long.sum())}
+            for m in METRICS:
+                alls = np.array([p[m].mean() for p in per_seed])
+                longs = np.array([p[m][long].mean() for p in per_seed])
+                avg = np.mean([p[m] for p in per_seed], 0)  # per user, over seeds
+                row[m] = {"mean": float(alls.mean()), "std": float(alls.std(ddof=1)) if len(alls) > 1 else 0.0,
+                          "values": alls.tolist()}
+                row[f"long_{m}"] = {"mean": float(longs.mean()), "std": float(longs.std(ddof=1)) if len(longs) > 1 else 0.0,
+                                    "values": longs.tolist(), "ci95": list(bootstrap_ci(avg[long], n_boot))}
+            out[name]["exclude_seen" if excl else "seen_kept"] = row
+    return out
+
+
+def markdown(result: dict, reference: str) -> str:
+    lines = ["| variant | setting | NDCG@10 all | NDCG@10 long (95% CI) | HR@10 all | HR@10 long | vs " + reference + " (all) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, settings in result.items():
+        for setting, r in settings.items():
+            ref = result[reference][setting]["ndcg@10"]["mean"]
+            lo, hi = r["long_ndcg@10"]["ci95"]
+            lines.append(f"| {name} | {setting} | {r['ndcg@10']['mean']:.4f} ± {r['ndcg@10']['std']:.4f} | "
+                         f"{r['long_ndcg@10']['mean']:.4f} ({lo:.4f}–{hi:.4f}) | {r['hr@10']['mean']:.4f} | "
+                         f"{r['long_hr@10']['mean']:.4f} | {r['ndcg@10']['mean'] / ref:.3f}× |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="perseq bench long", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", action="append", required=True, metavar="NAME=RUN[,RUN...]",
+                    help="a variant and its run folders (one per seed); the first is the reference")
+    ap.add_argument("--min-history", type=int, required=True, help="the long-history subset: known history longer than this")
+    ap.add_argument("--name", required=True, help="writes benchmarks/results/<name>.json")
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    a = ap.parse_args(argv)
+    variants = {}
+    for v in a.variant:
+        name, sep, runs = v.partition("=")
+        if not sep or not runs:
+            raise SystemExit(f"--variant {v!r}: expected NAME=RUN[,RUN...]")
+        variants[name] = runs.split(",")
+    result = compare(variants, a.min_history)
+    table = markdown(result, next(iter(variants)))
+    print(table)
+    write_result_file(f"{a.out_dir}/{a.name}.json", {"benchmark": "long_history", "min_history": a.min_history,
+                                                      "runs": variants, "variants": result, "table": table})
