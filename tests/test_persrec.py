@@ -1,5 +1,7 @@
 """PerSRec (models/persrec.py): the one-pass layout, compress-then-recommend, folding and
 the cache, checked in numbers on every attention backbone."""
+import json
+
 import pytest
 import torch
 
@@ -188,3 +190,25 @@ def test_long_history_comparison_of_trained_runs(tmp_path, monkeypatch):
             assert lo <= row["long_ndcg@10"]["mean"] <= hi
     bench = json.loads((tmp_path / "benchmarks" / "results" / "t_persrec.json").read_text())
     assert bench["model"] == "sasrec+persrec" and bench["protocol"]["persrec"] == {"P": 20, "K": 4, "R": 10, "segments": 1}
+    # the synthetic data's Bayes ceiling rides along, from train and from collect alike
+    assert main(["bench", "collect", "--name", "t_collected", str(tmp_path / "p-s0")]) == 0
+    again = json.loads((tmp_path / "benchmarks" / "results" / "t_collected.json").read_text())
+    assert again["bayes_ceiling"] == bench["bayes_ceiling"] and 0 < bench["bayes_ceiling"]["full information"]["ndcg@10"] < 1
+
+
+def test_drift_scores_a_trained_run_three_ways(tmp_path, monkeypatch):
+    """bench drift: the window row is the run's own evaluation; chained and folds score
+    every user from the whole history."""
+    from perseq.bench.long import drift
+    from perseq.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--set", "data.synthetic={n_users: 40, n_items: 40, n_clusters: 4, mean_len: 40, min_len: 20, max_len: 60}",
+                 "--set", "model.d=16", "--set", "train.epochs=1", "--set", "eval.exclude_seen=false", "--set", "data.max_len=30",
+                 "--set", "model.name=sasrec+persrec", "--set", "model.recent=10", "--name", "p", "--no-progress"]) == 0
+    r = drift(str(tmp_path / "runs" / "p-s0"), fold=4, max_history=200)
+    res = json.loads((tmp_path / "runs" / "p-s0" / "results.json").read_text())
+    assert r["window"]["ndcg@10"] == pytest.approx(res["test"]["ndcg@10"], abs=1e-9)
+    assert r["window"]["n_users"] == r["folds"]["n_users"] == 40 and r["window"]["n_long"] > 0
+    for mode in ("chained", "folds"):
+        assert 0 <= r[mode]["ndcg@10"] <= 1 and 0 <= r[mode]["long_ndcg@10"] <= 1

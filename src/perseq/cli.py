@@ -111,6 +111,7 @@ def cmd_train(args) -> int:
     from .config import load_config
     from .checkpoint import read_json
     from .data.loading import check_fingerprint, data_fingerprint, load_data, resolve_data_config
+    from .data.synthetic import bayes_ceilings
     from .data.sequences import make_split
     from .models.registry import check_params
     from .report import after_refit, summarize_seeds, write_benchmark_json
@@ -139,7 +140,7 @@ def cmd_train(args) -> int:
     fingerprint = data_fingerprint(cfg.data)
     print(f"data {data.name}: {data.n_users} users, {data.n_items} items, {data.n_interactions} events "
           f"({time.perf_counter() - t0:.1f}s); split {split.kind}; model {cfg.model['name']}")
-    ceilings = _bayes_ceilings(gen, data, split, cfg.eval.exclude_seen) if gen is not None else {}
+    ceilings = bayes_ceilings(gen, data, split, cfg.eval.exclude_seen) if gen is not None else {}
     for name, c in ceilings.items():
         print(f"Bayes-optimal ceiling, {name}: {_metrics_line(c)}")
     results = []
@@ -169,16 +170,6 @@ def cmd_train(args) -> int:
         path = write_benchmark_json(args.bench_name, cfg, results, extra={"bayes_ceiling": ceilings} if ceilings else None)
         print(f"wrote {path}")
     return 0
-
-
-def _bayes_ceilings(gen, data, split, exclude_seen: bool) -> dict:
-    """The synthetic data's test-stage ceilings: full information, and in long-history mode
-    the last ``cooldown`` events only (data/synthetic.py)."""
-    out = {"full information": gen.bayes_ceiling(data, split.test_pos, exclude_seen=exclude_seen)}
-    if gen.cfg.favorites:
-        R = gen.cfg.cooldown
-        out[f"last {R} events only"] = gen.bayes_ceiling(data, split.test_pos, exclude_seen=exclude_seen, recent=R)
-    return out
 
 
 def _metrics_line(metrics: dict) -> str:
@@ -389,7 +380,8 @@ def cmd_bench(args) -> int:
 
     mains = {"speed": speed.main, "epoch": epoch.main, "scan": scan.main, "collect": collect.main, "curves": curves.main,
              "adapt": adapt.main, "federated": federated.main,
-             "leakage": leakage.main, "persrec": persrec.main, "long": long.main}
+             "leakage": leakage.main, "persrec": persrec.main, "long": long.main,
+             "drift": long.drift_main}
     mains[args.kind](args.rest)
     return 0
 
@@ -523,10 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "'leakage' (how many of a client's items its update, the SecAgg+ sum or the DP release gives away), "
                        "'persrec' (one request's cost against history length: PerSRec's cache vs re-encoding, KV cache, "
                        "recent-only, Mamba's step), 'long' (trained runs on all users and on the long-history subset, "
-                       "exclude_seen on and off, bootstrap intervals)",
-                       description="perseq bench speed|epoch|scan|collect|curves|adapt|federated|leakage|persrec|long [--help]")
+                       "exclude_seen on and off, bootstrap intervals), 'drift' (a PerSRec run scored from the whole "
+                       "history, chained or folded in as when serving)",
+                       description="perseq bench speed|epoch|scan|collect|curves|adapt|federated|leakage|persrec|long|drift "
+                                   "[--help]")
     p.add_argument("kind", choices=["speed", "epoch", "scan", "collect", "curves", "adapt", "federated", "leakage", "persrec",
-                                    "long"])
+                                    "long", "drift"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark (see its --help)")
     p.set_defaults(func=cmd_bench)
 

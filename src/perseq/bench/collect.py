@@ -36,7 +36,15 @@ def main(argv=None) -> int:
     if any(c != cfgs[0] for c in cfgs):
         raise SystemExit("error: the runs differ in more than the seed; refusing to average them")
     cfg = from_dict(cfgs[0])
-    path = write_benchmark_json(a.name, cfg, results, a.out_dir)
+    extra = None
+    if cfg.data.dataset == "synthetic":  # the data's own ceilings, next to the rows
+        from ..data.loading import load_data
+        from ..data.sequences import make_split
+        from ..data.synthetic import bayes_ceilings
+
+        data, gen = load_data(cfg.data)
+        extra = {"bayes_ceiling": bayes_ceilings(gen, data, make_split(data, cfg.data.split), cfg.eval.exclude_seen)}
+    path = write_benchmark_json(a.name, cfg, results, a.out_dir, extra)
     s = json.loads(path.read_text())
     print(f"wrote {path}: " + "  ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in s["metrics"].items()))
     return 0

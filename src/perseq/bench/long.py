@@ -21,6 +21,7 @@ import dataclasses
 import numpy as np
 
 from ..metrics import per_user_metrics
+from ..models.base import ScoringWrapper
 from ..personalize.compare import bootstrap_ci
 from ..report import write_result_file
 
@@ -102,3 +103,90 @@ def main(argv=None) -> None:
     print(table)
     write_result_file(f"{a.out_dir}/{a.name}.json", {"benchmark": "long_history", "min_history": a.min_history,
                                                       "runs": variants, "variants": result, "table": table})
+
+
+# -- drift: PerSRec over a user's whole history, folded in as it would be when serving -----
+
+DRIFT_DOC = """Drift of PerSRec's cache over many folds (issue 26).
+
+    perseq bench drift runs/ml-1m-sasrec+persrec-s0 --fold 64 --name ml-1m_sasrec+persrec_drift
+
+Scores the test event of every user three ways: ``window``, the trained layout (the last
+P + R events: the run's own evaluation); ``chained``, the whole known history compressed in
+segments of P events, then the last R events; ``folds``, serving from an empty cache with the
+history appended ``--fold`` events at a time, so every event older than the recent part
+reached the cache through a fold of ``--fold`` events. Reports all users and the users with
+more than P + R known events. Writes ``benchmarks/results/<name>.json``.
+"""
+
+
+class _WholeHistory(ScoringWrapper):
+    """A PerSRec model scoring from a user's whole history (up to ``max_history`` events),
+    chained in P-event segments or folded in ``fold`` events at a time."""
+
+    def __init__(self, model, mode: str, fold: int, max_history: int):
+        super().__init__(model)
+        self.mode, self.fold, self.max_history = mode, fold, max_history
+
+    @property
+    def max_input_len(self) -> int:
+        return self.max_history
+
+    def scores(self, items, lengths, times=None, target_time=None):
+        import torch
+
+        m = self.model
+        with torch.no_grad():
+            if self.mode == "chained":
+                n_rec = lengths.clamp(max=m.R)
+                n_hist = lengths - n_rec
+                t = torch.arange(items.shape[1])[None]
+                hist = torch.where(t < n_hist[:, None], items, 0)[:, : max(1, int(n_hist.max()))]
+                j = torch.arange(m.R)[None]
+                recent = torch.where(j < n_rec[:, None], items.gather(1, (n_hist[:, None] + j).clamp(max=items.shape[1] - 1)), 0)
+                h = m.recommend_hidden(m.compress(hist), recent)
+            else:  # folds: from an empty cache, `fold` events per append
+                cache, recent = m.compress(items[:, :0]), items[:, :0]
+                for s in range(0, items.shape[1], self.fold):
+                    cache, recent = m.append(cache, recent, items[:, s : s + self.fold])
+                h = m.recommend_hidden(cache, recent)
+            s = h @ m.output_embeddings().T
+        s[:, 0] = float("-inf")
+        return s
+
+
+def drift(run: str, fold: int, max_history: int) -> dict:
+    from ..checkpoint import load_model
+    from ..cli import _check_vocab, _rebuild_split
+    from ..evaluate import rank_targets
+
+    model, meta, items = load_model(run)
+    if not hasattr(model, "append"):
+        raise SystemExit(f"{run} is not a PerSRec run (model {meta.get('run', {}).get('model', {}).get('name')})")
+    cfg, split = _rebuild_split(meta)
+    _check_vocab(items, split.data)
+    model.eval()
+    long_from = model.P * model.cfg.segments + model.R
+    out = {"P": model.P, "K": model.K, "R": model.R, "fold": fold, "long_history": long_from}
+    for mode in ("window", "chained", "folds"):
+        scorer = model if mode == "window" else _WholeHistory(model, mode, fold, max_history)
+        ranks, users, hl, _ = rank_targets(scorer, split, "test", cfg.eval)
+        per = per_user_metrics(ranks, cfg.eval.ks)
+        long = hl > long_from
+        out[mode] = {"n_users": int(len(users)), "n_long": int(long.sum()),
+                     **{m: float(per[m].mean()) for m in METRICS}, **{f"long_{m}": float(per[m][long].mean()) for m in METRICS}}
+        print(f"{mode:8s} " + "  ".join(f"{k} {v:.4f}" for k, v in out[mode].items() if isinstance(v, float)), flush=True)
+    return out
+
+
+def drift_main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="perseq bench drift", description=DRIFT_DOC,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="a trained PerSRec run folder")
+    ap.add_argument("--fold", type=int, default=64, help="events appended (and folded) at a time")
+    ap.add_argument("--max-history", type=int, default=4096, help="longest known history read (events)")
+    ap.add_argument("--name", required=True, help="writes benchmarks/results/<name>.json")
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    a = ap.parse_args(argv)
+    result = drift(a.run, a.fold, a.max_history)
+    write_result_file(f"{a.out_dir}/{a.name}.json", {"benchmark": "persrec_drift", "run": a.run, **result})

@@ -229,6 +229,16 @@ class SyntheticGenerator:
         return asdict(self.cfg)
 
 
+def bayes_ceilings(gen: SyntheticGenerator, data: SequenceData, split, exclude_seen: bool) -> dict:
+    """The test-stage ceilings a run on this data reports: full information, and in
+    long-history mode the last ``cooldown`` events only."""
+    out = {"full information": gen.bayes_ceiling(data, split.test_pos, exclude_seen=exclude_seen)}
+    if gen.cfg.favorites:
+        R = gen.cfg.cooldown
+        out[f"last {R} events only"] = gen.bayes_ceiling(data, split.test_pos, exclude_seen=exclude_seen, recent=R)
+    return out
+
+
 def _sample_rows(p: np.ndarray, rng) -> np.ndarray:
     """One categorical sample per row of a (B, K) probability matrix."""
     cdf = np.cumsum(p, axis=1)
