@@ -212,3 +212,20 @@ def test_drift_scores_a_trained_run_three_ways(tmp_path, monkeypatch):
     assert r["window"]["n_users"] == r["folds"]["n_users"] == 40 and r["window"]["n_long"] > 0
     for mode in ("chained", "folds"):
         assert 0 <= r[mode]["ndcg@10"] <= 1 and 0 <= r[mode]["long_ndcg@10"] <= 1
+
+
+@pytest.mark.parametrize("name", ["sasrec+persrec", "hstu+persrec"])
+def test_compressing_in_fold_sized_segments_equals_streaming(name):
+    """What a server rebuilds from a user's stored events (compress the first folded(n) in
+    segments of `fold`, then the rest as the recent part) equals streaming them one by one."""
+    m = _model(name, segments=1, max_len=20, recent=6, fold=4)
+    g = torch.Generator().manual_seed(11)
+    events = torch.randint(1, N_ITEMS + 1, (1, 23), generator=g)
+    with torch.no_grad():
+        state = m.stream_state(m.compress(events[:, :0]), events[:, :0])
+        for t in range(23):
+            state, h = m.stream_step(state, events[:, t])
+        f = m.folded(23)
+        assert f == 20 and state["recent"].shape[1] == 23 - f  # 23 - 6 = 17 over R: five folds of 4
+        rebuilt = m.recommend_hidden(m.compress(events[:, :f], segment=m.fold), events[:, f:])
+    assert _close(h, rebuilt)

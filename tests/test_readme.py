@@ -42,6 +42,7 @@ SMALL = {
     "perseq quickstart": lambda a: a + ["--epochs", "2"],
     "perseq bench speed": lambda a: a + ["--repeat", "1", "--step-models", "gru4rec", "--step-histories", "100"],
     "perseq bench adapt": lambda a: a + ["--repeat", "1", "--one-by-one", "2"],
+    "perseq bench persrec": lambda a: a + ["--lengths", "256,512", "--requests", "64", "--max-reencode", "256"],
 }
 
 

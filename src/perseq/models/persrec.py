@@ -404,14 +404,22 @@ class PerSRec(SeqRecModel):
         keep = ~(events != 0).any(1)  # (B,) no event: the segment does not exist for them
         return {n: torch.where(keep[None, :, None, None, None], cache[n], new[n]) for n in ("k", "v")}
 
-    def compress(self, history: torch.Tensor) -> dict:
+    def compress(self, history: torch.Tensor, segment: int | None = None) -> dict:
         """history (B, L) right-padded, any L -> cache {"k", "v"}: (n_blocks, B, H, K, ·),
-        the token block's keys and values after reading the history in segments of P events
-        from the oldest (as many segments as the history needs)."""
-        cache = self._compress_window(None, history[:, : self.P])
-        for i in range(1, max(1, -(-history.shape[1] // self.P))):
-            cache = self._compress_window(cache, history[:, i * self.P : (i + 1) * self.P])
+        the token block's keys and values after reading the history in segments of
+        ``segment`` events (default P) from the oldest (as many segments as it needs).
+        ``segment=fold`` gives exactly the cache that streaming the same events through
+        ``append`` one at a time folds (the first ``folded(n)`` of n events)."""
+        seg = segment or self.P
+        cache = self._compress_window(None, history[:, :seg])
+        for i in range(1, max(1, -(-history.shape[1] // seg))):
+            cache = self._compress_window(cache, history[:, i * seg : (i + 1) * seg])
         return cache
+
+    def folded(self, n: int) -> int:
+        """How many of n events streamed one at a time sit in the cache (the rest are the
+        recent part): none up to R, then whole folds of ``fold`` events."""
+        return 0 if n <= self.R else self.fold * -(-(n - self.R) // self.fold)
 
     def _recent_window(self, cache, recent):
         """recent (B, r) right-padded against the cached tokens -> hidden (B, r, D)."""
