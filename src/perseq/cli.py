@@ -365,6 +365,26 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .checkpoint import load_model
+
+    load_model(args.run)  # a bad run folder is a clear error here, not in every worker
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise ValueError(f"--token-env {args.token_env}: that environment variable is empty or unset")
+    os.environ.update({"PERSEQ_SERVE_RUN": args.run, "PERSEQ_SERVE_STORE": args.store, "PERSEQ_SERVE_TOKEN": token or "",
+                       "PERSEQ_SERVE_UNKNOWN": args.unknown_items, "PERSEQ_SERVE_THREADS": str(args.threads)})
+    print(f"serving {args.run} on http://{args.host}:{args.port} ({args.workers} worker(s), state in {args.store})",
+          file=sys.stderr)
+    uvicorn.run("perseq.serve.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
+                timeout_graceful_shutdown=30, log_level="warning")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .models.registry import describe_models
 
@@ -531,6 +551,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["show"])
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("serve", help="serve a run folder over HTTP: per-user incremental state, durable store",
+                       description="A recommendation service for a trained run folder (FastAPI + uvicorn). Endpoints: "
+                                   "POST /v1/recommend, POST /v1/users/{id}/events?k=, GET /v1/users/{id}/recommendations, "
+                                   "DELETE /v1/users/{id}, /healthz, /readyz, /metrics, /docs. See README 'Serving'.")
+    p.add_argument("run", help="run folder written by 'perseq train'")
+    p.add_argument("--store", default="perseq-state.sqlite", help="SQLite file of users' events and states (default "
+                                                                  "perseq-state.sqlite; created if missing)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=_positive_int, default=1, help="uvicorn worker processes sharing the store")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per worker")
+    p.add_argument("--token-env", help="name of an environment variable holding a bearer token every /v1 call must carry")
+    p.add_argument("--unknown-items", choices=["ignore", "reject"], default="ignore",
+                   help="item ids the model does not know: ignore (skip and list them; default) or reject (422)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list the models (model.name values) with one line each")
     p.set_defaults(func=cmd_models)

@@ -49,6 +49,9 @@ class SeqRecModel(nn.Module):
     # -- incremental serving (models that allow it override both) ----------------------
     #: True when init_state/step are implemented
     incremental: bool = False
+    #: True when step's state keeps every past event (a KV cache): it ends at max_len, so a
+    #: server keeps a sliding window; False for recurrent states of fixed size
+    state_grows: bool = False
 
     def init_state(self, batch_size: int, device=None):
         """Empty per-user state for ``step`` (recurrent state or KV cache)."""

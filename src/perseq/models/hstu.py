@@ -343,6 +343,7 @@ class HSTUBlock(nn.Module):
 class HSTU(SeqRecModel):
     Config = HSTUConfig
     incremental = True
+    state_grows = True  # a KV cache
 
     def __init__(self, cfg: HSTUConfig):
         super().__init__(cfg.n_items, cfg.max_len)

@@ -138,6 +138,7 @@ def _init_weights(m: nn.Module):
 class LlamaRec(SeqRecModel):
     Config = LlamaRecConfig
     incremental = True
+    state_grows = True  # a KV cache
 
     def __init__(self, cfg: LlamaRecConfig):
         super().__init__(cfg.n_items, cfg.max_len)

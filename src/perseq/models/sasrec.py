@@ -82,6 +82,7 @@ class Block(nn.Module):
 class SASRec(SeqRecModel):
     Config = SASRecConfig
     incremental = True
+    state_grows = True  # a KV cache
 
     def __init__(self, cfg: SASRecConfig):
         super().__init__(cfg.n_items, cfg.max_len)

@@ -1,0 +1,186 @@
+"""A trained run folder loaded for serving (DESIGN.md §6): raw item ids in and out, each
+user's state advanced one event at a time, and stateless scoring of a given history.
+
+How a user's state moves with each event, by model:
+
+* ``recurrent`` (GRU4Rec, Mamba4Rec, TTT4Rec): the model's own ``step``; a fixed-size state,
+  O(1) per event, and the recommendations read the whole history.
+* ``window`` (SASRec, HSTU, LLaMA-style): ``step`` against a KV cache of the last events. The
+  cache ends at ``max_input_len`` (W) events, so when it is full the oldest W/4 are dropped
+  and the cache rebuilt from the remaining ones, one pass (amortized over W/4 events). The
+  recommendations read between 3W/4 + 1 and W events: the events in the state's window.
+* ``persrec`` (PerSRec forms): ``stream_step``; the old history lives in K cached tokens,
+  folded in ``fold`` events at a time, so the cost per event is flat forever.
+* ``replay`` (every other model: BERT4Rec, PCRec, ...): no incremental step; the last W
+  events are kept and re-encoded per recommendation.
+
+``stateless_hidden`` scores a history given in full the way the state would after those
+events (the whole history for recurrent and PerSRec models, the last W for the others;
+windowed models use the same last-W window as ``perseq predict``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..checkpoint import load_model
+
+KINDS = ("recurrent", "window", "persrec", "replay")
+
+
+class Engine:
+    def __init__(self, run_dir: str | Path, popularity: np.ndarray | None = None):
+        self.run_dir = Path(run_dir)
+        self.model, self.meta, self.item_ids = load_model(run_dir)
+        self.model.eval()
+        self.name = self.meta["run"]["model"]["name"]
+        self.n_items = self.model.n_items
+        self.index = {str(raw): i for i, raw in enumerate(self.item_ids) if i > 0}
+        # the model version keys every stored state: another checkpoint cannot read it
+        self.version = hashlib.sha256((self.run_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
+        self.W = self.model.max_input_len
+        self.slack = max(1, self.W // 4)
+        m = self.model
+        if hasattr(m, "stream_step"):
+            self.kind = "persrec"
+        elif getattr(m, "incremental", False):
+            self.kind = "window" if getattr(m, "state_grows", False) else "recurrent"
+        else:
+            self.kind = "replay"
+        self._popular = popularity if popularity is not None else self._training_popularity()
+
+    def _training_popularity(self) -> np.ndarray:
+        """Item indices by how often they occur in the run's data (cold-start answers)."""
+        from ..cli import _rebuild_split
+
+        _, split = _rebuild_split(self.meta)
+        counts = np.bincount(split.data.items, minlength=self.n_items + 1)
+        counts[0] = -1
+        return np.argsort(-counts, kind="stable")[: min(self.n_items, 1000)]
+
+    # -- ids ----------------------------------------------------------------------------
+    def ids(self, raw: list[str]) -> tuple[list[int], list[str]]:
+        """Raw item ids -> (known indices in order, unknown raw ids)."""
+        known, unknown = [], []
+        for r in raw:
+            i = self.index.get(str(r))
+            (known.append(i) if i is not None else unknown.append(str(r)))
+        return known, unknown
+
+    # -- per-user state -----------------------------------------------------------------
+    def init(self) -> dict:
+        m = self.model
+        if self.kind == "persrec":
+            empty = torch.zeros(1, 0, dtype=torch.long)
+            return {"s": m.stream_state(m.compress(empty), empty), "h": None}
+        if self.kind in ("recurrent", "window"):
+            return {"s": m.init_state(1), "h": None, "window": torch.zeros(0, dtype=torch.long)}
+        return {"window": torch.zeros(0, dtype=torch.long)}
+
+    @torch.no_grad()
+    def advance(self, state: dict, items: list[int]) -> dict:
+        """The state after ``items`` (indices), one event at a time."""
+        m = self.model
+        for i in items:
+            it = torch.tensor([i])
+            if self.kind == "persrec":
+                state["s"], state["h"] = m.stream_step(state["s"], it)
+            elif self.kind == "recurrent":
+                state["s"], state["h"] = m.step(state["s"], it)
+            elif self.kind == "window":
+                if len(state["window"]) >= self.W:  # slide: rebuild from the newest W - slack
+                    state["window"] = state["window"][self.slack :]
+                    state["s"], state["h"] = self._prefill(state["window"])
+                state["s"], state["h"] = m.step(state["s"], it)
+                state["window"] = torch.cat([state["window"], it])
+            else:
+                state["window"] = torch.cat([state["window"], it])[-self.W :]
+        return state
+
+    def _prefill(self, events: torch.Tensor):
+        s, h = self.model.init_state(1), None
+        for i in events.tolist():
+            s, h = self.model.step(s, torch.tensor([i]))
+        return s, h
+
+    @torch.no_grad()
+    def state_hidden(self, state: dict) -> torch.Tensor | None:
+        """(D,) hidden state that scores the next item; None before any event."""
+        if self.kind == "replay":
+            w = state["window"]
+            return None if len(w) == 0 else self._encode_last(w)
+        return None if state["h"] is None else state["h"][0]
+
+    @torch.no_grad()
+    def stateless_hidden(self, items: list[int]) -> torch.Tensor:
+        """(D,) for a history given in full (module docstring: which part is read)."""
+        m = self.model
+        x = torch.tensor(items, dtype=torch.long)
+        if self.kind == "persrec":
+            f = m.folded(len(items))
+            return m.recommend_hidden(m.compress(x[None, :f], segment=m.fold), x[None, f:])[0]
+        if self.kind == "recurrent":
+            return m.encode(x[None])[0, -1]
+        return self._encode_last(x[-self.W :])
+
+    def _encode_last(self, window: torch.Tensor) -> torch.Tensor:
+        return self.model.predict_hidden(window[None], torch.tensor([len(window)]))[0]
+
+    # -- scores -------------------------------------------------------------------------
+    def top_k(self, hidden: torch.Tensor, k: int, exclude: set[int] = frozenset(), scores=None) -> list[dict]:
+        """The k best items as [{"item_id": raw, "score": float}], ``exclude`` left out."""
+        if scores is None:
+            scores = hidden @ self.model.output_embeddings().T  # (n_items + 1,)
+        scores = scores.clone()
+        scores[0] = float("-inf")
+        if exclude:
+            scores[torch.tensor(sorted(exclude))] = float("-inf")
+        k = min(k, int(torch.isfinite(scores).sum()))
+        top = scores.topk(k)
+        return [{"item_id": str(self.item_ids[i]), "score": float(v)} for v, i in zip(top.values.tolist(), top.indices.tolist())]
+
+    def popular(self, k: int, exclude: set[int] = frozenset()) -> list[dict]:
+        out = [int(i) for i in self._popular if int(i) not in exclude][:k]
+        return [{"item_id": str(self.item_ids[i]), "score": None} for i in out]
+
+    # -- state <-> bytes (safetensors, no pickle) ----------------------------------------
+    def pack(self, state: dict) -> tuple[str, bytes]:
+        tensors = {}
+        spec = _flatten(state, "", tensors)
+        return json.dumps(spec), st_save({k: v.contiguous().clone() for k, v in tensors.items()})
+
+    @staticmethod
+    def unpack(spec: str, blob: bytes) -> dict:
+        return _unflatten(json.loads(spec), st_load(blob))
+
+
+def _flatten(obj, path: str, out: dict):
+    """A nested dict/list/tuple of tensors, ints and None -> a JSON spec, tensors into out."""
+    if isinstance(obj, torch.Tensor):
+        out[path] = obj
+        return {"t": path}
+    if isinstance(obj, dict):
+        return {"d": {k: _flatten(v, f"{path}.{k}", out) for k, v in obj.items()}}
+    if isinstance(obj, (list, tuple)):
+        return {"l" if isinstance(obj, list) else "u": [_flatten(v, f"{path}.{i}", out) for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (int, float)):
+        return {"v": obj}
+    raise TypeError(f"cannot store a {type(obj).__name__} in a serving state")
+
+
+def _unflatten(spec, tensors: dict):
+    if "t" in spec:
+        return tensors[spec["t"]]
+    if "d" in spec:
+        return {k: _unflatten(v, tensors) for k, v in spec["d"].items()}
+    if "l" in spec:
+        return [_unflatten(v, tensors) for v in spec["l"]]
+    if "u" in spec:
+        return tuple(_unflatten(v, tensors) for v in spec["u"])
+    return spec["v"]

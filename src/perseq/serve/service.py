@@ -1,0 +1,139 @@
+"""The service's logic apart from HTTP: recommend from a given history, take a user's events
+(idempotent, in order, state advanced incrementally), recommend from the stored state,
+forget a user. ``app.py`` puts it behind FastAPI.
+
+Policies (README "Serving"):
+* event ids make posts idempotent: an id the user already has (a retry) is skipped, and
+  the response counts it under ``duplicates``;
+* events apply in the order the server commits them (posts of one user are serialized by
+  the store); timestamps are stored as given and never reorder events: an event that
+  arrives late counts as the newest;
+* unknown item ids: ``ignore`` (default) skips them and lists them in the response,
+  ``reject`` answers 422 and stores nothing;
+* a user without usable history gets the most popular items of the run's data, flagged
+  ``cold_start``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .engine import Engine
+from .store import Event, SQLiteStore
+
+
+class UnknownItems(ValueError):
+    def __init__(self, ids: list[str]):
+        super().__init__(f"unknown item ids: {ids[:20]}{' ...' if len(ids) > 20 else ''}")
+        self.ids = ids
+
+
+class Service:
+    def __init__(self, engine: Engine, store: SQLiteStore, unknown_items: str = "ignore"):
+        if unknown_items not in ("ignore", "reject"):
+            raise ValueError(f"unknown_items must be 'ignore' or 'reject', got {unknown_items!r}")
+        self.engine, self.store, self.unknown_items = engine, store, unknown_items
+        self._adapted = None
+
+    def _known(self, raw: list[str]) -> tuple[list[int], list[str]]:
+        idx, unknown = self.engine.ids(raw)
+        if unknown and self.unknown_items == "reject":
+            raise UnknownItems(unknown)
+        return idx, unknown
+
+    def _answer(self, hidden, k: int, exclude: set[int], extra: dict, scores=None) -> dict:
+        if hidden is None and scores is None:
+            return {"items": self.engine.popular(k, exclude), "cold_start": True, **extra}
+        return {"items": self.engine.top_k(hidden, k, exclude, scores), "cold_start": False, **extra}
+
+    # -- stateless ------------------------------------------------------------------------
+    def recommend(self, history: list[str], k: int, exclude_seen: bool = True, adapt: bool = False) -> dict:
+        idx, unknown = self._known(history)
+        exclude = set(idx) if exclude_seen else set()
+        if not idx:
+            return self._answer(None, k, exclude, {"unknown": unknown})
+        if adapt:
+            e = self.engine
+            x = torch.tensor(idx[-e.W :])[None]
+            with torch.no_grad():
+                scores = self._personalized().scores(x, torch.tensor([x.shape[1]]))[0]
+            return self._answer(None, k, exclude, {"unknown": unknown, "adapted": True}, scores=scores)
+        return self._answer(self.engine.stateless_hidden(idx), k, exclude, {"unknown": unknown})
+
+    def _personalized(self):
+        """PCRec-simple with the choice ``perseq adapt`` stored in the run folder."""
+        if self._adapted is None:
+            from ..personalize import Personalized
+            from ..personalize.sweep import load_choice
+
+            choice = load_choice(str(self.engine.run_dir))
+            if choice is None:
+                raise LookupError(f"{self.engine.run_dir} has no stored adaptation (run 'perseq adapt' on it first)")
+            self._adapted = Personalized(self.engine.model, choice)
+        return self._adapted
+
+    # -- per user -------------------------------------------------------------------------
+    def _load(self, tx) -> dict:
+        """The user's state, rebuilt from the stored events when it was built by another
+        model version (or never)."""
+        e = self.engine
+        stored = tx.state()
+        if stored is not None and stored[0] == e.version:
+            return e.unpack(stored[1], stored[2])
+        idx, _ = e.ids([ev.item_id for ev in tx.events()])
+        return _with_seen(e.advance(e.init(), idx), idx)
+
+    def post_events(self, user: str, events: list[dict], k: int | None = None, exclude_seen: bool = True) -> dict:
+        """events: [{"id", "item_id", "ts"}] in order. Returns counts, unknown ids and, with
+        k, the recommendations after them."""
+        e = self.engine
+        first = {}
+        for ev in events:  # an id twice in one post: the first one counts
+            first.setdefault(str(ev["id"]), ev)
+        in_post_dups = len(events) - len(first)
+        with self.store.user(user) as tx:
+            dup = tx.known_ids(list(first))
+            fresh = [ev for i, ev in first.items() if i not in dup]
+            idx, unknown = self._known([str(ev["item_id"]) for ev in fresh])
+            keep = [ev for ev in fresh if str(ev["item_id"]) in e.index]
+            state = self._load(tx)
+            state = _with_seen(e.advance(state, idx), idx)
+            n = tx.add_events([Event(str(ev["id"]), str(ev["item_id"]), ev.get("ts")) for ev in keep])
+            tx.save_state(e.version, *e.pack(state))
+        out = {"user_id": user, "applied": len(keep), "duplicates": len(dup) + in_post_dups, "unknown": unknown,
+               "n_events": n}
+        if k:
+            out["recommendations"] = self._from_state(state, k, exclude_seen)
+        return out
+
+    def _from_state(self, state: dict, k: int, exclude_seen: bool) -> dict:
+        exclude = set(state["seen"].tolist()) if exclude_seen else set()
+        return self._answer(self.engine.state_hidden(state), k, exclude, {})
+
+    def recommendations(self, user: str, k: int, exclude_seen: bool = True) -> dict:
+        with self.store.user(user, write=False) as tx:
+            stored = tx.state()
+            if stored is None:
+                return {"user_id": user, **self._answer(None, k, set(), {})}
+            if stored[0] == self.engine.version:
+                state = self.engine.unpack(stored[1], stored[2])
+            else:
+                state = None
+        if state is None:  # built by another model version: rebuild (and store) it
+            with self.store.user(user) as tx:
+                state = self._load(tx)
+                tx.save_state(self.engine.version, *self.engine.pack(state))
+        return {"user_id": user, **self._from_state(state, k, exclude_seen)}
+
+    def delete(self, user: str) -> bool:
+        with self.store.user(user) as tx:
+            return tx.delete()
+
+
+def _with_seen(state: dict, idx: list[int]) -> dict:
+    """Keep the user's distinct items in the state (what exclude_seen masks), so no request
+    reads the whole event log."""
+    seen = state.get("seen", torch.zeros(0, dtype=torch.long))
+    if idx:
+        seen = torch.unique(torch.cat([seen, torch.tensor(idx, dtype=torch.long)]))
+    state["seen"] = seen
+    return state

@@ -1,0 +1,110 @@
+"""Where the service keeps each user's events and state, behind one interface.
+
+``SQLiteStore`` (the default) is one file in WAL mode. Every change to a user runs in one
+``BEGIN IMMEDIATE`` transaction: SQLite's writer lock serializes them across threads and
+worker processes alike, so events of one user apply in order and none is lost when several
+workers take posts for the same user. ``synchronous=FULL``: a transaction is durable on disk
+before the request is answered, so an acknowledged event survives a ``kill -9`` of the
+server and a power loss (NORMAL, WAL's usual setting, survives a crash of the process but
+may lose the last transactions on power loss).
+
+A user's row holds the model version its state was built with; a server with another model
+finds the version changed and rebuilds the state from the stored events.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Event:
+    event_id: str
+    item_id: str  # raw id, as given
+    ts: int | None
+
+
+class UserTxn:
+    """One user's data inside a transaction (the methods a service needs)."""
+
+    def __init__(self, con: sqlite3.Connection, user: str):
+        self.con, self.user = con, user
+
+    def state(self) -> tuple[str, str, bytes] | None:
+        """(model version, spec, blob) of the stored state, or None."""
+        row = self.con.execute("SELECT version, spec, blob FROM users WHERE user_id = ?", (self.user,)).fetchone()
+        return None if row is None else (row[0], row[1], bytes(row[2]))
+
+    def events(self) -> list[Event]:
+        rows = self.con.execute("SELECT event_id, item_id, ts FROM events WHERE user_id = ? ORDER BY seq", (self.user,))
+        return [Event(*r) for r in rows]
+
+    def known_ids(self, ids: list[str]) -> set[str]:
+        """Which of these event ids this user already has (a retried post)."""
+        out = set()
+        for s in range(0, len(ids), 500):
+            chunk = ids[s : s + 500]
+            q = f"SELECT event_id FROM events WHERE user_id = ? AND event_id IN ({','.join('?' * len(chunk))})"
+            out |= {r[0] for r in self.con.execute(q, (self.user, *chunk))}
+        return out
+
+    def add_events(self, events: list[Event]) -> int:
+        """Append in order; returns the user's event count after."""
+        n = self.con.execute("SELECT COUNT(*) FROM events WHERE user_id = ?", (self.user,)).fetchone()[0]
+        self.con.executemany("INSERT INTO events (user_id, seq, event_id, item_id, ts) VALUES (?, ?, ?, ?, ?)",
+                             [(self.user, n + i, e.event_id, e.item_id, e.ts) for i, e in enumerate(events)])
+        return n + len(events)
+
+    def save_state(self, version: str, spec: str, blob: bytes) -> None:
+        self.con.execute("INSERT INTO users (user_id, version, spec, blob) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT(user_id) DO UPDATE SET version = excluded.version, spec = excluded.spec, "
+                         "blob = excluded.blob", (self.user, version, spec, blob))
+
+    def delete(self) -> bool:
+        n = self.con.execute("DELETE FROM events WHERE user_id = ?", (self.user,)).rowcount
+        n += self.con.execute("DELETE FROM users WHERE user_id = ?", (self.user,)).rowcount
+        return n > 0
+
+
+class SQLiteStore:
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._local = threading.local()
+        con = self._con()
+        con.executescript("""
+            CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, version TEXT NOT NULL, spec TEXT NOT NULL,
+                                              blob BLOB NOT NULL);
+            CREATE TABLE IF NOT EXISTS events (user_id TEXT NOT NULL, seq INTEGER NOT NULL, event_id TEXT NOT NULL,
+                                               item_id TEXT NOT NULL, ts INTEGER,
+                                               PRIMARY KEY (user_id, seq), UNIQUE (user_id, event_id));
+        """)
+
+    def _con(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            # autocommit mode: transactions are the explicit BEGIN IMMEDIATE ... COMMIT below
+            con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute("PRAGMA busy_timeout=30000")
+            self._local.con = con
+        return con
+
+    @contextmanager
+    def user(self, user_id: str, write: bool = True):
+        """A transaction on one user: with ``write``, BEGIN IMMEDIATE takes the writer lock
+        first, so two changes to the same user never interleave."""
+        con = self._con()
+        con.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield UserTxn(con, user_id)
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+
+    def n_users(self) -> int:
+        return self._con().execute("SELECT COUNT(*) FROM users").fetchone()[0]

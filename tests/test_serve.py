@@ -1,0 +1,158 @@
+"""The serving layer (perseq.serve) through its HTTP API (FastAPI's TestClient)."""
+import pytest
+import torch
+
+from perseq.cli import main
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from perseq.serve.app import create_app  # noqa: E402
+
+DATA = "data.synthetic={n_users: 60, n_items: 40, n_clusters: 4, mean_len: 30, min_len: 20, max_len: 50}"
+MODELS = {  # name -> extra settings; windows of 12 events, so 30 events slide them
+    "gru4rec": [],
+    "mamba4rec": [],
+    "sasrec": [],
+    "sasrec+persrec": ["--set", "model.recent=4"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve_runs")
+    for name, extra in MODELS.items():
+        assert main(["train", "--set", DATA, "--set", f"model.name={name}", "--set", "data.max_len=12", "--set", "model.d=16",
+                     "--set", "train.epochs=1", "--set", "eval.exclude_seen=false", *extra, "--out", str(out),
+                     "--name", name, "--no-progress"]) == 0
+    return {name: str(out / f"{name}-s0") for name in MODELS}
+
+
+def _client(run, tmp_path, **kw):
+    return TestClient(create_app(run, str(tmp_path / "state.sqlite"), **kw))
+
+
+def _events(items, start=0):
+    return {"events": [{"id": f"e{start + i}", "item_id": it} for i, it in enumerate(items)]}
+
+
+ITEMS = [f"i{(7 * t) % 40}" for t in range(30)]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_incremental_events_equal_stateless_recommend_on_the_same_window(name, runs, tmp_path):
+    """Events posted one at a time, then the user's recommendations, equal a stateless
+    recommend of the events the state reads: all 30 for recurrent models and PerSRec, the
+    state's sliding window (12 events at most) for SASRec."""
+    with _client(runs[name], tmp_path) as c:
+        for t, it in enumerate(ITEMS):
+            r = c.post("/v1/users/u1/events", params={"k": 5, "exclude_seen": False}, json=_events([it], t))
+            assert r.status_code == 200 and r.json()["applied"] == 1
+        got = c.get("/v1/users/u1/recommendations", params={"k": 10, "exclude_seen": False}).json()
+        assert got["items"][:5] == r.json()["recommendations"]["items"]  # the post's k = 5 are the same
+        svc = c.app.state.service
+        with svc.store.user("u1", write=False) as tx:
+            state = svc.engine.unpack(*tx.state()[1:])
+        if svc.engine.kind == "window":
+            window = [str(svc.engine.item_ids[i]) for i in state["window"].tolist()]
+            assert 9 < len(window) <= 12 and window == ITEMS[-len(window):]
+        else:
+            window = ITEMS
+        want = c.post("/v1/recommend", json={"history": window, "k": 10, "exclude_seen": False}).json()
+    assert [x["item_id"] for x in got["items"]] == [x["item_id"] for x in want["items"]]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(got["items"], want["items"])) <= 1e-4
+
+
+def test_retries_apply_once_and_exclude_seen_masks_the_users_items(runs, tmp_path):
+    with _client(runs["gru4rec"], tmp_path) as c:
+        first = c.post("/v1/users/u/events", json=_events(ITEMS[:5])).json()
+        assert first["applied"] == 5 and first["n_events"] == 5
+        again = c.post("/v1/users/u/events", params={"k": 40}, json=_events(ITEMS[:6])).json()  # 5 retried + 1 new
+        assert (again["applied"], again["duplicates"], again["n_events"]) == (1, 5, 6)
+        recs = [x["item_id"] for x in again["recommendations"]["items"]]
+        assert not set(recs) & set(ITEMS[:6]) and len(recs) == 40 - len(set(ITEMS[:6]))
+        twice = c.post("/v1/users/u/events", json={"events": [{"id": "z", "item_id": "i1"}, {"id": "z", "item_id": "i2"}]})
+        assert (twice.json()["applied"], twice.json()["duplicates"]) == (1, 1)
+
+
+def test_cold_start_unknown_items_delete_and_restart(runs, tmp_path):
+    with _client(runs["mamba4rec"], tmp_path) as c:
+        cold = c.get("/v1/users/nobody/recommendations", params={"k": 3}).json()
+        assert cold["cold_start"] and len(cold["items"]) == 3 and all(x["score"] is None for x in cold["items"])
+        assert c.post("/v1/recommend", json={"history": [], "k": 3}).json()["items"] == cold["items"]
+        r = c.post("/v1/users/v/events", json=_events(["i3", "nope", 5, "i4"]))  # 5: an integer id, unknown too
+        assert r.json()["applied"] == 2 and r.json()["unknown"] == ["nope", "5"]
+        before = c.get("/v1/users/v/recommendations").json()
+        assert not before["cold_start"]
+    with _client(runs["mamba4rec"], tmp_path) as c:  # a new server on the same store: the state is there
+        assert c.get("/v1/users/v/recommendations").json() == before
+        assert c.delete("/v1/users/v").status_code == 204
+        assert c.get("/v1/users/v/recommendations").json()["cold_start"]
+        assert c.delete("/v1/users/v").status_code == 404
+    with _client(runs["mamba4rec"], tmp_path, unknown_items="reject") as c:
+        r = c.post("/v1/users/w/events", json=_events(["i3", "nope"]))
+        assert r.status_code == 422 and r.json()["detail"]["unknown"] == ["nope"]
+        assert c.get("/v1/users/w/recommendations").json()["cold_start"]  # nothing was stored
+
+
+def test_a_changed_model_version_rebuilds_the_state_from_the_events(runs, tmp_path):
+    with _client(runs["sasrec"], tmp_path) as c:
+        c.post("/v1/users/u/events", json=_events(ITEMS[:8]))
+        want = c.get("/v1/users/u/recommendations").json()
+        svc = c.app.state.service
+        with svc.store.user("u") as tx:
+            tx.save_state("another-model", "{}", b"")  # as if another checkpoint had built it
+        assert c.get("/v1/users/u/recommendations").json() == want
+        with svc.store.user("u", write=False) as tx:
+            assert tx.state()[0] == svc.engine.version
+
+
+def test_auth_rejects_missing_and_wrong_tokens(runs, tmp_path):
+    with _client(runs["gru4rec"], tmp_path, token="s3cret") as c:
+        body = {"history": ["i1"], "k": 2}
+        assert c.post("/v1/recommend", json=body).status_code == 401
+        assert c.post("/v1/recommend", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert c.post("/v1/recommend", json=body, headers={"Authorization": "s3cret"}).status_code == 401
+        assert c.post("/v1/recommend", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/healthz").status_code == 200  # probes need no token
+
+
+@pytest.mark.parametrize("bad", [
+    ("post", "/v1/recommend", {"history": ["i1"], "k": 0}),
+    ("post", "/v1/recommend", {"history": ["i1"], "k": 5000}),
+    ("post", "/v1/recommend", {"history": "i1"}),
+    ("post", "/v1/recommend", {"history": [True]}),
+    ("post", "/v1/recommend", {"history": ["i1"], "extra": 1}),
+    ("post", "/v1/recommend", {"history": ["x"] * 10_001}),
+    ("post", "/v1/users/u/events", {"events": []}),
+    ("post", "/v1/users/u/events", {"events": [{"id": "", "item_id": "i1"}]}),
+    ("post", "/v1/users/u/events", {"events": [{"id": "a", "item_id": "i1", "ts": -1}]}),
+    ("get", "/v1/users/u/recommendations?k=-1", None),
+])
+def test_bad_input_is_a_4xx(bad, runs, tmp_path):
+    method, path, body = bad
+    with _client(runs["gru4rec"], tmp_path) as c:
+        r = c.request(method.upper(), path, json=body)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:200])
+
+
+def test_probes_and_metrics(runs, tmp_path):
+    app = create_app(runs["sasrec+persrec"], str(tmp_path / "s.sqlite"))
+    assert TestClient(app).get("/readyz").status_code == 503  # lifespan not run: no model yet
+    with TestClient(app) as c:
+        ready = c.get("/readyz").json()
+        assert ready["ready"] and ready["model"] == "sasrec+persrec" and ready["state"] == "persrec"
+        c.post("/v1/recommend", json={"history": ["i1", "i2"]})
+        text = c.get("/metrics").text
+    assert 'perseq_requests_total{endpoint="/v1/recommend",status="200"} 1.0' in text
+    assert "openapi" in TestClient(app).get("/openapi.json").text
+
+
+def test_state_bytes_round_trip_for_every_kind(runs):
+    from perseq.serve.engine import Engine
+
+    for name, run in runs.items():
+        e = Engine(run)
+        s = e.advance(e.init(), [3, 4, 5])
+        back = e.unpack(*e.pack(s))
+        assert torch.equal(e.state_hidden(back), e.state_hidden(s)), name
