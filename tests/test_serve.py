@@ -156,3 +156,16 @@ def test_state_bytes_round_trip_for_every_kind(runs):
         s = e.advance(e.init(), [3, 4, 5])
         back = e.unpack(*e.pack(s))
         assert torch.equal(e.state_hidden(back), e.state_hidden(s)), name
+
+
+def test_bodies_over_the_limit_are_413_announced_or_streamed(runs, tmp_path):
+    from perseq.serve.app import MAX_BODY
+
+    big = b'{"history": [' + b'"i1",' * (MAX_BODY // 5) + b'"i1"]}'
+    with _client(runs["gru4rec"], tmp_path) as c:
+        assert c.post("/v1/recommend", content=big, headers={"Content-Type": "application/json"}).status_code == 413
+
+        def chunks():  # no Content-Length: a streamed body is counted as it arrives
+            for s in range(0, len(big), 65536):
+                yield big[s : s + 65536]
+        assert c.post("/v1/recommend", content=chunks(), headers={"Content-Type": "application/json"}).status_code == 413

@@ -377,7 +377,8 @@ def cmd_serve(args) -> int:
         if not token:
             raise ValueError(f"--token-env {args.token_env}: that environment variable is empty or unset")
     os.environ.update({"PERSEQ_SERVE_RUN": args.run, "PERSEQ_SERVE_STORE": args.store, "PERSEQ_SERVE_TOKEN": token or "",
-                       "PERSEQ_SERVE_UNKNOWN": args.unknown_items, "PERSEQ_SERVE_THREADS": str(args.threads)})
+                       "PERSEQ_SERVE_UNKNOWN": args.unknown_items, "PERSEQ_SERVE_THREADS": str(args.threads),
+                       "PERSEQ_SERVE_DURABILITY": args.durability})
     print(f"serving {args.run} on http://{args.host}:{args.port} ({args.workers} worker(s), state in {args.store})",
           file=sys.stderr)
     uvicorn.run("perseq.serve.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
@@ -396,12 +397,12 @@ def cmd_models(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import adapt, collect, curves, epoch, federated, leakage, long, persrec, scan, speed
+    from .bench import adapt, collect, curves, epoch, federated, leakage, long, persrec, scan, serve, speed
 
     mains = {"speed": speed.main, "epoch": epoch.main, "scan": scan.main, "collect": collect.main, "curves": curves.main,
              "adapt": adapt.main, "federated": federated.main,
              "leakage": leakage.main, "persrec": persrec.main, "long": long.main,
-             "drift": long.drift_main}
+             "drift": long.drift_main, "serve": serve.main}
     mains[args.kind](args.rest)
     return 0
 
@@ -536,11 +537,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "'persrec' (one request's cost against history length: PerSRec's cache vs re-encoding, KV cache, "
                        "recent-only, Mamba's step), 'long' (trained runs on all users and on the long-history subset, "
                        "exclude_seen on and off, bootstrap intervals), 'drift' (a PerSRec run scored from the whole "
-                       "history, chained or folded in as when serving)",
-                       description="perseq bench speed|epoch|scan|collect|curves|adapt|federated|leakage|persrec|long|drift "
+                       "history, chained or folded in as when serving), 'serve' (perseq serve's latency and throughput "
+                       "under wrk)",
+                       description="perseq bench speed|epoch|scan|collect|curves|adapt|federated|leakage|persrec|long|drift|serve "
                                    "[--help]")
     p.add_argument("kind", choices=["speed", "epoch", "scan", "collect", "curves", "adapt", "federated", "leakage", "persrec",
-                                    "long", "drift"])
+                                    "long", "drift", "serve"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark (see its --help)")
     p.set_defaults(func=cmd_bench)
 
@@ -566,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-env", help="name of an environment variable holding a bearer token every /v1 call must carry")
     p.add_argument("--unknown-items", choices=["ignore", "reject"], default="ignore",
                    help="item ids the model does not know: ignore (skip and list them; default) or reject (422)")
+    p.add_argument("--durability", choices=["process", "power"], default="process",
+                   help="what an acknowledged event survives: process (default; a crash or kill -9 of the server: "
+                        "SQLite synchronous=NORMAL) or power (also a power loss: synchronous=FULL, an fsync per request)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list the models (model.name values) with one line each")

@@ -94,10 +94,56 @@ class EventsResponse(BaseModel):
     recommendations: Recommendations | None = None
 
 
+class _Guard:
+    """A plain ASGI middleware (Starlette's BaseHTTPMiddleware costs about a millisecond a
+    request): refuses bodies over MAX_BODY with 413, whether announced by Content-Length or
+    streamed, and records each request's latency and status for /metrics."""
+
+    def __init__(self, app, latency, n_req):
+        self.app, self.latency, self.n_req = app, latency, n_req
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        size = dict(scope["headers"]).get(b"content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
+            return await JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)(scope, receive, send)
+        seen, status, over = [0], [500], [False]
+
+        async def counted():
+            msg = await receive()
+            seen[0] += len(msg.get("body", b""))
+            if seen[0] > MAX_BODY:  # stop reading: the app sees an ended (invalid) body ...
+                over[0] = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return msg
+
+        too_large = JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
+
+        async def sending(msg):
+            if over[0]:  # ... and whatever it answers becomes a 413
+                if msg["type"] == "http.response.start":
+                    status[0] = 413
+                    await too_large(scope, receive, send)
+                return
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        t0 = time.perf_counter()
+        await self.app(scope, counted, sending)
+        route = scope.get("route")
+        endpoint = getattr(route, "path", "other")
+        self.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        self.n_req.labels(endpoint, str(status[0])).inc()
+
+
 def create_app(run: str, store: str, token: str | None = None, unknown_items: str = "ignore",
-               threads: int | None = None) -> FastAPI:
+               threads: int | None = None, durability: str = "process") -> FastAPI:
     """The service for a run folder, its state in the SQLite file ``store``; ``threads``:
-    torch threads of this process (None: leave them as they are)."""
+    torch threads of this process (None: leave them as they are); ``durability``: what an
+    acknowledged event survives, "process" (a crash or kill -9) or "power" (also a power
+    loss; one fsync per request), ``store.SQLiteStore``."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
     registry = CollectorRegistry()
@@ -115,24 +161,13 @@ def create_app(run: str, store: str, token: str | None = None, unknown_items: st
 
         if threads:
             torch.set_num_threads(threads)
-        app.state.service = Service(Engine(run), SQLiteStore(store), unknown_items)
+        app.state.service = Service(Engine(run), SQLiteStore(store, durability), unknown_items)
         yield
 
     app = FastAPI(title="perseq", version="1", lifespan=lifespan,
                   description="Sequential recommendations with per-user incremental state.")
 
-    @app.middleware("http")
-    async def limit_and_measure(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
-            return JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
-        latency.labels(endpoint).observe(time.perf_counter() - t0)
-        n_req.labels(endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Guard, latency=latency, n_req=n_req)
 
     def auth(authorization: str | None = Header(None, description="Bearer <token>, when the server has one")):
         if token is None:
@@ -206,4 +241,5 @@ def app_from_env() -> FastAPI:
     """The app for ``uvicorn --factory`` (several workers): settings from PERSEQ_SERVE_*."""
     env = os.environ
     return create_app(env["PERSEQ_SERVE_RUN"], env["PERSEQ_SERVE_STORE"], env.get("PERSEQ_SERVE_TOKEN") or None,
-                      env.get("PERSEQ_SERVE_UNKNOWN", "ignore"), int(env.get("PERSEQ_SERVE_THREADS", "1")))
+                      env.get("PERSEQ_SERVE_UNKNOWN", "ignore"), int(env.get("PERSEQ_SERVE_THREADS", "1")),
+                      env.get("PERSEQ_SERVE_DURABILITY", "process"))

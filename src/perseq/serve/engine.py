@@ -133,19 +133,20 @@ class Engine:
         return self.model.predict_hidden(window[None], torch.tensor([len(window)]))[0]
 
     # -- scores -------------------------------------------------------------------------
-    def top_k(self, hidden: torch.Tensor, k: int, exclude: set[int] = frozenset(), scores=None) -> list[dict]:
-        """The k best items as [{"item_id": raw, "score": float}], ``exclude`` left out."""
-        if scores is None:
-            scores = hidden @ self.model.output_embeddings().T  # (n_items + 1,)
-        scores = scores.clone()
+    def top_k(self, hidden: torch.Tensor, k: int, exclude=(), scores=None) -> list[dict]:
+        """The k best items as [{"item_id": raw, "score": float}], ``exclude`` (indices: a
+        set or a LongTensor) left out."""
+        with torch.no_grad():
+            scores = (hidden @ self.model.output_embeddings().T) if scores is None else scores.clone()  # (n_items + 1,)
         scores[0] = float("-inf")
-        if exclude:
-            scores[torch.tensor(sorted(exclude))] = float("-inf")
+        if len(exclude):
+            scores[exclude if isinstance(exclude, torch.Tensor) else torch.tensor(sorted(exclude))] = float("-inf")
         k = min(k, int(torch.isfinite(scores).sum()))
         top = scores.topk(k)
         return [{"item_id": str(self.item_ids[i]), "score": float(v)} for v, i in zip(top.values.tolist(), top.indices.tolist())]
 
-    def popular(self, k: int, exclude: set[int] = frozenset()) -> list[dict]:
+    def popular(self, k: int, exclude=()) -> list[dict]:
+        exclude = set(exclude.tolist()) if isinstance(exclude, torch.Tensor) else set(exclude)
         out = [int(i) for i in self._popular if int(i) not in exclude][:k]
         return [{"item_id": str(self.item_ids[i]), "score": None} for i in out]
 

@@ -106,14 +106,14 @@ class Service:
         return out
 
     def _from_state(self, state: dict, k: int, exclude_seen: bool) -> dict:
-        exclude = set(state["seen"].tolist()) if exclude_seen else set()
+        exclude = state["seen"] if exclude_seen else ()
         return self._answer(self.engine.state_hidden(state), k, exclude, {})
 
     def recommendations(self, user: str, k: int, exclude_seen: bool = True) -> dict:
         with self.store.user(user, write=False) as tx:
             stored = tx.state()
             if stored is None:
-                return {"user_id": user, **self._answer(None, k, set(), {})}
+                return {"user_id": user, **self._answer(None, k, (), {})}
             if stored[0] == self.engine.version:
                 state = self.engine.unpack(stored[1], stored[2])
             else:
