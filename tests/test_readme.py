@@ -30,6 +30,8 @@ NOT_RUN = {
                                      "in test_campaign.py",
     "python benchmarks/test_curve.py": "needs an HSTU-large run trained with eval.monitor_test (hours); the script is "
                                        "tested in test_test_curve.py",
+    "perseq serve": "a server that runs until stopped; test_serve.py drives the same app through its HTTP API and "
+                    "test_serve_server.py starts this command on loopback",
     "python benchmarks/quickstart.py": "measures the quickstart's wall time idle and under load (minutes, needs an idle "
                                        "machine); its output is benchmarks/results/quickstart.json",
 }
