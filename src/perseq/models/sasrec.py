@@ -122,6 +122,23 @@ class SASRec(SeqRecModel):
     def init_state(self, batch_size: int, device=None):
         return {"pos": 0, "blocks": [{} for _ in self.blocks]}
 
+    @torch.no_grad()
+    def prefill(self, items: torch.Tensor):
+        """The state (and last hidden (B, D)) after ``items`` (B, T), unpadded, in one pass:
+        what T ``step`` calls give, at the cost of one encode (a server rebuilding the KV
+        cache of a slid window)."""
+        B, T = items.shape
+        state = self.init_state(B)
+        x = self.item_emb(items) * self.cfg.d**0.5 + self.pos_emb.weight[:T]  # (B, T, D)
+        for block, cache in zip(self.blocks, state["blocks"]):
+            a = block.attn
+            q, k, v = a.qkv(block.ln1(x)).view(B, T, 3, a.n_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hs)
+            cache["k"], cache["v"] = k, v
+            x = x + a.proj(causal_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
+            x = x + block.ffn(block.ln2(x))
+        state["pos"] = T
+        return state, self._out(self.ln_f(x[:, -1]))
+
     def step(self, state, item, time=None):
         pos = state["pos"]
         if pos >= self.max_len:

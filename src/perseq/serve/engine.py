@@ -104,6 +104,8 @@ class Engine:
         return state
 
     def _prefill(self, events: torch.Tensor):
+        if hasattr(self.model, "prefill"):  # one pass (SASRec)
+            return self.model.prefill(events[None])
         s, h = self.model.init_state(1), None
         for i in events.tolist():
             s, h = self.model.step(s, torch.tensor([i]))
