@@ -169,3 +169,23 @@ def test_bodies_over_the_limit_are_413_announced_or_streamed(runs, tmp_path):
             for s in range(0, len(big), 65536):
                 yield big[s : s + 65536]
         assert c.post("/v1/recommend", content=chunks(), headers={"Content-Type": "application/json"}).status_code == 413
+
+
+def test_demo_page_history_and_users_endpoints(runs, tmp_path):
+    with _client(runs["gru4rec"], tmp_path) as c:
+        page = c.get("/")
+        assert page.status_code == 200 and "<ol id=\"recs\">" in page.text and "/v1/users/" in page.text
+        c.post("/v1/users/a/events", json=_events(["i1", "i2", "i3"]))
+        c.post("/v1/users/b/events", json=_events(["i4"]))
+        hist = c.get("/v1/users/a/events", params={"limit": 2}).json()
+        assert [e["item_id"] for e in hist["events"]] == ["i3", "i2"]  # newest first
+        assert c.get("/v1/users").json()["users"] == ["b", "a"]
+
+
+def test_ml1m_items_carry_their_titles(shared_datasets):
+    from perseq.serve.engine import item_titles
+
+    titles = item_titles("ml-1m")
+    assert titles["1"] == "Toy Story (1995)" and len(titles) == 3883
+    assert any(not t.isascii() for t in titles.values())  # latin-1 decoded, not mangled
+    assert item_titles("synthetic") == {}

@@ -3,7 +3,9 @@
     POST   /v1/recommend                      a history in the request -> top k
     POST   /v1/users/{user_id}/events?k=10     append events (idempotent ids); with k, the new top k
     GET    /v1/users/{user_id}/recommendations?k=10
+    GET    /v1/users/{user_id}/events?limit=20 the newest events    GET /v1/users: users, newest first
     DELETE /v1/users/{user_id}                 erase the user's events and state
+    GET    /                                   a demo page: a user's history and recommendations
     GET    /healthz  /readyz  /metrics (Prometheus text)  /docs  /openapi.json
 
 Raw item ids in and out (as ``perseq predict``); bad input is a 4xx with a message, never a
@@ -13,12 +15,13 @@ from __future__ import annotations
 
 import os
 import secrets
+from pathlib import Path as PathLib
 import time
 from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_HISTORY = 10_000  # events in one stateless request
@@ -72,6 +75,23 @@ class EventsRequest(BaseModel):
 class Item(BaseModel):
     item_id: str
     score: float | None
+    title: str | None = None
+
+
+class EventOut(BaseModel):
+    id: str
+    item_id: str
+    ts: int | None
+    title: str | None = None
+
+
+class UserEvents(BaseModel):
+    user_id: str
+    events: list[EventOut] = Field(description="newest first")
+
+
+class Users(BaseModel):
+    users: list[str] = Field(description="users whose state changed last, newest first")
 
 
 class Recommendations(BaseModel):
@@ -210,6 +230,18 @@ def create_app(run: str, store: str, token: str | None = None, unknown_items: st
     def user_recommendations(user_id: UserId, svc=Depends(service), k: int = Query(10, ge=1, le=MAX_K),
                              exclude_seen: bool = True):
         return svc.recommendations(user_id, k, exclude_seen)
+
+    @app.get("/v1/users/{user_id}/events", response_model=UserEvents, dependencies=v1)
+    def user_events(user_id: UserId, svc=Depends(service), limit: int = Query(20, ge=1, le=MAX_EVENTS)):
+        return svc.recent_events(user_id, limit)
+
+    @app.get("/v1/users", response_model=Users, dependencies=v1)
+    def users(svc=Depends(service), limit: int = Query(20, ge=1, le=MAX_EVENTS)):
+        return {"users": svc.store.recent_users(limit)}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def demo():
+        return HTMLResponse((PathLib(__file__).parent / "demo.html").read_text())
 
     @app.delete("/v1/users/{user_id}", status_code=204, dependencies=v1, response_class=Response,
                 responses={404: {"description": "no such user"}})

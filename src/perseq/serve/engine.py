@@ -54,6 +54,7 @@ class Engine:
         else:
             self.kind = "replay"
         self._popular = popularity if popularity is not None else self._training_popularity()
+        self.titles = item_titles(self.meta["run"]["data"]["dataset"])
 
     def _training_popularity(self) -> np.ndarray:
         """Item indices by how often they occur in the run's data (cold-start answers)."""
@@ -145,12 +146,16 @@ class Engine:
             scores[exclude if isinstance(exclude, torch.Tensor) else torch.tensor(sorted(exclude))] = float("-inf")
         k = min(k, int(torch.isfinite(scores).sum()))
         top = scores.topk(k)
-        return [{"item_id": str(self.item_ids[i]), "score": float(v)} for v, i in zip(top.values.tolist(), top.indices.tolist())]
+        return [self.describe(i, float(v)) for v, i in zip(top.values.tolist(), top.indices.tolist())]
+
+    def describe(self, i: int, score: float | None) -> dict:
+        raw = str(self.item_ids[i])
+        return {"item_id": raw, "score": score, **({"title": self.titles[raw]} if raw in self.titles else {})}
 
     def popular(self, k: int, exclude=()) -> list[dict]:
         exclude = set(exclude.tolist()) if isinstance(exclude, torch.Tensor) else set(exclude)
         out = [int(i) for i in self._popular if int(i) not in exclude][:k]
-        return [{"item_id": str(self.item_ids[i]), "score": None} for i in out]
+        return [self.describe(i, None) for i in out]
 
     # -- state <-> bytes (safetensors, no pickle) ----------------------------------------
     def pack(self, state: dict) -> tuple[str, bytes]:
@@ -161,6 +166,24 @@ class Engine:
     @staticmethod
     def unpack(spec: str, blob: bytes) -> dict:
         return _unflatten(json.loads(spec), st_load(blob))
+
+
+def item_titles(dataset: str) -> dict[str, str]:
+    """Raw item id -> title where the dataset has titles: ML-1M's movies.dat (latin-1) from
+    the shared datasets folder; {} otherwise or when the file is not there."""
+    if dataset not in ("ml-1m",):
+        return {}
+    from ..data.registry import find_shared_dir
+
+    root = find_shared_dir()
+    path = None if root is None else Path(root) / "ml-1m-raw" / "movies.dat"
+    if path is None or not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text(encoding="latin-1").splitlines():
+        mid, title, _ = line.split("::")
+        out[mid] = title
+    return out
 
 
 def _flatten(obj, path: str, out: dict):

@@ -124,6 +124,14 @@ class Service:
                 tx.save_state(self.engine.version, *self.engine.pack(state))
         return {"user_id": user, **self._from_state(state, k, exclude_seen)}
 
+    def recent_events(self, user: str, limit: int) -> dict:
+        with self.store.user(user, write=False) as tx:
+            events = tx.recent_events(limit)
+        e = self.engine
+        return {"user_id": user, "events": [{"id": ev.event_id, "item_id": ev.item_id, "ts": ev.ts,
+                                             **({"title": e.titles[ev.item_id]} if ev.item_id in e.titles else {})}
+                                            for ev in events]}
+
     def delete(self, user: str) -> bool:
         with self.store.user(user) as tx:
             return tx.delete()

@@ -49,6 +49,12 @@ class UserTxn:
         rows = self.con.execute("SELECT event_id, item_id, ts FROM events WHERE user_id = ? ORDER BY seq", (self.user,))
         return [Event(*r) for r in rows]
 
+    def recent_events(self, limit: int) -> list[Event]:
+        """The newest ``limit`` events, newest first."""
+        rows = self.con.execute("SELECT event_id, item_id, ts FROM events WHERE user_id = ? ORDER BY seq DESC LIMIT ?",
+                                (self.user, limit))
+        return [Event(*r) for r in rows]
+
     def known_ids(self, ids: list[str]) -> set[str]:
         """Which of these event ids this user already has (a retried post)."""
         out = set()
@@ -129,6 +135,10 @@ class SQLiteStore:
                 con.execute("COMMIT")
             finally:
                 fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+
+    def recent_users(self, limit: int) -> list[str]:
+        """Users whose state changed last, newest first."""
+        return [r[0] for r in self._con().execute("SELECT user_id FROM users ORDER BY rowid DESC LIMIT ?", (limit,))]
 
     def n_users(self) -> int:
         return self._con().execute("SELECT COUNT(*) FROM users").fetchone()[0]
