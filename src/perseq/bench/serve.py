@@ -11,7 +11,7 @@ histories), then wrk (Debian's package, one connection per concurrent client) dr
 * ``/events+recs``: ``POST /v1/users/{id}/events?k=10`` with one new event (a fresh id)
   for one of the users, round robin, and the new top 10 in the response.
 
-wrk runs on the same 2 cores as the server (not pinned). One JSON row per measurement:
+wrk (one thread) runs on the same 2 cores as the server (not pinned). One JSON row per measurement:
 endpoint, model, workers, concurrency, history_len, p50_ms, p99_ms, rps, errors, hardware,
 commit.
 """
@@ -98,7 +98,7 @@ def run_wrk(url: str, path: str, script: str, concurrency: int, seconds: int) ->
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
     try:
-        threads = min(concurrency, 2)
+        threads = 1  # one wrk thread drives every connection: fewer threads fighting the server for 2 cores
         out = subprocess.run(["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{seconds}s", "--latency", "--timeout", "10s",
                               "-s", f.name, url + path], capture_output=True, text=True, check=True).stdout
     finally:

@@ -189,14 +189,14 @@ def create_app(run: str, store: str, token: str | None = None, unknown_items: st
 
     app.add_middleware(_Guard, latency=latency, n_req=n_req)
 
-    def auth(authorization: str | None = Header(None, description="Bearer <token>, when the server has one")):
+    async def auth(authorization: str | None = Header(None, description="Bearer <token>, when the server has one")):
         if token is None:
             return
         if authorization is None or not authorization.startswith("Bearer ") or \
                 not secrets.compare_digest(authorization[7:].encode(), token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    def service(request: Request):
+    async def service(request: Request):
         s = getattr(request.app.state, "service", None)
         if s is None:
             raise HTTPException(503, "the model is still loading")
@@ -212,50 +212,54 @@ def create_app(run: str, store: str, token: str | None = None, unknown_items: st
         except LookupError as e:
             raise HTTPException(409, str(e)) from None
 
+    # Every endpoint and dependency is ``async def`` and runs on the event loop: the work is
+    # CPU-bound (torch on one thread, SQLite), so a worker serves one request at a time
+    # anyway, and FastAPI's hop to a thread pool for each sync function cost more (about
+    # 1.5 ms a request) than it bought. Several workers (--workers) give the parallelism.
     v1 = [Depends(auth)]
 
     @app.post("/v1/recommend", response_model=Recommendations, dependencies=v1,
               responses={422: {"description": "invalid input, or unknown items with --unknown-items reject"}})
-    def recommend(body: RecommendRequest, svc=Depends(service)):
+    async def recommend(body: RecommendRequest, svc=Depends(service)):
         return unknown_to_422(svc.recommend, body.history, body.k, body.exclude_seen, body.adapt)
 
     @app.post("/v1/users/{user_id}/events", response_model=EventsResponse, dependencies=v1,
               responses={422: {"description": "invalid input, or unknown items with --unknown-items reject"}})
-    def post_events(user_id: UserId, body: EventsRequest, svc=Depends(service),
+    async def post_events(user_id: UserId, body: EventsRequest, svc=Depends(service),
                     k: int | None = Query(None, ge=1, le=MAX_K, description="also return the new top k"),
                     exclude_seen: bool = True):
         return unknown_to_422(svc.post_events, user_id, [e.model_dump() for e in body.events], k, exclude_seen)
 
     @app.get("/v1/users/{user_id}/recommendations", response_model=UserRecommendations, dependencies=v1)
-    def user_recommendations(user_id: UserId, svc=Depends(service), k: int = Query(10, ge=1, le=MAX_K),
+    async def user_recommendations(user_id: UserId, svc=Depends(service), k: int = Query(10, ge=1, le=MAX_K),
                              exclude_seen: bool = True):
         return svc.recommendations(user_id, k, exclude_seen)
 
     @app.get("/v1/users/{user_id}/events", response_model=UserEvents, dependencies=v1)
-    def user_events(user_id: UserId, svc=Depends(service), limit: int = Query(20, ge=1, le=MAX_EVENTS)):
+    async def user_events(user_id: UserId, svc=Depends(service), limit: int = Query(20, ge=1, le=MAX_EVENTS)):
         return svc.recent_events(user_id, limit)
 
     @app.get("/v1/users", response_model=Users, dependencies=v1)
-    def users(svc=Depends(service), limit: int = Query(20, ge=1, le=MAX_EVENTS)):
+    async def users(svc=Depends(service), limit: int = Query(20, ge=1, le=MAX_EVENTS)):
         return {"users": svc.store.recent_users(limit)}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def demo():
+    async def demo():
         return HTMLResponse((PathLib(__file__).parent / "demo.html").read_text())
 
     @app.delete("/v1/users/{user_id}", status_code=204, dependencies=v1, response_class=Response,
                 responses={404: {"description": "no such user"}})
-    def delete_user(user_id: UserId, svc=Depends(service)):
+    async def delete_user(user_id: UserId, svc=Depends(service)):
         if not svc.delete(user_id):
             raise HTTPException(404, f"no user {user_id!r}")
         return Response(status_code=204)
 
     @app.get("/healthz")
-    def healthz():
+    async def healthz():
         return {"status": "ok"}
 
     @app.get("/readyz", responses={503: {"description": "the model is still loading"}})
-    def readyz(request: Request):
+    async def readyz(request: Request):
         s = getattr(request.app.state, "service", None)
         if s is None:
             return JSONResponse({"ready": False}, status_code=503)
@@ -263,7 +267,7 @@ def create_app(run: str, store: str, token: str | None = None, unknown_items: st
         return {"ready": True, "model": e.name, "version": e.version, "state": e.kind, "window": e.W}
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    def metrics():
+    async def metrics():
         return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
     return app

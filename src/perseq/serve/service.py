@@ -15,6 +15,8 @@ Policies (README "Serving"):
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from .engine import Engine
@@ -33,6 +35,10 @@ class Service:
             raise ValueError(f"unknown_items must be 'ignore' or 'reject', got {unknown_items!r}")
         self.engine, self.store, self.unknown_items = engine, store, unknown_items
         self._adapted = None
+        # user -> (revision, state) this process last committed: a post whose user still has
+        # that revision in the store skips reading and unpacking the state blob
+        self._cache: OrderedDict[str, tuple[int, dict]] = OrderedDict()
+        self.cache_users = 10_000
 
     def _known(self, raw: list[str]) -> tuple[list[int], list[str]]:
         idx, unknown = self.engine.ids(raw)
@@ -90,15 +96,28 @@ class Service:
         for ev in events:  # an id twice in one post: the first one counts
             first.setdefault(str(ev["id"]), ev)
         in_post_dups = len(events) - len(first)
-        with self.store.user(user) as tx:
-            dup = tx.known_ids(list(first))
+        for _ in range(100):  # optimistic: compute outside the writer lock, commit if nothing moved
+            with self.store.user(user, write=False) as tx:
+                rev = tx.revision()
+                dup = tx.known_ids(list(first))
+                hit = self._cache.pop(user, None)
+                state = hit[1] if hit is not None and hit[0] == rev and rev is not None else self._load(tx)
             fresh = [ev for i, ev in first.items() if i not in dup]
             idx, unknown = self._known([str(ev["item_id"]) for ev in fresh])
             keep = [ev for ev in fresh if str(ev["item_id"]) in e.index]
-            state = self._load(tx)
             state = _with_seen(e.advance(state, idx), idx)
-            n = tx.add_events([Event(str(ev["id"]), str(ev["item_id"]), ev.get("ts")) for ev in keep])
-            tx.save_state(e.version, *e.pack(state))
+            spec, blob = e.pack(state)
+            with self.store.user(user) as tx:
+                if tx.revision() != rev:  # another writer got there first: read again
+                    continue
+                n = tx.add_events([Event(str(ev["id"]), str(ev["item_id"]), ev.get("ts")) for ev in keep])
+                tx.save_state(e.version, spec, blob, n)
+            self._cache[user] = (n, state)
+            if len(self._cache) > self.cache_users:
+                self._cache.popitem(last=False)
+            break
+        else:
+            raise RuntimeError(f"user {user!r}: 100 concurrent writers in a row; giving up")
         out = {"user_id": user, "applied": len(keep), "duplicates": len(dup) + in_post_dups, "unknown": unknown,
                "n_events": n}
         if k:
@@ -133,6 +152,7 @@ class Service:
                                             for ev in events]}
 
     def delete(self, user: str) -> bool:
+        self._cache.pop(user, None)
         with self.store.user(user) as tx:
             return tx.delete()
 

@@ -14,7 +14,10 @@ only at checkpoints: an acknowledged event still survives a crash or ``kill -9``
 server (the WAL is in the OS's page cache), but a power loss or OS crash may lose the
 transactions since the last checkpoint (never corrupting the database).
 
-A user's row holds the model version its state was built with; a server with another model
+A write computes the user's new state outside the lock and commits it only if the user's
+event count (``revision``) is still the one it read, retrying otherwise (optimistic
+concurrency): the lock covers the SQL writes alone, so workers step their models in
+parallel. A user's row holds the model version its state was built with; a server with another model
 finds the version changed and rebuilds the state from the stored events.
 """
 from __future__ import annotations
@@ -45,6 +48,12 @@ class UserTxn:
         row = self.con.execute("SELECT version, spec, blob FROM users WHERE user_id = ?", (self.user,)).fetchone()
         return None if row is None else (row[0], row[1], bytes(row[2]))
 
+    def revision(self) -> int | None:
+        """How many events the stored state holds (None: no user): what a writer checks
+        before committing a state it computed outside the lock."""
+        row = self.con.execute("SELECT n_events FROM users WHERE user_id = ?", (self.user,)).fetchone()
+        return None if row is None else row[0]
+
     def events(self) -> list[Event]:
         rows = self.con.execute("SELECT event_id, item_id, ts FROM events WHERE user_id = ? ORDER BY seq", (self.user,))
         return [Event(*r) for r in rows]
@@ -66,15 +75,17 @@ class UserTxn:
 
     def add_events(self, events: list[Event]) -> int:
         """Append in order; returns the user's event count after."""
-        n = self.con.execute("SELECT COUNT(*) FROM events WHERE user_id = ?", (self.user,)).fetchone()[0]
+        n = self.revision() or 0
         self.con.executemany("INSERT INTO events (user_id, seq, event_id, item_id, ts) VALUES (?, ?, ?, ?, ?)",
                              [(self.user, n + i, e.event_id, e.item_id, e.ts) for i, e in enumerate(events)])
         return n + len(events)
 
-    def save_state(self, version: str, spec: str, blob: bytes) -> None:
-        self.con.execute("INSERT INTO users (user_id, version, spec, blob) VALUES (?, ?, ?, ?) "
+    def save_state(self, version: str, spec: str, blob: bytes, n_events: int | None = None) -> None:
+        """Store the state; ``n_events``: the events it holds (default: unchanged)."""
+        n = (self.revision() or 0) if n_events is None else n_events
+        self.con.execute("INSERT INTO users (user_id, version, spec, blob, n_events) VALUES (?, ?, ?, ?, ?) "
                          "ON CONFLICT(user_id) DO UPDATE SET version = excluded.version, spec = excluded.spec, "
-                         "blob = excluded.blob", (self.user, version, spec, blob))
+                         "blob = excluded.blob, n_events = excluded.n_events", (self.user, version, spec, blob, n))
 
     def delete(self) -> bool:
         n = self.con.execute("DELETE FROM events WHERE user_id = ?", (self.user,)).rowcount
@@ -94,7 +105,7 @@ class SQLiteStore:
         con = self._con()
         con.executescript("""
             CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, version TEXT NOT NULL, spec TEXT NOT NULL,
-                                              blob BLOB NOT NULL);
+                                              blob BLOB NOT NULL, n_events INTEGER NOT NULL DEFAULT 0);
             CREATE TABLE IF NOT EXISTS events (user_id TEXT NOT NULL, seq INTEGER NOT NULL, event_id TEXT NOT NULL,
                                                item_id TEXT NOT NULL, ts INTEGER,
                                                PRIMARY KEY (user_id, seq), UNIQUE (user_id, event_id));
