@@ -143,9 +143,11 @@ def main(argv=None) -> None:
                                 c.post(f"/v1/users/u{u}/events", json={"events": ev}).raise_for_status()
                     history = json.dumps({"history": [rng.choice(catalogue) for _ in range(hist)], "k": 10})
                     sample = ",".join(f'"{rng.choice(catalogue)}"' for _ in range(256))
-                    # warm-up, not measured: JIT kernels and first-call allocations
-                    run_wrk(url, "/v1/recommend", RECOMMEND_LUA % {"body": history}, 2, 2)
-                    run_wrk(url, "/", EVENTS_LUA % {"users": a.users, "items": sample, "runid": f"w{workers}warm"}, 2, 2)
+                    # warm-up, not measured, with enough connections to reach every worker: JIT
+                    # kernels, first-call allocations, each user's state in the worker caches
+                    top = max(int(x) for x in a.concurrency.split(","))
+                    run_wrk(url, "/v1/recommend", RECOMMEND_LUA % {"body": history}, top, 4)
+                    run_wrk(url, "/", EVENTS_LUA % {"users": a.users, "items": sample, "runid": f"w{workers}warm"}, top, 4)
                     for conc in [int(x) for x in a.concurrency.split(",")]:
                         for endpoint, path, script in (
                                 ("/v1/recommend", "/v1/recommend", RECOMMEND_LUA % {"body": history}),
