@@ -189,3 +189,16 @@ def test_ml1m_items_carry_their_titles(shared_datasets):
     assert titles["1"] == "Toy Story (1995)" and len(titles) == 3883
     assert any(not t.isascii() for t in titles.values())  # latin-1 decoded, not mangled
     assert item_titles("synthetic") == {}
+
+
+def test_the_service_on_redis_gives_what_it_gives_on_sqlite(runs, tmp_path, redis_url):
+    got = {}
+    for store in (str(tmp_path / "s.sqlite"), redis_url):
+        with TestClient(create_app(runs["sasrec"], store)) as c:
+            c.delete("/v1/users/r")
+            first = c.post("/v1/users/r/events", params={"k": 5}, json=_events(ITEMS[:20])).json()
+            retry = c.post("/v1/users/r/events", json=_events(ITEMS[:21])).json()
+            got[store] = (first["recommendations"], (retry["applied"], retry["duplicates"]),
+                          c.get("/v1/users/r/recommendations").json())
+    a, b = got.values()
+    assert a == b and a[1] == (1, 20)

@@ -559,8 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "POST /v1/recommend, POST /v1/users/{id}/events?k=, GET /v1/users/{id}/recommendations, "
                                    "DELETE /v1/users/{id}, /healthz, /readyz, /metrics, /docs. See README 'Serving'.")
     p.add_argument("run", help="run folder written by 'perseq train'")
-    p.add_argument("--store", default="perseq-state.sqlite", help="SQLite file of users' events and states (default "
-                                                                  "perseq-state.sqlite; created if missing)")
+    p.add_argument("--store", default="perseq-state.sqlite",
+                   help="where users' events and states live: a SQLite file (default perseq-state.sqlite; created if "
+                        "missing) or redis://host:port/db for replicas on several machines")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=_positive_int, default=1, help="uvicorn worker processes sharing the store")

@@ -160,7 +160,7 @@ class _Guard:
 
 def create_app(run: str, store: str, token: str | None = None, unknown_items: str = "ignore",
                threads: int | None = None, durability: str = "process") -> FastAPI:
-    """The service for a run folder, its state in the SQLite file ``store``; ``threads``:
+    """The service for a run folder, its state in ``store`` (a SQLite file, or ``redis://...``); ``threads``:
     torch threads of this process (None: leave them as they are); ``durability``: what an
     acknowledged event survives, "process" (a crash or kill -9) or "power" (also a power
     loss; one fsync per request), ``store.SQLiteStore``."""
@@ -177,11 +177,11 @@ def create_app(run: str, store: str, token: str | None = None, unknown_items: st
 
         from .engine import Engine
         from .service import Service
-        from .store import SQLiteStore
+        from .store import open_store
 
         if threads:
             torch.set_num_threads(threads)
-        app.state.service = Service(Engine(run), SQLiteStore(store, durability), unknown_items)
+        app.state.service = Service(Engine(run), open_store(store, durability), unknown_items)
         yield
 
     app = FastAPI(title="perseq", version="1", lifespan=lifespan,

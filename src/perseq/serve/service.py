@@ -20,7 +20,7 @@ from collections import OrderedDict
 import torch
 
 from .engine import Engine
-from .store import Event, SQLiteStore
+from .store import Conflict, Event, SQLiteStore
 
 
 class UnknownItems(ValueError):
@@ -107,11 +107,14 @@ class Service:
             keep = [ev for ev in fresh if str(ev["item_id"]) in e.index]
             state = _with_seen(e.advance(state, idx), idx)
             spec, blob = e.pack(state)
-            with self.store.user(user) as tx:
-                if tx.revision() != rev:  # another writer got there first: read again
-                    continue
-                n = tx.add_events([Event(str(ev["id"]), str(ev["item_id"]), ev.get("ts")) for ev in keep])
-                tx.save_state(e.version, spec, blob, n)
+            try:
+                with self.store.user(user) as tx:
+                    if tx.revision() != rev:  # another writer got there first: read again
+                        continue
+                    n = tx.add_events([Event(str(ev["id"]), str(ev["item_id"]), ev.get("ts")) for ev in keep])
+                    tx.save_state(e.version, spec, blob, n)
+            except Conflict:  # the same, seen at commit (Redis)
+                continue
             self._cache[user] = (n, state)
             if len(self._cache) > self.cache_users:
                 self._cache.popitem(last=False)
@@ -138,9 +141,12 @@ class Service:
             else:
                 state = None
         if state is None:  # built by another model version: rebuild (and store) it
-            with self.store.user(user) as tx:
-                state = self._load(tx)
-                tx.save_state(self.engine.version, *self.engine.pack(state))
+            try:
+                with self.store.user(user) as tx:
+                    state = self._load(tx)
+                    tx.save_state(self.engine.version, *self.engine.pack(state))
+            except Conflict:  # someone stored a newer state meanwhile; this answer stands
+                pass
         return {"user_id": user, **self._from_state(state, k, exclude_seen)}
 
     def recent_events(self, user: str, limit: int) -> dict:

@@ -1,33 +1,44 @@
-"""Where the service keeps each user's events and state, behind one interface.
+"""Where the service keeps each user's events and state, behind one interface: a store's
+``user(user_id, write)`` is a transaction on one user (``UserTxn``'s methods), and
+``recent_users``/``n_users`` look across users.
 
-``SQLiteStore`` (the default) is one file in WAL mode. Every change to a user runs in one
-``BEGIN IMMEDIATE`` transaction, taken under a lock that serializes writers across threads
-(a ``threading.Lock``) and worker processes (``flock`` on ``<store>.lock``), so events of one
-user apply in order and none is lost when several workers take posts for the same user.
-Waiting on those locks wakes a writer as soon as the previous one commits; SQLite's own
-busy handler would poll with sleeps of up to 100 ms, which made the latency's tail. With ``durability="power"`` (``synchronous=FULL``) a
-transaction is durable on disk
-before the request is answered, so an acknowledged event survives a ``kill -9`` of the
-server and a power loss, at the price of one fsync per request, which also serializes
-the writers. ``synchronous=NORMAL`` (``durability="process"``, the default) fsyncs the WAL
-only at checkpoints: an acknowledged event still survives a crash or ``kill -9`` of the
-server (the WAL is in the OS's page cache), but a power loss or OS crash may lose the
-transactions since the last checkpoint (never corrupting the database).
+Writes are optimistic. The service reads a user's revision (how many events its state
+holds), computes the new state outside any lock, and commits it only if the revision is
+still the one it read; otherwise it reads again (``Conflict``, or an unchanged-revision
+check). The lock covers the writes alone, so workers step their models in parallel, and
+events of one user apply in order with none lost whatever worker takes them. A user's row
+keeps the model version its state was built with; a server with another model rebuilds the
+state from the stored events.
 
-A write computes the user's new state outside the lock and commits it only if the user's
-event count (``revision``) is still the one it read, retrying otherwise (optimistic
-concurrency): the lock covers the SQL writes alone, so workers step their models in
-parallel. A user's row holds the model version its state was built with; a server with another model
-finds the version changed and rebuilds the state from the stored events.
+``SQLiteStore`` (the default) is one file in WAL mode. A write runs ``BEGIN IMMEDIATE`` under
+a lock that serializes writers across threads (a ``threading.Lock``) and worker processes
+(``flock`` on ``<store>.lock``); waiting on those wakes a writer as soon as the previous one
+commits, where SQLite's busy handler would poll with sleeps of up to 100 ms. Durability:
+``"process"`` (default, ``synchronous=NORMAL``) fsyncs the WAL at checkpoints only, so an
+acknowledged event survives a crash or ``kill -9`` of the server (the WAL is in the OS's page
+cache) but a power loss or OS crash may roll back to the last checkpoint (never corrupting
+the file); ``"power"`` (``synchronous=FULL``) fsyncs every commit and also survives a power
+loss.
+
+``RedisStore`` serves several API replicas on several machines. A write ``WATCH``es the
+user's revision key and commits in one ``MULTI``/``EXEC``; a concurrent write makes EXEC fail
+and the service reads again. Durability is the Redis server's: ``appendonly yes`` with
+``appendfsync always`` matches "power", ``everysec`` may lose the last second.
 """
 from __future__ import annotations
 
 import fcntl
+import json
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+
+class Conflict(Exception):
+    """Another writer changed the user since this transaction read it: read again."""
 
 
 @dataclass
@@ -83,9 +94,10 @@ class UserTxn:
     def save_state(self, version: str, spec: str, blob: bytes, n_events: int | None = None) -> None:
         """Store the state; ``n_events``: the events it holds (default: unchanged)."""
         n = (self.revision() or 0) if n_events is None else n_events
-        self.con.execute("INSERT INTO users (user_id, version, spec, blob, n_events) VALUES (?, ?, ?, ?, ?) "
+        self.con.execute("INSERT INTO users (user_id, version, spec, blob, n_events, updated) VALUES (?, ?, ?, ?, ?, ?) "
                          "ON CONFLICT(user_id) DO UPDATE SET version = excluded.version, spec = excluded.spec, "
-                         "blob = excluded.blob, n_events = excluded.n_events", (self.user, version, spec, blob, n))
+                         "blob = excluded.blob, n_events = excluded.n_events, updated = excluded.updated",
+                         (self.user, version, spec, blob, n, time.time_ns()))
 
     def delete(self) -> bool:
         n = self.con.execute("DELETE FROM events WHERE user_id = ?", (self.user,)).rowcount
@@ -105,7 +117,8 @@ class SQLiteStore:
         con = self._con()
         con.executescript("""
             CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, version TEXT NOT NULL, spec TEXT NOT NULL,
-                                              blob BLOB NOT NULL, n_events INTEGER NOT NULL DEFAULT 0);
+                                              blob BLOB NOT NULL, n_events INTEGER NOT NULL DEFAULT 0,
+                                              updated INTEGER NOT NULL DEFAULT 0);
             CREATE TABLE IF NOT EXISTS events (user_id TEXT NOT NULL, seq INTEGER NOT NULL, event_id TEXT NOT NULL,
                                                item_id TEXT NOT NULL, ts INTEGER,
                                                PRIMARY KEY (user_id, seq), UNIQUE (user_id, event_id));
@@ -149,7 +162,115 @@ class SQLiteStore:
 
     def recent_users(self, limit: int) -> list[str]:
         """Users whose state changed last, newest first."""
-        return [r[0] for r in self._con().execute("SELECT user_id FROM users ORDER BY rowid DESC LIMIT ?", (limit,))]
+        return [r[0] for r in self._con().execute("SELECT user_id FROM users ORDER BY updated DESC LIMIT ?", (limit,))]
 
     def n_users(self) -> int:
         return self._con().execute("SELECT COUNT(*) FROM users").fetchone()[0]
+
+
+class _RedisTxn:
+    """``UserTxn`` on Redis: reads go to the server at once, writes are buffered and run in
+    one MULTI/EXEC at the end, under the WATCH on the user's metadata taken at the start."""
+
+    def __init__(self, r, prefix: str, user: str):
+        self.r, self.user, self.ops = r, user, []
+        k = f"{prefix}:u:{user}"
+        self.k_meta, self.k_blob, self.k_events, self.k_ids = k + ":meta", k + ":blob", k + ":events", k + ":ids"
+        self.k_users = f"{prefix}:users"
+        self._n = None  # the event count after the buffered writes
+
+    def _write(self, name, *args, **kw):
+        self.ops.append((name, args, kw))
+
+    def state(self):
+        meta = self.r.hgetall(self.k_meta)
+        if not meta:
+            return None
+        return meta[b"version"].decode(), meta[b"spec"].decode(), self.r.get(self.k_blob) or b""
+
+    def revision(self):
+        n = self.r.hget(self.k_meta, "n_events")
+        return None if n is None else int(n)
+
+    @staticmethod
+    def _event(raw: bytes) -> Event:
+        return Event(*json.loads(raw))
+
+    def events(self):
+        return [self._event(x) for x in self.r.lrange(self.k_events, 0, -1)]
+
+    def recent_events(self, limit: int):
+        return [self._event(x) for x in reversed(self.r.lrange(self.k_events, -limit, -1))]
+
+    def known_ids(self, ids):
+        if not ids:
+            return set()
+        return {i for i, hit in zip(ids, self.r.smismember(self.k_ids, ids)) if hit}
+
+    def add_events(self, events):
+        n = self.revision() or 0
+        if events:
+            self._write("rpush", self.k_events, *[json.dumps([e.event_id, e.item_id, e.ts]) for e in events])
+            self._write("sadd", self.k_ids, *[e.event_id for e in events])
+        self._n = n + len(events)
+        return self._n
+
+    def save_state(self, version, spec, blob, n_events=None):
+        if n_events is None:
+            n_events = self._n if self._n is not None else (self.revision() or 0)
+        self._write("hset", self.k_meta, mapping={"version": version, "spec": spec, "n_events": n_events})
+        self._write("set", self.k_blob, blob)
+        self._write("zadd", self.k_users, {self.user: time.time_ns()})
+
+    def delete(self):
+        existed = self.r.exists(self.k_meta, self.k_events) > 0
+        self._write("delete", self.k_meta, self.k_blob, self.k_events, self.k_ids)
+        self._write("zrem", self.k_users, self.user)
+        return existed
+
+
+class RedisStore:
+    """The store on a Redis server (``redis://host:port/db``), keys under ``prefix``."""
+
+    def __init__(self, url: str, prefix: str = "perseq"):
+        import redis
+
+        self.r = redis.Redis.from_url(url)
+        self.r.ping()  # a wrong address is an error at start-up, not at the first request
+        self.prefix = prefix
+
+    @contextmanager
+    def user(self, user_id: str, write: bool = True):
+        import redis
+
+        if not write:
+            yield _RedisTxn(self.r, self.prefix, user_id)
+            return
+        with self.r.pipeline(transaction=True) as pipe:
+            txn = _RedisTxn(pipe, self.prefix, user_id)
+            pipe.watch(txn.k_meta)  # until multi(), the pipeline's commands run at once
+            yield txn
+            if not txn.ops:
+                return
+            pipe.multi()
+            for name, args, kw in txn.ops:
+                getattr(pipe, name)(*args, **kw)
+            try:
+                pipe.execute()
+            except redis.WatchError:
+                raise Conflict(f"user {user_id!r} changed during the write") from None
+
+    def recent_users(self, limit: int) -> list[str]:
+        return [u.decode() for u in self.r.zrevrange(f"{self.prefix}:users", 0, limit - 1)]
+
+    def n_users(self) -> int:
+        return self.r.zcard(f"{self.prefix}:users")
+
+
+def open_store(spec: str, durability: str = "process"):
+    """A store from its command-line form: ``redis://...`` or a SQLite file path."""
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        if durability != "process":
+            raise ValueError("with Redis, durability is the Redis server's setting (appendonly/appendfsync)")
+        return RedisStore(spec)
+    return SQLiteStore(spec, durability)
