@@ -386,6 +386,15 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .serve.export import export_onnx
+
+    info = export_onnx(args.run, args.onnx)
+    print(f"wrote {args.onnx} ({info['model']}: item + {len(info['state_shapes'])} state tensors -> scores + new state) "
+          f"and {Path(args.onnx).with_suffix('.json')}", file=sys.stderr)
+    return 0
+
+
 def cmd_models(args) -> int:
     from .models.registry import describe_models
 
@@ -573,6 +582,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what an acknowledged event survives: process (default; a crash or kill -9 of the server: "
                         "SQLite synchronous=NORMAL) or power (also a power loss: synchronous=FULL, an fsync per request)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export a recurrent model's incremental step for on-device inference (ONNX)",
+                       description="Write the step (item, state) -> (scores, new state) of a GRU4Rec or Mamba4Rec run as "
+                                   "an ONNX graph, and <out>.json with the state's shapes and the item ids in score order.")
+    p.add_argument("run", help="run folder written by 'perseq train'")
+    p.add_argument("--onnx", required=True, help="the .onnx file to write")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list the models (model.name values) with one line each")
     p.set_defaults(func=cmd_models)
