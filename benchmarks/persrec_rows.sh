@@ -32,7 +32,7 @@ trio() {  # backbone dataset-prefix
   for v in +persrec -recent128 -full1024; do collect ml-1m_$b$v ml-1m-$b$v 0 1 2; done
   perseq bench long --variant full1024=$(runs ml-1m-$b-full1024) --variant persrec=$(runs ml-1m-$b+persrec) \
     --variant recent128=$(runs ml-1m-$b-recent128) --min-history 512 --name ml-1m_${b}_long
-  perseq bench drift runs/ml-1m-$b+persrec-s0 --fold 64 --name ml-1m_${b}+persrec_drift
+  perseq bench drift runs/ml-1m-$b+persrec-s0 --name ml-1m_${b}+persrec_drift
 }
 for g in "${groups[@]}"; do
   case $g in

@@ -202,3 +202,31 @@ def test_the_service_on_redis_gives_what_it_gives_on_sqlite(runs, tmp_path, redi
                           c.get("/v1/users/r/recommendations").json())
     a, b = got.values()
     assert a == b and a[1] == (1, 20)
+
+
+def test_a_stale_worker_cache_never_brings_back_an_erased_history(runs, tmp_path):
+    """Two workers (services) on one store: A caches u's state; B deletes u and posts as
+    many new events; A's next post must build on B's, not on what was erased."""
+    from perseq.serve.engine import Engine
+    from perseq.serve.service import Service
+    from perseq.serve.store import SQLiteStore
+
+    e = Engine(runs["gru4rec"])
+    a, b = (Service(e, SQLiteStore(tmp_path / "s.sqlite")) for _ in range(2))
+    ev = lambda items, tag: [{"id": f"{tag}{i}", "item_id": it} for i, it in enumerate(items)]  # noqa: E731
+    a.post_events("u", ev(["i1", "i2", "i3"], "old"))
+    assert b.delete("u")
+    b.post_events("u", ev(["i7", "i8", "i9"], "new"))
+    out = a.post_events("u", ev(["i10"], "more"))
+    assert out["n_events"] == 4
+    with a.store.user("u", write=False) as tx:
+        state = e.unpack(*tx.state()[1:])
+    assert sorted(e.item_ids[i] for i in state["seen"].tolist()) == ["i10", "i7", "i8", "i9"]
+
+
+def test_unknown_items_are_stored_for_a_later_model_but_not_applied(runs, tmp_path):
+    with _client(runs["gru4rec"], tmp_path) as c:
+        r = c.post("/v1/users/x/events", json=_events(["i1", "new-item"])).json()
+        assert (r["applied"], r["unknown"], r["n_events"]) == (1, ["new-item"], 2)
+        assert [e["item_id"] for e in c.get("/v1/users/x/events").json()["events"]] == ["new-item", "i1"]
+        assert c.post("/v1/users/x/events", json=_events(["i1", "new-item"])).json()["duplicates"] == 2

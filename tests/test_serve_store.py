@@ -24,16 +24,30 @@ def test_events_state_and_revision(store):
         assert tx.state() is None and tx.revision() is None and tx.events() == []
     with store.user("u") as tx:
         assert tx.add_events([_ev(0, "a"), _ev(1, "b")]) == 2
-        tx.save_state("v1", "{}", b"\x00\x01", 2)
+        r1 = tx.save_state("v1", "{}", b"\x00\x01", 2)
     with store.user("u") as tx:
-        assert tx.add_events([_ev(2, "c")]) == 3
-        tx.save_state("v1", '{"x": 1}', b"\x02", 3)
+        assert tx.revision() == r1 and tx.add_events([_ev(2, "c")]) == 3
+        r2 = tx.save_state("v1", '{"x": 1}', b"\x02", 3)
     with store.user("u", write=False) as tx:
-        assert tx.state() == ("v1", '{"x": 1}', b"\x02") and tx.revision() == 3
+        assert tx.state() == ("v1", '{"x": 1}', b"\x02") and tx.revision() == r2 != r1 and tx.n_events() == 3
         assert [e.item_id for e in tx.events()] == ["a", "b", "c"]
         assert [e.event_id for e in tx.recent_events(2)] == ["e2", "e1"]
         assert tx.known_ids(["e0", "e9", "e2"]) == {"e0", "e2"}
         assert tx.events()[2] == Event("e2", "c", 2)
+
+
+def test_a_deleted_and_recreated_user_never_repeats_a_revision(store):
+    """A writer that read the user before a delete and a re-creation with as many events
+    must not commit over them: the revision is a fresh token, not the event count."""
+    with store.user("u") as tx:
+        tx.add_events([_ev(0)])
+        old = tx.save_state("v", "{}", b"old", 1)
+    with store.user("u") as tx:
+        tx.delete()
+    with store.user("u") as tx:
+        tx.add_events([_ev(1)])
+        new = tx.save_state("v", "{}", b"new", 1)
+    assert new != old
 
 
 def test_users_listing_and_delete(store):
@@ -87,7 +101,7 @@ def test_concurrent_writers_commit_only_on_an_unchanged_revision(store):
         t.join()
     with store.user("hot", write=False) as tx:
         events = tx.events()
-        assert tx.revision() == 160 and tx.state()[2] == b"160"
+        assert tx.n_events() == 160 and tx.state()[2] == b"160"
     assert len({e.event_id for e in events}) == 160
     for w in range(8):  # each writer's events in its own order
         mine = [e.event_id for e in events if e.event_id.startswith(f"w{w}-")]

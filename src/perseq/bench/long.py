@@ -109,13 +109,13 @@ def main(argv=None) -> None:
 
 DRIFT_DOC = """Drift of PerSRec's cache over many folds (issue 26).
 
-    perseq bench drift runs/ml-1m-sasrec+persrec-s0 --fold 64 --name ml-1m_sasrec+persrec_drift
+    perseq bench drift runs/ml-1m-sasrec+persrec-s0 --name ml-1m_sasrec+persrec_drift
 
 Scores the test event of every user three ways: ``window``, the trained layout (the last
 P + R events: the run's own evaluation); ``chained``, the whole known history compressed in
 segments of P events, then the last R events; ``folds``, serving from an empty cache with the
-history appended ``--fold`` events at a time, so every event older than the recent part
-reached the cache through a fold of ``--fold`` events. Reports all users and the users with
+history appended ``fold`` events at a time (the model's ``fold``), so every event older than
+the recent part reached the cache through a fold of ``fold`` events. Reports all users and the users with
 more than P + R known events. Writes ``benchmarks/results/<name>.json``.
 """
 
@@ -124,9 +124,9 @@ class _WholeHistory(ScoringWrapper):
     """A PerSRec model scoring from a user's whole history (up to ``max_history`` events),
     chained in P-event segments or folded in ``fold`` events at a time."""
 
-    def __init__(self, model, mode: str, fold: int, max_history: int):
+    def __init__(self, model, mode: str, max_history: int):
         super().__init__(model)
-        self.mode, self.fold, self.max_history = mode, fold, max_history
+        self.mode, self.fold, self.max_history = mode, model.fold, max_history
 
     @property
     def max_input_len(self) -> int:
@@ -155,7 +155,7 @@ class _WholeHistory(ScoringWrapper):
         return s
 
 
-def drift(run: str, fold: int, max_history: int) -> dict:
+def drift(run: str, max_history: int) -> dict:
     from ..checkpoint import load_model
     from ..cli import _check_vocab, _rebuild_split
     from ..evaluate import rank_targets
@@ -167,9 +167,9 @@ def drift(run: str, fold: int, max_history: int) -> dict:
     _check_vocab(items, split.data)
     model.eval()
     long_from = model.P * model.cfg.segments + model.R
-    out = {"P": model.P, "K": model.K, "R": model.R, "fold": fold, "long_history": long_from}
+    out = {"P": model.P, "K": model.K, "R": model.R, "fold": model.fold, "long_history": long_from}
     for mode in ("window", "chained", "folds"):
-        scorer = model if mode == "window" else _WholeHistory(model, mode, fold, max_history)
+        scorer = model if mode == "window" else _WholeHistory(model, mode, max_history)
         ranks, users, hl, _ = rank_targets(scorer, split, "test", cfg.eval)
         per = per_user_metrics(ranks, cfg.eval.ks)
         long = hl > long_from
@@ -183,10 +183,9 @@ def drift_main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="perseq bench drift", description=DRIFT_DOC,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="a trained PerSRec run folder")
-    ap.add_argument("--fold", type=int, default=64, help="events appended (and folded) at a time")
     ap.add_argument("--max-history", type=int, default=4096, help="longest known history read (events)")
     ap.add_argument("--name", required=True, help="writes benchmarks/results/<name>.json")
     ap.add_argument("--out-dir", default="benchmarks/results")
     a = ap.parse_args(argv)
-    result = drift(a.run, a.fold, a.max_history)
+    result = drift(a.run, a.max_history)
     write_result_file(f"{a.out_dir}/{a.name}.json", {"benchmark": "persrec_drift", "run": a.run, **result})

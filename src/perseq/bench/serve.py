@@ -3,9 +3,10 @@
     perseq bench serve runs/ml-1m-mamba4rec-s0 --model mamba4rec --concurrency 1,8,32 --workers 1,2 \\
         --histories 50,5000 --out benchmarks/results/serve_mamba4rec.json
 
-For each number of uvicorn workers, a fresh server (its own SQLite store) is started, users
-are given ``history`` events each (random items of the run's catalogue: long synthetic
-histories), then wrk (Debian's package, one connection per concurrent client) drives
+For each number of uvicorn workers, a fresh server (its own SQLite store) is started; before
+each concurrency level, fresh users are given ``history`` events each (random items of the
+run's catalogue: long synthetic histories), then wrk (Debian's package, one connection per
+concurrent client) drives
 
 * ``/v1/recommend``: a stateless request carrying the whole history, k 10;
 * ``/events+recs``: ``POST /v1/users/{id}/events?k=10`` with one new event (a fresh id)
@@ -34,12 +35,12 @@ from pathlib import Path
 from ..report import write_result_file
 
 EVENTS_LUA = """
-local users, items, runid = %(users)d, {%(items)s}, "%(runid)s"
+local users, items, runid, prefix = %(users)d, {%(items)s}, "%(runid)s", "%(prefix)s"
 local counter, threads = 0, 0
 function setup(thread) thread:set("tid", threads); threads = threads + 1 end
 function request()
   counter = counter + 1
-  local user = "u" .. ((counter * 7 + tid) %% users)
+  local user = prefix .. ((counter * 7 + tid) %% users)
   local item = items[(counter %% #items) + 1]
   local body = '{"events":[{"id":"' .. runid .. '-' .. tid .. '-' .. counter .. '","item_id":"' .. item .. '"}]}'
   return wrk.format("POST", "/v1/users/" .. user .. "/events?k=10", {["Content-Type"] = "application/json"}, body)
@@ -110,6 +111,8 @@ def main(argv=None) -> None:
     import httpx
 
     from ..checkpoint import load_model
+    import torch
+
     from ..report import git_commit, hardware_name
 
     ap = argparse.ArgumentParser(prog="perseq bench serve", description=__doc__,
@@ -123,6 +126,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seconds", type=int, default=10, help="wrk duration per measurement")
     ap.add_argument("--out", required=True, help="JSON file of the rows")
     a = ap.parse_args(argv)
+    torch.set_num_threads(1)  # the rows' hardware line names one thread: each server worker's
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
     _, meta, item_ids = load_model(a.run)
@@ -135,24 +139,33 @@ def main(argv=None) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 server, url = start_server(a.run, str(Path(tmp) / "state.sqlite"), workers)
                 try:
-                    with httpx.Client(base_url=url, timeout=600) as c:
-                        for u in range(a.users):  # the users' histories, 1,000 events a post
-                            items = [rng.choice(catalogue) for _ in range(hist)]
-                            for s in range(0, hist, 1000):
-                                ev = [{"id": f"h{s + i}", "item_id": it} for i, it in enumerate(items[s : s + 1000])]
-                                c.post(f"/v1/users/u{u}/events", json={"events": ev}).raise_for_status()
+                    def populate(prefix):  # fresh users, each given `hist` events, 1,000 a post
+                        with httpx.Client(base_url=url, timeout=600) as c:
+                            for u in range(a.users):
+                                items = [rng.choice(catalogue) for _ in range(hist)]
+                                for s in range(0, hist, 1000):
+                                    ev = [{"id": f"h{s + i}", "item_id": it} for i, it in enumerate(items[s : s + 1000])]
+                                    c.post(f"/v1/users/{prefix}{u}/events", json={"events": ev}).raise_for_status()
+
+                    def events_script(prefix, runid):
+                        return EVENTS_LUA % {"users": a.users, "items": sample, "runid": runid, "prefix": prefix}
+
                     history = json.dumps({"history": [rng.choice(catalogue) for _ in range(hist)], "k": 10})
                     sample = ",".join(f'"{rng.choice(catalogue)}"' for _ in range(256))
                     # warm-up, not measured, with enough connections to reach every worker: JIT
-                    # kernels, first-call allocations, each user's state in the worker caches
+                    # kernels, first-call allocations
                     top = max(int(x) for x in a.concurrency.split(","))
+                    populate("warm")
                     run_wrk(url, "/v1/recommend", RECOMMEND_LUA % {"body": history}, top, 4)
-                    run_wrk(url, "/", EVENTS_LUA % {"users": a.users, "items": sample, "runid": f"w{workers}warm"}, top, 4)
+                    run_wrk(url, "/", events_script("warm", "warm"), top, 4)
                     for conc in [int(x) for x in a.concurrency.split(",")]:
+                        # every events row starts from users with exactly `hist` events (they gain
+                        # about rps x seconds / users more during the row)
+                        prefix = f"c{conc}u"
+                        populate(prefix)
                         for endpoint, path, script in (
                                 ("/v1/recommend", "/v1/recommend", RECOMMEND_LUA % {"body": history}),
-                                ("/events+recs", "/", EVENTS_LUA % {"users": a.users, "items": sample,
-                                                                    "runid": f"w{workers}c{conc}"})):
+                                ("/events+recs", "/", events_script(prefix, f"w{workers}c{conc}"))):
                             r = run_wrk(url, path, script, conc, a.seconds)
                             row = {"endpoint": endpoint, "model": model, "workers": workers, "concurrency": conc,
                                    "history_len": hist, **r, "hardware": hardware_name("cpu"), "commit": git_commit()}

@@ -46,7 +46,8 @@ exists: with no history at all the tokens read only themselves, a cache shared b
 such user. No padding is ever attended to.
 
 Serving (``compress``, ``recommend``, ``append``): the cache is ``{"k", "v"}`` of shape
-(n_blocks, B, H, K, head size), the token block's per-layer keys and values, nothing else.
+(n_blocks, B, H, K, head size), the token block's per-layer keys and values, and
+``"folded"`` (B,), how many events it has read (a user's first fold reads no block before it).
 ``append`` keeps at most R recent events: past R it folds the oldest (at least ``fold``,
 at most P at a time) into the cache by running one window ``[cached tokens | folded events
 | T]`` — K tokens per layer forever, and a flat cost per event.
@@ -261,8 +262,8 @@ class PerSRec(SeqRecModel):
         self.tokens = nn.Parameter(torch.randn(self.K, cfg.d) * 0.02)
         self._layers = self.layers_cls(self.backbone)
         self.fold = cfg.fold or max(1, self.R // 2)
-        if not 1 <= self.fold <= self.P:
-            raise ValueError(f"fold={cfg.fold} must be between 1 and the segment length P={self.P}")
+        if not 1 <= self.fold <= min(self.P, self.R):
+            raise ValueError(f"fold={cfg.fold} must be between 1 and min(P, R) = {min(self.P, self.R)}")
 
     @property
     def item_emb(self) -> nn.Embedding:
@@ -383,26 +384,31 @@ class PerSRec(SeqRecModel):
     # -- serving: compress, recommend, append --------------------------------------------
     def _compress_window(self, cache, events):
         """One fold: ``[cached tokens | events | T]`` -> the new token block's cache; events
-        (B, f) right-padded; cache None for the first segment. Users with no event here keep
-        their cache (with a cache) — the segment does not exist for them."""
+        (B, f) right-padded. The cached tokens are read only by users who have folded
+        something already: a user's first segment has no block before it, as in training
+        (the tokens of an empty history are a user's cache until then, never a prefix).
+        Users with no event here keep their cache: the segment does not exist for them."""
         B, f = events.shape
         dev = events.device
         parts = [(HIST, 1, f), (TOKEN, 1, self.K)]
         meta = self._meta(parts, dev)
         items = torch.cat([events, torch.full((B, self.K), -1, dtype=events.dtype, device=dev)], 1)
         valid = torch.cat([events != 0, torch.ones(B, self.K, dtype=torch.bool, device=dev)], 1)
+        n_new = (events != 0).sum(1)  # (B,)
         prefix = None
         if cache is not None:
-            prefix = {**cache, "meta": self._meta([(TOKEN, 0, self.K)], dev)}
-            valid = torch.cat([torch.ones(B, self.K, dtype=torch.bool, device=dev), valid], 1)
+            prefix = {"k": cache["k"], "v": cache["v"], "meta": self._meta([(TOKEN, 0, self.K)], dev)}
+            had = (cache["folded"] > 0)[:, None].expand(B, self.K)  # (B, K): a block to read
+            valid = torch.cat([had, valid], 1)
         kmeta = meta if prefix is None else tuple(torch.cat([p, m]) for p, m in zip(prefix["meta"], meta))
         allowed = _allowed(meta, kmeta, valid, torch.zeros(B, dtype=torch.long, device=dev))
         _, k, v = self._window(items, meta, allowed, prefix)
         new = {"k": k[..., -self.K:, :], "v": v[..., -self.K:, :]}
         if cache is None:
-            return new
-        keep = ~(events != 0).any(1)  # (B,) no event: the segment does not exist for them
-        return {n: torch.where(keep[None, :, None, None, None], cache[n], new[n]) for n in ("k", "v")}
+            return {**new, "folded": n_new}
+        keep = n_new == 0  # (B,) no event: the segment does not exist for them
+        out = {n: torch.where(keep[None, :, None, None, None], cache[n], new[n]) for n in ("k", "v")}
+        return {**out, "folded": cache["folded"] + n_new}
 
     def compress(self, history: torch.Tensor, segment: int | None = None) -> dict:
         """history (B, L) right-padded, any L -> cache {"k", "v"}: (n_blocks, B, H, K, ·),
@@ -426,7 +432,7 @@ class PerSRec(SeqRecModel):
         B, r = recent.shape
         dev = recent.device
         meta = self._meta([(RECENT, 1, r)], dev)
-        prefix = {**cache, "meta": self._meta([(TOKEN, 0, self.K)], dev)}
+        prefix = {"k": cache["k"], "v": cache["v"], "meta": self._meta([(TOKEN, 0, self.K)], dev)}
         kmeta = tuple(torch.cat([p, m]) for p, m in zip(prefix["meta"], meta))
         valid = torch.cat([torch.ones(B, self.K, dtype=torch.bool, device=dev), recent != 0], 1)
         allowed = _allowed(meta, kmeta, valid, torch.zeros(B, dtype=torch.long, device=dev))
@@ -478,7 +484,7 @@ class PerSRec(SeqRecModel):
         if recent.shape[1] > self.R:
             raise ValueError(f"recent part of {recent.shape[1]} events exceeds R={self.R}: use append first")
         rk, rv = self._recent_kv(cache, recent)
-        return {"k": cache["k"], "v": cache["v"], "recent": recent, "rk": rk, "rv": rv}
+        return {"k": cache["k"], "v": cache["v"], "folded": cache["folded"], "recent": recent, "rk": rk, "rv": rv}
 
     def _recent_kv(self, cache, recent):
         B, r = recent.shape
@@ -487,7 +493,7 @@ class PerSRec(SeqRecModel):
             return k.new_zeros(*k.shape[:3], 0, k.shape[4]), v.new_zeros(*v.shape[:3], 0, v.shape[4])
         dev = recent.device
         meta = self._meta([(RECENT, 1, r)], dev)
-        prefix = {**cache, "meta": self._meta([(TOKEN, 0, self.K)], dev)}
+        prefix = {"k": cache["k"], "v": cache["v"], "meta": self._meta([(TOKEN, 0, self.K)], dev)}
         kmeta = tuple(torch.cat([p, m]) for p, m in zip(prefix["meta"], meta))
         allowed = _allowed(meta, kmeta, torch.ones(B, self.K + r, dtype=torch.bool, device=dev),
                            torch.zeros(B, dtype=torch.long, device=dev))
@@ -499,7 +505,7 @@ class PerSRec(SeqRecModel):
         Past R recent events, the oldest ``fold`` are folded into the token cache and the
         recent keys/values recomputed once (amortized over ``fold`` events). Equals
         ``append`` then ``recommend_hidden`` (tests/test_persrec.py)."""
-        recent, cache = state["recent"], {"k": state["k"], "v": state["v"]}
+        recent, cache = state["recent"], {"k": state["k"], "v": state["v"], "folded": state["folded"]}
         rk, rv = state["rk"], state["rv"]
         if recent.shape[1] + 1 > self.R:
             f = min(max(recent.shape[1] + 1 - self.R, self.fold), recent.shape[1])
@@ -516,7 +522,7 @@ class PerSRec(SeqRecModel):
         allowed = _allowed(meta, kmeta, torch.ones(B, self.K + r + 1, dtype=torch.bool, device=dev),
                            torch.zeros(B, dtype=torch.long, device=dev))
         h, k, v = self._window(item[:, None], meta, allowed, prefix)
-        new = {"k": cache["k"], "v": cache["v"], "recent": torch.cat([recent, item[:, None]], 1),
+        new = {"k": cache["k"], "v": cache["v"], "folded": cache["folded"], "recent": torch.cat([recent, item[:, None]], 1),
                "rk": torch.cat([rk, k], 3), "rv": torch.cat([rv, v], 3)}
         return new, h[:, 0]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sqlite3
 from pathlib import Path as PathLib
 import time
 from contextlib import asynccontextmanager
@@ -133,9 +134,9 @@ class _Guard:
         async def counted():
             msg = await receive()
             seen[0] += len(msg.get("body", b""))
-            if seen[0] > MAX_BODY:  # stop reading: the app sees an ended (invalid) body ...
+            if seen[0] > MAX_BODY:  # stop reading: to the app the client has gone ...
                 over[0] = True
-                return {"type": "http.request", "body": b"", "more_body": False}
+                return {"type": "http.disconnect"}
             return msg
 
         too_large = JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
@@ -151,7 +152,14 @@ class _Guard:
             await send(msg)
 
         t0 = time.perf_counter()
-        await self.app(scope, counted, sending)
+        try:
+            await self.app(scope, counted, sending)
+        except Exception:
+            if not over[0]:
+                raise
+        if over[0] and status[0] != 413:  # the app stopped without answering
+            status[0] = 413
+            await too_large(scope, receive, send)
         route = scope.get("route")
         endpoint = getattr(route, "path", "other")
         self.latency.labels(endpoint).observe(time.perf_counter() - t0)
@@ -203,14 +211,25 @@ def create_app(run: str, store: str, token: str | None = None, unknown_items: st
         return s
 
     def unknown_to_422(fn, *a, **kw):
-        from .service import UnknownItems
+        from .service import NoAdaptation, UnknownItems
 
         try:
             return fn(*a, **kw)
         except UnknownItems as e:
             raise HTTPException(422, {"message": str(e), "unknown": e.ids}) from None
-        except LookupError as e:
+        except NoAdaptation as e:
             raise HTTPException(409, str(e)) from None
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def store_busy(request: Request, exc):  # "database is locked" after the busy timeout
+        return JSONResponse({"detail": f"the state store is busy ({exc}); retry"}, status_code=503,
+                            headers={"Retry-After": "1"})
+
+    from .service import Busy
+
+    @app.exception_handler(Busy)
+    async def user_busy(request: Request, exc):
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
     # Every endpoint and dependency is ``async def`` and runs on the event loop: the work is
     # CPU-bound (torch on one thread, SQLite), so a worker serves one request at a time

@@ -55,6 +55,11 @@ class Engine:
             self.kind = "replay"
         self._popular = popularity if popularity is not None else self._training_popularity()
         self.titles = item_titles(self.meta["run"]["data"]["dataset"])
+        if getattr(getattr(m, "cfg", None), "time_bias", False) and self.kind != "persrec":
+            import sys
+
+            print(f"note: {self.name}'s time bias is not applied when serving (events reach step without their "
+                  "times); on data with timestamps its scores differ from perseq evaluate's", file=sys.stderr)
 
     def _training_popularity(self) -> np.ndarray:
         """Item indices by how often they occur in the run's data (cold-start answers)."""

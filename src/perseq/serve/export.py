@@ -3,7 +3,8 @@
     perseq export runs/ml-1m-mamba4rec-s0 --onnx mamba.onnx
 
 The graph is one event: inputs ``item`` (1,) int64 and the state tensors ``state_0 …``;
-outputs ``scores`` (1, n_items + 1) and the new state ``new_state_0 …`` in the same order.
+outputs ``scores`` (1, n_items + 1; column 0 is padding, -inf) and the new state
+``new_state_0 …`` in the same order.
 A device keeps the state between events and never sends its history anywhere. The state's
 initial (all-zero) value and shapes are in ``<out>.json`` beside the graph, with the item
 ids in score order. GRU4Rec and Mamba4Rec are exported; PFSR's personal parameters would
@@ -34,6 +35,8 @@ class StepGraph(nn.Module):
         state = _unflatten(self.spec, {f"s{i}": t for i, t in enumerate(flat)})
         state, h = self.model.step(state, item)
         scores = h @ self.model.output_embeddings().T  # (1, n_items + 1)
+        # column 0 is padding, never an item: -inf, as the server's scores
+        scores = torch.cat([torch.full_like(scores[:, :1], float("-inf")), scores[:, 1:]], 1)
         out = {}
         _flatten(state, "", out)
         return (scores, *out.values())

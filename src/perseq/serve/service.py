@@ -8,8 +8,9 @@ Policies (README "Serving"):
 * events apply in the order the server commits them (posts of one user are serialized by
   the store); timestamps are stored as given and never reorder events: an event that
   arrives late counts as the newest;
-* unknown item ids: ``ignore`` (default) skips them and lists them in the response,
-  ``reject`` answers 422 and stores nothing;
+* unknown item ids: ``ignore`` (default) stores such events (a later model may know the
+  item) without applying them to the state, and lists them in the response; ``reject``
+  answers 422 and stores nothing;
 * a user without usable history gets the most popular items of the run's data, flagged
   ``cold_start``.
 """
@@ -23,6 +24,14 @@ from .engine import Engine
 from .store import Conflict, Event, SQLiteStore
 
 
+class NoAdaptation(Exception):
+    """``adapt`` was asked for, and the run folder holds no stored choice."""
+
+
+class Busy(Exception):
+    """Too many concurrent writers on one user: the client may retry."""
+
+
 class UnknownItems(ValueError):
     def __init__(self, ids: list[str]):
         super().__init__(f"unknown item ids: {ids[:20]}{' ...' if len(ids) > 20 else ''}")
@@ -30,15 +39,17 @@ class UnknownItems(ValueError):
 
 
 class Service:
-    def __init__(self, engine: Engine, store: SQLiteStore, unknown_items: str = "ignore"):
+    def __init__(self, engine: Engine, store: SQLiteStore, unknown_items: str = "ignore",
+                 cache_max_bytes: int = 256 * 2**20):
         if unknown_items not in ("ignore", "reject"):
             raise ValueError(f"unknown_items must be 'ignore' or 'reject', got {unknown_items!r}")
         self.engine, self.store, self.unknown_items = engine, store, unknown_items
         self._adapted = None
-        # user -> (revision, state) this process last committed: a post whose user still has
-        # that revision in the store skips reading and unpacking the state blob
-        self._cache: OrderedDict[str, tuple[int, dict]] = OrderedDict()
-        self.cache_users = 10_000
+        # user -> (revision, state, bytes) this process last committed: a post whose user
+        # still has that revision in the store skips reading and unpacking the state blob
+        self._cache: OrderedDict[str, tuple[str, dict, int]] = OrderedDict()
+        self._cache_bytes = 0
+        self.cache_max_bytes = cache_max_bytes
 
     def _known(self, raw: list[str]) -> tuple[list[int], list[str]]:
         idx, unknown = self.engine.ids(raw)
@@ -73,7 +84,7 @@ class Service:
 
             choice = load_choice(str(self.engine.run_dir))
             if choice is None:
-                raise LookupError(f"{self.engine.run_dir} has no stored adaptation (run 'perseq adapt' on it first)")
+                raise NoAdaptation(f"{self.engine.run_dir} has no stored adaptation (run 'perseq adapt' on it first)")
             self._adapted = Personalized(self.engine.model, choice)
         return self._adapted
 
@@ -100,32 +111,51 @@ class Service:
             with self.store.user(user, write=False) as tx:
                 rev = tx.revision()
                 dup = tx.known_ids(list(first))
-                hit = self._cache.pop(user, None)
-                state = hit[1] if hit is not None and hit[0] == rev and rev is not None else self._load(tx)
+                hit = self._uncache(user)
+                state = hit[1] if hit is not None and rev is not None and hit[0] == rev else self._load(tx)
             fresh = [ev for i, ev in first.items() if i not in dup]
             idx, unknown = self._known([str(ev["item_id"]) for ev in fresh])
-            keep = [ev for ev in fresh if str(ev["item_id"]) in e.index]
+            applied = len(fresh) - len(unknown)
             state = _with_seen(e.advance(state, idx), idx)
             spec, blob = e.pack(state)
             try:
                 with self.store.user(user) as tx:
-                    if tx.revision() != rev:  # another writer got there first: read again
+                    if tx.revision() != rev:  # another writer (or a delete) got there first: read again
                         continue
-                    n = tx.add_events([Event(str(ev["id"]), str(ev["item_id"]), ev.get("ts")) for ev in keep])
-                    tx.save_state(e.version, spec, blob, n)
+                    # every event is kept, an unknown item's too: a later model may know it
+                    n = tx.add_events([Event(str(ev["id"]), str(ev["item_id"]), ev.get("ts")) for ev in fresh])
+                    new_rev = tx.save_state(e.version, spec, blob, n)
             except Conflict:  # the same, seen at commit (Redis)
                 continue
-            self._cache[user] = (n, state)
-            if len(self._cache) > self.cache_users:
-                self._cache.popitem(last=False)
+            self._remember(user, new_rev, state)
             break
         else:
-            raise RuntimeError(f"user {user!r}: 100 concurrent writers in a row; giving up")
-        out = {"user_id": user, "applied": len(keep), "duplicates": len(dup) + in_post_dups, "unknown": unknown,
+            raise Busy(f"user {user!r}: 100 concurrent writers in a row; retry")
+        out = {"user_id": user, "applied": applied, "duplicates": len(dup) + in_post_dups, "unknown": unknown,
                "n_events": n}
         if k:
             out["recommendations"] = self._from_state(state, k, exclude_seen)
         return out
+
+    def _uncache(self, user: str):
+        hit = self._cache.pop(user, None)
+        if hit is not None:
+            self._cache_bytes -= hit[2]
+        return hit
+
+    def _remember(self, user: str, rev: str, state: dict) -> None:
+        """Keep the state this process committed, within ``cache_max_bytes`` (least recently
+        written users leave first)."""
+        from .engine import _flatten
+
+        tensors = {}
+        _flatten(state, "", tensors)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        self._uncache(user)
+        self._cache[user] = (rev, state, size)
+        self._cache_bytes += size
+        while self._cache_bytes > self.cache_max_bytes and self._cache:
+            self._uncache(next(iter(self._cache)))
 
     def _from_state(self, state: dict, k: int, exclude_seen: bool) -> dict:
         exclude = state["seen"] if exclude_seen else ()
@@ -143,6 +173,8 @@ class Service:
         if state is None:  # built by another model version: rebuild (and store) it
             try:
                 with self.store.user(user) as tx:
+                    if tx.revision() is None:  # deleted meanwhile: nothing to rebuild or store
+                        return {"user_id": user, **self._answer(None, k, (), {})}
                     state = self._load(tx)
                     tx.save_state(self.engine.version, *self.engine.pack(state))
             except Conflict:  # someone stored a newer state meanwhile; this answer stands
@@ -158,7 +190,7 @@ class Service:
                                             for ev in events]}
 
     def delete(self, user: str) -> bool:
-        self._cache.pop(user, None)
+        self._uncache(user)
         with self.store.user(user) as tx:
             return tx.delete()
 

@@ -2,10 +2,10 @@
 ``user(user_id, write)`` is a transaction on one user (``UserTxn``'s methods), and
 ``recent_users``/``n_users`` look across users.
 
-Writes are optimistic. The service reads a user's revision (how many events its state
-holds), computes the new state outside any lock, and commits it only if the revision is
-still the one it read; otherwise it reads again (``Conflict``, or an unchanged-revision
-check). The lock covers the writes alone, so workers step their models in parallel, and
+Writes are optimistic. The service reads a user's revision (a random token that every
+commit replaces, so it never repeats, not even after the user is deleted and re-created),
+computes the new state outside any lock, and commits it only if the revision is still the
+one it read; otherwise it reads again (``Conflict``, or an unchanged-revision check). The lock covers the writes alone, so workers step their models in parallel, and
 events of one user apply in order with none lost whatever worker takes them. A user's row
 keeps the model version its state was built with; a server with another model rebuilds the
 state from the stored events.
@@ -29,12 +29,17 @@ from __future__ import annotations
 
 import fcntl
 import json
+import secrets
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def new_revision() -> str:
+    return secrets.token_hex(8)
 
 
 class Conflict(Exception):
@@ -59,11 +64,15 @@ class UserTxn:
         row = self.con.execute("SELECT version, spec, blob FROM users WHERE user_id = ?", (self.user,)).fetchone()
         return None if row is None else (row[0], row[1], bytes(row[2]))
 
-    def revision(self) -> int | None:
-        """How many events the stored state holds (None: no user): what a writer checks
-        before committing a state it computed outside the lock."""
-        row = self.con.execute("SELECT n_events FROM users WHERE user_id = ?", (self.user,)).fetchone()
+    def revision(self) -> str | None:
+        """The token of the user's last commit (None: no user): what a writer checks before
+        committing a state it computed outside the lock."""
+        row = self.con.execute("SELECT rev FROM users WHERE user_id = ?", (self.user,)).fetchone()
         return None if row is None else row[0]
+
+    def n_events(self) -> int:
+        row = self.con.execute("SELECT n_events FROM users WHERE user_id = ?", (self.user,)).fetchone()
+        return 0 if row is None else row[0]
 
     def events(self) -> list[Event]:
         rows = self.con.execute("SELECT event_id, item_id, ts FROM events WHERE user_id = ? ORDER BY seq", (self.user,))
@@ -86,18 +95,21 @@ class UserTxn:
 
     def add_events(self, events: list[Event]) -> int:
         """Append in order; returns the user's event count after."""
-        n = self.revision() or 0
+        n = self.n_events()
         self.con.executemany("INSERT INTO events (user_id, seq, event_id, item_id, ts) VALUES (?, ?, ?, ?, ?)",
                              [(self.user, n + i, e.event_id, e.item_id, e.ts) for i, e in enumerate(events)])
         return n + len(events)
 
-    def save_state(self, version: str, spec: str, blob: bytes, n_events: int | None = None) -> None:
-        """Store the state; ``n_events``: the events it holds (default: unchanged)."""
-        n = (self.revision() or 0) if n_events is None else n_events
-        self.con.execute("INSERT INTO users (user_id, version, spec, blob, n_events, updated) VALUES (?, ?, ?, ?, ?, ?) "
+    def save_state(self, version: str, spec: str, blob: bytes, n_events: int | None = None) -> str:
+        """Store the state; ``n_events``: the events stored for the user (default:
+        unchanged). Returns the new revision."""
+        n = self.n_events() if n_events is None else n_events
+        rev = new_revision()
+        self.con.execute("INSERT INTO users (user_id, version, spec, blob, n_events, updated, rev) VALUES (?, ?, ?, ?, ?, ?, ?) "
                          "ON CONFLICT(user_id) DO UPDATE SET version = excluded.version, spec = excluded.spec, "
-                         "blob = excluded.blob, n_events = excluded.n_events, updated = excluded.updated",
-                         (self.user, version, spec, blob, n, time.time_ns()))
+                         "blob = excluded.blob, n_events = excluded.n_events, updated = excluded.updated, rev = excluded.rev",
+                         (self.user, version, spec, blob, n, time.time_ns(), rev))
+        return rev
 
     def delete(self) -> bool:
         n = self.con.execute("DELETE FROM events WHERE user_id = ?", (self.user,)).rowcount
@@ -118,7 +130,7 @@ class SQLiteStore:
         con.executescript("""
             CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, version TEXT NOT NULL, spec TEXT NOT NULL,
                                               blob BLOB NOT NULL, n_events INTEGER NOT NULL DEFAULT 0,
-                                              updated INTEGER NOT NULL DEFAULT 0);
+                                              updated INTEGER NOT NULL DEFAULT 0, rev TEXT NOT NULL DEFAULT '');
             CREATE TABLE IF NOT EXISTS events (user_id TEXT NOT NULL, seq INTEGER NOT NULL, event_id TEXT NOT NULL,
                                                item_id TEXT NOT NULL, ts INTEGER,
                                                PRIMARY KEY (user_id, seq), UNIQUE (user_id, event_id));
@@ -175,7 +187,7 @@ class _RedisTxn:
     def __init__(self, r, prefix: str, user: str):
         self.r, self.user, self.ops = r, user, []
         k = f"{prefix}:u:{user}"
-        self.k_meta, self.k_blob, self.k_events, self.k_ids = k + ":meta", k + ":blob", k + ":events", k + ":ids"
+        self.k_meta, self.k_events, self.k_ids = k + ":meta", k + ":events", k + ":ids"
         self.k_users = f"{prefix}:users"
         self._n = None  # the event count after the buffered writes
 
@@ -183,14 +195,18 @@ class _RedisTxn:
         self.ops.append((name, args, kw))
 
     def state(self):
-        meta = self.r.hgetall(self.k_meta)
+        meta = self.r.hgetall(self.k_meta)  # one read: version, spec and blob of one commit
         if not meta:
             return None
-        return meta[b"version"].decode(), meta[b"spec"].decode(), self.r.get(self.k_blob) or b""
+        return meta[b"version"].decode(), meta[b"spec"].decode(), meta[b"blob"]
 
     def revision(self):
+        rev = self.r.hget(self.k_meta, "rev")
+        return None if rev is None else rev.decode()
+
+    def n_events(self) -> int:
         n = self.r.hget(self.k_meta, "n_events")
-        return None if n is None else int(n)
+        return 0 if n is None else int(n)
 
     @staticmethod
     def _event(raw: bytes) -> Event:
@@ -208,7 +224,7 @@ class _RedisTxn:
         return {i for i, hit in zip(ids, self.r.smismember(self.k_ids, ids)) if hit}
 
     def add_events(self, events):
-        n = self.revision() or 0
+        n = self.n_events()
         if events:
             self._write("rpush", self.k_events, *[json.dumps([e.event_id, e.item_id, e.ts]) for e in events])
             self._write("sadd", self.k_ids, *[e.event_id for e in events])
@@ -217,14 +233,16 @@ class _RedisTxn:
 
     def save_state(self, version, spec, blob, n_events=None):
         if n_events is None:
-            n_events = self._n if self._n is not None else (self.revision() or 0)
-        self._write("hset", self.k_meta, mapping={"version": version, "spec": spec, "n_events": n_events})
-        self._write("set", self.k_blob, blob)
+            n_events = self._n if self._n is not None else self.n_events()
+        rev = new_revision()
+        self._write("hset", self.k_meta, mapping={"version": version, "spec": spec, "blob": blob, "n_events": n_events,
+                                                  "rev": rev})
         self._write("zadd", self.k_users, {self.user: time.time_ns()})
+        return rev
 
     def delete(self):
         existed = self.r.exists(self.k_meta, self.k_events) > 0
-        self._write("delete", self.k_meta, self.k_blob, self.k_events, self.k_ids)
+        self._write("delete", self.k_meta, self.k_events, self.k_ids)
         self._write("zrem", self.k_users, self.user)
         return existed
 
