@@ -1,7 +1,6 @@
 """Shared pytest fixtures."""
 import os
 import shutil
-import socket
 import subprocess
 import time
 
@@ -31,12 +30,6 @@ def shared_datasets():
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
     """A real redis-server on loopback (Debian's package). Skipped where it is not
@@ -47,6 +40,8 @@ def redis_url(tmp_path_factory):
             pytest.fail("redis-server is not installed, and PERSEQ_REQUIRE_REDIS=1")
         pytest.skip("redis-server not installed (apt-get install redis-server)")
     pytest.importorskip("redis")
+    from perseq.bench.serve import _free_port
+
     port = _free_port()
     d = tmp_path_factory.mktemp("redis")
     p = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",

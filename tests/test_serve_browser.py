@@ -2,7 +2,6 @@
 downloads are impossible here, so Playwright launches the system binary)."""
 import os
 import shutil
-import socket
 import threading
 import time
 
@@ -25,15 +24,14 @@ def test_clicking_a_recommendation_adds_it_and_the_list_changes(tmp_path):
     import uvicorn
     from playwright.sync_api import expect, sync_playwright
 
+    from perseq.bench.serve import _free_port
     from perseq.cli import main
     from perseq.serve.app import create_app
 
     assert main(["train", "--set", "data.synthetic={n_users: 40, n_items: 40, n_clusters: 4, mean_len: 20, max_len: 40}",
                  "--set", "model.name=sasrec", "--set", "model.d=16", "--set", "train.epochs=1", "--out", str(tmp_path),
                  "--name", "s", "--no-progress"]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(str(tmp_path / "s-s0"), str(tmp_path / "state.sqlite")),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -1,10 +1,6 @@
 """perseq serve as a real server on loopback: several workers, concurrent posts, kill -9."""
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,33 +8,10 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
+from perseq.bench.serve import start_server  # noqa: E402
 from perseq.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(run, store, workers):
-    port = _free_port()
-    p = subprocess.Popen([sys.executable, "-m", "perseq.cli", "serve", run, "--store", store, "--port", str(port),
-                          "--workers", str(workers)], start_new_session=True, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return p, url
-        except httpx.HTTPError:
-            pass
-        if p.poll() is not None:
-            raise RuntimeError(p.stderr.read().decode()[-2000:])
-        time.sleep(0.1)
-    raise TimeoutError("server did not become ready")
 
 
 def test_concurrent_posts_from_two_workers_lose_nothing_and_kill_9_loses_no_acknowledged_event(tmp_path):
@@ -46,7 +19,7 @@ def test_concurrent_posts_from_two_workers_lose_nothing_and_kill_9_loses_no_ackn
                  "--set", "model.name=gru4rec", "--set", "model.d=16", "--set", "train.epochs=1",
                  "--out", str(tmp_path), "--name", "g", "--no-progress"]) == 0
     run, store = str(tmp_path / "g-s0"), str(tmp_path / "state.sqlite")
-    server, url = _start(run, store, workers=2)
+    server, url = start_server(run, store, workers=2)
     try:
         def post(i):  # 8 clients, 10 posts each, 3 events a post, all for one user
             with httpx.Client(base_url=url, timeout=30) as c:
@@ -69,7 +42,7 @@ def test_concurrent_posts_from_two_workers_lose_nothing_and_kill_9_loses_no_ackn
     finally:
         os.killpg(server.pid, signal.SIGKILL)  # no shutdown, no flush: kill -9 of the server and its workers
         server.wait()
-    server, url = _start(run, store, workers=1)
+    server, url = start_server(run, store, workers=1)
     try:
         # every acknowledged event is there: all 240 ids are duplicates now, and the count is exact
         ev = [{"id": f"c{i}-{j}-{e}", "item_id": "i1"} for i in range(8) for j in range(10) for e in range(3)]

@@ -61,12 +61,14 @@ def _free_port() -> int:
 
 
 def start_server(run: str, store: str, workers: int):
+    """``perseq serve`` in its own process group on a free loopback port, once /readyz
+    answers -> (process, base url). Its stderr is kept for the error if it dies starting."""
     import httpx
 
     port = _free_port()
     p = subprocess.Popen([sys.executable, "-m", "perseq.cli", "serve", run, "--store", store, "--port", str(port),
                           "--workers", str(workers)], start_new_session=True, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+                         stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         try:
@@ -75,7 +77,7 @@ def start_server(run: str, store: str, workers: int):
         except httpx.HTTPError:
             pass
         if p.poll() is not None:
-            raise RuntimeError("perseq serve exited during start-up")
+            raise RuntimeError("perseq serve exited during start-up: " + p.stderr.read().decode()[-2000:])
         time.sleep(0.1)
     raise TimeoutError("perseq serve did not become ready in 120 s")
 

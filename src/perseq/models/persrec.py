@@ -338,7 +338,7 @@ class PerSRec(SeqRecModel):
         # part, then the recent part with the given cache as its prefix
         n_rec = recent.shape[1]
         h0, k0, v0 = self._window(items[:, :-n_rec], tuple(m[:-n_rec] for m in meta), allowed[:, :-n_rec, :-n_rec])
-        h1 = self._recent_window(token_kv, recent)
+        h1 = self._recent_window(token_kv, recent)[0]
         return torch.cat([h0, h1], 1), k0, v0, meta, last
 
     def encode(self, items, times=None):
@@ -428,7 +428,8 @@ class PerSRec(SeqRecModel):
         return 0 if n <= self.R else self.fold * -(-(n - self.R) // self.fold)
 
     def _recent_window(self, cache, recent):
-        """recent (B, r) right-padded against the cached tokens -> hidden (B, r, D)."""
+        """recent (B, r) right-padded against the cached tokens -> (hidden (B, r, D), the
+        recent events' keys and values per layer)."""
         B, r = recent.shape
         dev = recent.device
         meta = self._meta([(RECENT, 1, r)], dev)
@@ -436,15 +437,14 @@ class PerSRec(SeqRecModel):
         kmeta = tuple(torch.cat([p, m]) for p, m in zip(prefix["meta"], meta))
         valid = torch.cat([torch.ones(B, self.K, dtype=torch.bool, device=dev), recent != 0], 1)
         allowed = _allowed(meta, kmeta, valid, torch.zeros(B, dtype=torch.long, device=dev))
-        h, _, _ = self._window(recent, meta, allowed, prefix)
-        return h
+        return self._window(recent, meta, allowed, prefix)
 
     def recommend_hidden(self, cache, recent):
         """Hidden state (B, D) after the last recent event of each row (right-padded, ≥ 1 event)."""
         n = (recent != 0).sum(1)
         if (n == 0).any():
             raise ValueError("every user needs at least one recent event to score from")
-        h = self._recent_window(cache, recent)
+        h = self._recent_window(cache, recent)[0]
         return h[torch.arange(recent.shape[0], device=recent.device), n - 1]
 
     def recommend(self, cache, recent):
@@ -487,18 +487,11 @@ class PerSRec(SeqRecModel):
         return {"k": cache["k"], "v": cache["v"], "folded": cache["folded"], "recent": recent, "rk": rk, "rv": rv}
 
     def _recent_kv(self, cache, recent):
-        B, r = recent.shape
-        if r == 0:
+        """The recent events' keys and values per layer (none for an empty recent part)."""
+        if recent.shape[1] == 0:
             k, v = cache["k"], cache["v"]
             return k.new_zeros(*k.shape[:3], 0, k.shape[4]), v.new_zeros(*v.shape[:3], 0, v.shape[4])
-        dev = recent.device
-        meta = self._meta([(RECENT, 1, r)], dev)
-        prefix = {"k": cache["k"], "v": cache["v"], "meta": self._meta([(TOKEN, 0, self.K)], dev)}
-        kmeta = tuple(torch.cat([p, m]) for p, m in zip(prefix["meta"], meta))
-        allowed = _allowed(meta, kmeta, torch.ones(B, self.K + r, dtype=torch.bool, device=dev),
-                           torch.zeros(B, dtype=torch.long, device=dev))
-        _, k, v = self._window(recent, meta, allowed, prefix)
-        return k, v
+        return self._recent_window(cache, recent)[1:]
 
     def stream_step(self, state, item):
         """One new event per row (B,) -> (new state, hidden (B, D)) scoring the next item.
