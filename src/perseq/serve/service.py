@@ -127,7 +127,7 @@ class Service:
                     new_rev = tx.save_state(e.version, spec, blob, n)
             except Conflict:  # the same, seen at commit (Redis)
                 continue
-            self._remember(user, new_rev, state)
+            self._remember(user, new_rev, state, len(blob))
             break
         else:
             raise Busy(f"user {user!r}: 100 concurrent writers in a row; retry")
@@ -143,14 +143,9 @@ class Service:
             self._cache_bytes -= hit[2]
         return hit
 
-    def _remember(self, user: str, rev: str, state: dict) -> None:
-        """Keep the state this process committed, within ``cache_max_bytes`` (least recently
-        written users leave first)."""
-        from .engine import _flatten
-
-        tensors = {}
-        _flatten(state, "", tensors)
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
+    def _remember(self, user: str, rev: str, state: dict, size: int) -> None:
+        """Keep the state this process committed (``size``: its packed bytes), within
+        ``cache_max_bytes`` (least recently written users leave first)."""
         self._uncache(user)
         self._cache[user] = (rev, state, size)
         self._cache_bytes += size
