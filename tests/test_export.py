@@ -38,6 +38,18 @@ def test_onnx_step_matches_torch_after_200_events(name, tmp_path):
         worst = max(worst, float(np.abs(scores[:, 1:] - want[:, 1:]).max()))
     assert worst <= 1e-4, worst
 
+    # the server's fast step (onnxruntime, hidden state out) against the torch step, through
+    # the engine: the same states and scores after 200 events, either state read by either path
+    from perseq.serve.engine import Engine
+
+    fast, ref = Engine(run, step="onnx"), Engine(run, step="torch")
+    assert (fast.step_backend, ref.step_backend) == ("onnx", "torch") and not fast.model.training
+    items = torch.randint(1, model.n_items + 1, (200,), generator=g).tolist()
+    a, b = fast.advance(fast.init(), items), ref.advance(ref.init(), items)
+    assert (fast.state_hidden(a) - ref.state_hidden(b)).abs().max() <= 1e-5
+    mixed = ref.advance(ref.unpack(*fast.pack(a)), items[:10])
+    assert (mixed["h"] - fast.advance(a, items[:10])["h"]).abs().max() <= 1e-5
+
 
 def test_export_refuses_models_without_a_fixed_size_state(tmp_path):
     assert main(["train", "--set", "data.synthetic={n_users: 30, n_items: 40, n_clusters: 4, mean_len: 20, max_len: 40}",

@@ -167,11 +167,11 @@ class _Guard:
 
 
 def create_app(run: str, store: str, token: str | None = None, unknown_items: str = "ignore",
-               threads: int | None = None, durability: str = "process") -> FastAPI:
+               threads: int | None = None, durability: str = "process", step: str = "auto") -> FastAPI:
     """The service for a run folder, its state in ``store`` (a SQLite file, or ``redis://...``); ``threads``:
     torch threads of this process (None: leave them as they are); ``durability``: what an
     acknowledged event survives, "process" (a crash or kill -9) or "power" (also a power
-    loss; one fsync per request), ``store.SQLiteStore``."""
+    loss; one fsync per request), ``store.SQLiteStore``; ``step``: ``engine.Engine``'s."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
     registry = CollectorRegistry()
@@ -189,7 +189,7 @@ def create_app(run: str, store: str, token: str | None = None, unknown_items: st
 
         if threads:
             torch.set_num_threads(threads)
-        app.state.service = Service(Engine(run), open_store(store, durability), unknown_items)
+        app.state.service = Service(Engine(run, step=step), open_store(store, durability), unknown_items)
         yield
 
     app = FastAPI(title="perseq", version="1", lifespan=lifespan,
@@ -283,7 +283,7 @@ def create_app(run: str, store: str, token: str | None = None, unknown_items: st
         if s is None:
             return JSONResponse({"ready": False}, status_code=503)
         e = s.engine
-        return {"ready": True, "model": e.name, "version": e.version, "state": e.kind, "window": e.W}
+        return {"ready": True, "model": e.name, "version": e.version, "state": e.kind, "step": e.step_backend, "window": e.W}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
@@ -297,4 +297,4 @@ def app_from_env() -> FastAPI:
     env = os.environ
     return create_app(env["PERSEQ_SERVE_RUN"], env["PERSEQ_SERVE_STORE"], env.get("PERSEQ_SERVE_TOKEN") or None,
                       env.get("PERSEQ_SERVE_UNKNOWN", "ignore"), int(env.get("PERSEQ_SERVE_THREADS", "1")),
-                      env.get("PERSEQ_SERVE_DURABILITY", "process"))
+                      env.get("PERSEQ_SERVE_DURABILITY", "process"), env.get("PERSEQ_SERVE_STEP", "auto"))
