@@ -56,3 +56,60 @@ def test_export_refuses_models_without_a_fixed_size_state(tmp_path):
                  "--set", "model.d=16", "--set", "train.epochs=1", "--out", str(tmp_path), "--name", "s",
                  "--no-progress"]) == 0
     assert main(["export", str(tmp_path / "s-s0"), "--onnx", str(tmp_path / "m.onnx")]) == 2  # SASRec: a KV cache
+
+
+def test_pfsr_users_are_served_and_exported_with_their_own_personal_parameters(tmp_path, monkeypatch):
+    """A federated PFSR run: the server's state for a user the run trained carries that
+    user's personal.* (as the evaluation scores them), the ONNX step takes them as inputs,
+    and ``--user`` exports them."""
+    from perseq.federated.personal import personal_by_user
+    from perseq.serve.engine import Engine
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["federated", "simulate", "--set", "model.name=pfsr", "--set", "model.d=8", "--set", "model.memory_slots=4",
+                 "--set", "data.synthetic={n_users: 40, n_items: 30, n_clusters: 3, mean_len: 10, max_len: 30, seed: 1}",
+                 "--set", "data.max_len=12", "--set", "federated.rounds=2", "--set", "federated.clients_per_round=20",
+                 "--name", "pfsr", "--no-progress"]) == 0
+    run = "runs/pfsr-s0"
+    fast, ref = Engine(run, step="onnx"), Engine(run, step="torch")
+    _, meta, _ = load_model(run)
+    table = personal_by_user(run, meta, [f"u{u}" for u in range(40)])
+    user = sorted(table)[0]
+    assert fast.step_backend == "onnx" and set(fast._personal) == set(table) and 0 < len(table) < 40
+    assert table[user]["personal.scale"].abs().sum() > 0  # trained on the device: not the identity any more
+    items = torch.randint(1, 31, (60,), generator=torch.Generator().manual_seed(1)).tolist()
+    a, b = fast.advance(fast.init(user), items), ref.advance(ref.init(user), items)
+    assert (fast.state_hidden(a) - ref.state_hidden(b)).abs().max() <= 1e-5
+    # the same as scoring that user the way `perseq evaluate` does (PersonalScores), history in full
+    model = ref.model
+    alone = type(model)(model.cfg).eval()
+    alone.load_state_dict({**model.state_dict(), **table[user]})
+    with torch.no_grad():
+        want = alone.encode(torch.tensor([items]))[0, -1]
+    assert (ref.state_hidden(b) - want).abs().max() <= 1e-5
+    # through the service: the user's posts build their state with their own parameters
+    from perseq.serve.service import Service
+    from perseq.serve.store import SQLiteStore
+
+    svc = Service(fast, SQLiteStore(tmp_path / "s.sqlite"))
+    ids = [fast.item_ids[i] for i in items]
+    got = svc.post_events(user, [{"id": str(t), "item_id": it} for t, it in enumerate(ids)], k=3, exclude_seen=False)
+    top = (want @ model.output_embeddings().T)[1:].topk(3)
+    assert [r["item_id"] for r in got["recommendations"]["items"]] == [str(fast.item_ids[i + 1]) for i in top.indices.tolist()]
+    other = ref.advance(ref.init(None), items)  # a user without a device history: the model's own response
+    assert (ref.state_hidden(other) - ref.state_hidden(b)).abs().max() > 1e-4
+    info = export_onnx_cli(run, tmp_path / "p.onnx", user)
+    assert info["personal"]["user"] == user and info["personal"]["trained"]
+    assert info["inputs"][:3] == ["item", "personal_scale", "personal_shift"]
+    sess = ort.InferenceSession(str(tmp_path / "p.onnx"))
+    state = [np.zeros(s, dtype=np.float32) for s in info["state_shapes"]]
+    mine = [np.array(info["personal"]["values"][n], dtype=np.float32) for n in ("personal_scale", "personal_shift")]
+    for it in items:
+        scores, *state = sess.run(None, dict(zip(info["inputs"], [np.array([it]), *mine, *state])))
+    want_scores = (want @ model.output_embeddings().T).detach().numpy()
+    assert np.abs(scores[0, 1:] - want_scores[1:]).max() <= 1e-4
+
+
+def export_onnx_cli(run, out, user):
+    assert main(["export", str(run), "--onnx", str(out), "--user", user]) == 0
+    return json.loads(out.with_suffix(".json").read_text())

@@ -389,8 +389,9 @@ def cmd_serve(args) -> int:
 def cmd_export(args) -> int:
     from .serve.export import export_onnx
 
-    info = export_onnx(args.run, args.onnx)
-    print(f"wrote {args.onnx} ({info['model']}: item + {len(info['state_shapes'])} state tensors -> scores + new state) "
+    info = export_onnx(args.run, args.onnx, args.user)
+    mine = f" + {args.user or 'default'}'s personal parameters" if "personal" in info else ""
+    print(f"wrote {args.onnx} ({info['model']}: item{mine} + {len(info['state_shapes'])} state tensors -> scores + new state) "
           f"and {Path(args.onnx).with_suffix('.json')}", file=sys.stderr)
     return 0
 
@@ -587,10 +588,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a recurrent model's incremental step for on-device inference (ONNX)",
-                       description="Write the step (item, state) -> (scores, new state) of a GRU4Rec or Mamba4Rec run as "
-                                   "an ONNX graph, and <out>.json with the state's shapes and the item ids in score order.")
-    p.add_argument("run", help="run folder written by 'perseq train'")
+                       description="Write the step (item, state) -> (scores, new state) of a GRU4Rec, Mamba4Rec or PFSR "
+                                   "run as an ONNX graph, and <out>.json with the state's shapes and the item ids in "
+                                   "score order (PFSR: the graph also takes the user's personal parameters).")
+    p.add_argument("run", help="run folder written by 'perseq train' or 'perseq federated simulate'")
     p.add_argument("--onnx", required=True, help="the .onnx file to write")
+    p.add_argument("--user", help="PFSR: the raw user id whose personal parameters go into <out>.json (default: "
+                                  "none, the model's own: the identity response)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list the models (model.name values) with one line each")

@@ -45,10 +45,9 @@ def client_of_user(clients: list[np.ndarray], n_users: int) -> np.ndarray:
     return owner
 
 
-def with_personal(model: nn.Module, run_dir, meta: dict, n_users: int) -> nn.Module:
-    """The model of a federated run folder as its users are scored: with each one's own
-    personal parameters when the run kept any (personal.safetensors, their best round's),
-    else the model itself."""
+def _stored(run_dir, meta: dict, n_users: int):
+    """(client -> personal parameters of their best round, user index -> client) of a
+    federated run folder, or None when it kept no personal parameters."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -58,9 +57,26 @@ def with_personal(model: nn.Module, run_dir, meta: dict, n_users: int) -> nn.Mod
     from .simulate import PERSONAL_FILE, _unflatten_personal
 
     path = Path(run_dir) / PERSONAL_FILE
-    if not path.exists() or not personal_names(model):
-        return model
+    if not path.exists():
+        return None
     stored = _unflatten_personal(read_run_file(Path(run_dir), PERSONAL_FILE, lambda p: load_file(str(p))))
     fed, seed = meta["run"]["federated"], meta["run"]["train"]["seed"]
-    owner = client_of_user(partition(n_users, fed["users_per_client"], seed), n_users)
-    return PersonalScores(model, stored.get("best", {}), owner)
+    return stored.get("best", {}), client_of_user(partition(n_users, fed["users_per_client"], seed), n_users)
+
+
+def with_personal(model: nn.Module, run_dir, meta: dict, n_users: int) -> nn.Module:
+    """The model of a federated run folder as its users are scored: with each one's own
+    personal parameters when the run kept any (personal.safetensors, their best round's),
+    else the model itself."""
+    found = _stored(run_dir, meta, n_users) if personal_names(model) else None
+    return model if found is None else PersonalScores(model, *found)
+
+
+def personal_by_user(run_dir, meta: dict, user_ids) -> dict[str, dict[str, torch.Tensor]]:
+    """Raw user id -> that user's personal parameters, for the users whose client trained
+    any (the server's table when the operator serves centrally); {} for other runs."""
+    found = _stored(run_dir, meta, len(user_ids))
+    if found is None:
+        return {}
+    personal, owner = found
+    return {str(raw): personal[int(owner[u])] for u, raw in enumerate(user_ids) if int(owner[u]) in personal}

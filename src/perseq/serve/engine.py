@@ -73,22 +73,30 @@ class Engine:
             elif step == "onnx":
                 raise ValueError(f"the onnx step needs onnxruntime and one of {', '.join(EXPORTABLE)} ({self.name})")
         self.step_backend = "torch" if self._step == self._torch_step else "onnx"
-        self._popular = popularity if popularity is not None else self._training_popularity()
+        # PFSR served centrally: each user's personal parameters (personal.*) from the run's
+        # simulated devices, kept in that user's state; a user the run did not train starts
+        # from the model's own (the identity response)
+        from ..federated.client import personal_names
+
+        self.personal_names = personal_names(m)
+        self._personal = {}
+        if self.personal_names or popularity is None:
+            from ..cli import _rebuild_split
+
+            data = _rebuild_split(self.meta)[1].data
+            if self.personal_names:
+                from ..federated.personal import personal_by_user
+
+                self._personal = personal_by_user(self.run_dir, self.meta, data.user_ids)
+            if popularity is None:
+                popularity = _popularity(data.items, self.n_items)
+        self._popular = popularity
         self.titles = item_titles(self.meta["run"]["data"]["dataset"])
         if getattr(getattr(m, "cfg", None), "time_bias", False) and self.kind != "persrec":
             import sys
 
             print(f"note: {self.name}'s time bias is not applied when serving (events reach step without their "
                   "times); on data with timestamps its scores differ from perseq evaluate's", file=sys.stderr)
-
-    def _training_popularity(self) -> np.ndarray:
-        """Item indices by how often they occur in the run's data (cold-start answers)."""
-        from ..cli import _rebuild_split
-
-        _, split = _rebuild_split(self.meta)
-        counts = np.bincount(split.data.items, minlength=self.n_items + 1)
-        counts[0] = -1
-        return np.argsort(-counts, kind="stable")[: min(self.n_items, 1000)]
 
     # -- ids ----------------------------------------------------------------------------
     def ids(self, raw: list[str]) -> tuple[list[int], list[str]]:
@@ -100,8 +108,14 @@ class Engine:
         return known, unknown
 
     # -- per-user state -----------------------------------------------------------------
-    def init(self) -> dict:
+    def init(self, user: str | None = None) -> dict:
+        """A user's empty state (with their personal parameters, for PFSR)."""
         m = self.model
+        if self.personal_names:  # PFSR is recurrent
+            own = dict(m.named_parameters())
+            mine = self._personal.get(user, {})
+            personal = {n: mine.get(n, own[n]).detach().clone() for n in self.personal_names}
+            return {"s": m.init_state(1), "h": None, "window": torch.zeros(0, dtype=torch.long), "personal": personal}
         if self.kind == "persrec":
             empty = torch.zeros(1, 0, dtype=torch.long)
             return {"s": m.stream_state(m.compress(empty), empty), "h": None}
@@ -118,7 +132,7 @@ class Engine:
             if self.kind == "persrec":
                 state["s"], state["h"] = m.stream_step(state["s"], it)
             elif self.kind == "recurrent":
-                state["s"], state["h"] = self._step(state["s"], i)
+                state["s"], state["h"] = self._step(state["s"], i, state.get("personal"))
             elif self.kind == "window":
                 if len(state["window"]) >= self.W:  # slide: rebuild from the newest W - slack
                     state["window"] = state["window"][self.slack :]
@@ -129,8 +143,11 @@ class Engine:
                 state["window"] = torch.cat([state["window"], it])[-self.W :]
         return state
 
-    def _torch_step(self, state, i: int):
-        return self.model.step(state, torch.tensor([i]))
+    def _torch_step(self, state, i: int, personal: dict | None = None):
+        if personal is None:
+            return self.model.step(state, torch.tensor([i]))
+        with self.model.personal_rows({n: t[None] for n, t in personal.items()}):
+            return self.model.step(state, torch.tensor([i]))
 
     def _prefill(self, events: torch.Tensor):
         if hasattr(self.model, "prefill"):  # one pass (SASRec)
@@ -196,6 +213,13 @@ class Engine:
     @staticmethod
     def unpack(spec: str, blob: bytes) -> dict:
         return _unflatten(json.loads(spec), st_load(blob))
+
+
+def _popularity(items: np.ndarray, n_items: int) -> np.ndarray:
+    """Item indices by how often they occur in the run's data (cold-start answers)."""
+    counts = np.bincount(items, minlength=n_items + 1)
+    counts[0] = -1
+    return np.argsort(-counts, kind="stable")[: min(n_items, 1000)]
 
 
 def item_titles(dataset: str) -> dict[str, str]:

@@ -7,8 +7,11 @@ outputs ``scores`` (1, n_items + 1; column 0 is padding, -inf) and the new state
 ``new_state_0 …`` in the same order.
 A device keeps the state between events and never sends its history anywhere. The state's
 initial (all-zero) value and shapes are in ``<out>.json`` beside the graph, with the item
-ids in score order. GRU4Rec and Mamba4Rec are exported; PFSR's personal parameters would
-ride in the same way (not done yet).
+ids in score order. GRU4Rec, Mamba4Rec and PFSR are exported. PFSR's personal parameters
+(``personal.scale``/``personal.shift``: the user's own response) are graph inputs
+``personal_scale``/``personal_shift`` (1, d), and ``--user ID`` puts that user's values,
+as the federated run trained them on their device, in ``<out>.json``: the device keeps them
+beside its state and never sends them.
 """
 from __future__ import annotations
 
@@ -22,20 +25,27 @@ import torch.nn as nn
 from ..checkpoint import load_model
 from .engine import _flatten, _unflatten
 
-EXPORTABLE = ("gru4rec", "mamba4rec")
+EXPORTABLE = ("gru4rec", "mamba4rec", "pfsr")
 
 
 class StepGraph(nn.Module):
-    """(item, *state) -> (scores, *new state) around a model's ``step``; with
-    ``hidden=True``, (hidden (1, d), *new state) instead (the server's fast step)."""
+    """(item, *personal, *state) -> (scores, *new state) around a model's ``step``; with
+    ``hidden=True``, (hidden (1, d), *new state) instead (the server's fast step).
+    ``personal``: the names of the model's personal parameters (PFSR's ``personal.*``),
+    which become inputs (1, ...) each, so that one graph serves every user."""
 
-    def __init__(self, model, spec, hidden: bool = False):
+    def __init__(self, model, spec, hidden: bool = False, personal: list[str] = ()):
         super().__init__()
-        self.model, self.spec, self.hidden = model, spec, hidden
+        self.model, self.spec, self.hidden, self.personal = model, spec, hidden, list(personal)
 
     def forward(self, item, *flat):
+        mine, flat = flat[: len(self.personal)], flat[len(self.personal) :]
         state = _unflatten(self.spec, {f"s{i}": t for i, t in enumerate(flat)})
-        state, h = self.model.step(state, item)
+        if self.personal:
+            with self.model.personal_rows(dict(zip(self.personal, mine))):
+                state, h = self.model.step(state, item)
+        else:
+            state, h = self.model.step(state, item)
         if self.hidden:
             out = {}
             _flatten(state, "", out)
@@ -66,59 +76,81 @@ def _rename(spec, rename):
     return spec
 
 
+def _export(model, out, hidden: bool):
+    """Trace ``model``'s step into ``out`` (a path or a bytes buffer) -> (state spec,
+    initial state tensors, input names, output names, personal parameter names)."""
+    import warnings
+
+    from ..federated.client import personal_names
+
+    personal = personal_names(model)
+    spec, state = initial_state(model)
+    own = dict(model.named_parameters())
+    mine = [own[n].detach()[None] for n in personal]  # (1, ...) each: one user's
+    names = [f"state_{i}" for i in range(len(state))]
+    inputs = ["item", *[n.replace(".", "_") for n in personal], *names]
+    outputs = ["hidden" if hidden else "scores", *[f"new_{n}" for n in names]]
+    # .eval(): the exporter puts the wrapper back in its own mode afterwards, and a fresh
+    # module's is training, which would switch the model's dropout on. The tracer's notes
+    # (Python booleans taken from tensors, the legacy exporter) concern shapes this graph
+    # never changes: one event, batch 1; parity with torch is tested
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(StepGraph(model, spec, hidden, personal).eval(), (torch.tensor([1]), *mine, *state), out,
+                          input_names=inputs, output_names=outputs, dynamo=False)
+    return spec, state, inputs, outputs, personal
+
+
 class OnnxStep:
     """A recurrent model's ``step`` run by onnxruntime (one thread): the server's fast path
-    for GRU4Rec and Mamba4Rec, about 7x less time per event than the torch ``step`` at batch
-    1, where torch's per-op dispatch dominates. Same state layout as the torch step, so
+    for GRU4Rec, Mamba4Rec and PFSR, about 7x less time per event than the torch ``step`` at
+    batch 1, where torch's per-op dispatch dominates. Same state layout as the torch step, so
     workers on either path share one store; ``tests/test_export.py`` checks it against the
     reference step."""
 
     def __init__(self, model):
         import io
-        import warnings
 
         import onnxruntime as ort
 
-        self.spec, state = initial_state(model)
-        self.names = [f"state_{i}" for i in range(len(state))]
         buf = io.BytesIO()
-        # .eval(): the exporter puts the wrapper back in its own mode afterwards, and a fresh
-        # module's is training, which would switch the served model's dropout on.
-        # The tracer's notes (Python booleans taken from tensors, the legacy exporter) are
-        # about shapes this graph never changes: one event, batch 1; parity is tested
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(StepGraph(model, self.spec, hidden=True).eval(), (torch.tensor([1]), *state), buf,
-                              input_names=["item", *self.names], output_names=["hidden", *[f"new_{n}" for n in self.names]],
-                              dynamo=False)
+        self.spec, _, self.inputs, _, self.personal = _export(model, buf, hidden=True)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
 
-    def __call__(self, state, item: int):
-        """(state, item index) -> (new state, hidden (1, d)), as ``model.step``."""
+    def __call__(self, state, item: int, personal: dict | None = None):
+        """(state, item index, the user's personal parameters) -> (new state, hidden (1, d)),
+        as ``model.step``."""
         flat = {}
         _flatten(state, "", flat)
-        feeds = {"item": np.array([item], dtype=np.int64)}
-        feeds.update((n, t.numpy()) for n, t in zip(self.names, flat.values()))
-        h, *new = self.session.run(None, feeds)
+        values = [np.array([item], dtype=np.int64), *[personal[n][None].numpy() for n in self.personal],
+                  *[t.numpy() for t in flat.values()]]
+        h, *new = self.session.run(None, dict(zip(self.inputs, values)))
         return _unflatten(self.spec, {f"s{i}": torch.from_numpy(t) for i, t in enumerate(new)}), torch.from_numpy(h)
 
 
-def export_onnx(run: str, out: str | Path) -> dict:
+def export_onnx(run: str, out: str | Path, user: str | None = None) -> dict:
+    """Write ``out`` and ``<out>.json``; for PFSR, the json carries ``user``'s personal
+    parameters (the model's own, the identity response, without a user or for a user the
+    run did not train), which the graph takes as inputs."""
     model, meta, item_ids = load_model(run)
     name = meta["run"]["model"]["name"]
     if name not in EXPORTABLE:
         raise ValueError(f"on-device export takes {', '.join(EXPORTABLE)}; {run} is a {name}")
     model.eval()
-    spec, state = initial_state(model)
-    graph = StepGraph(model, spec).eval()  # export restores the wrapper's mode, and the model's with it
     out = Path(out)
-    names = [f"state_{i}" for i in range(len(state))]
-    with torch.no_grad():
-        torch.onnx.export(graph, (torch.tensor([1]), *state), str(out), input_names=["item", *names],
-                          output_names=["scores", *[f"new_{n}" for n in names]], dynamo=False)
-    info = {"model": name, "run": str(run), "inputs": ["item", *names], "outputs": ["scores", *[f"new_{n}" for n in names]],
+    _, state, inputs, outputs, personal = _export(model, str(out), hidden=False)
+    info = {"model": name, "run": str(run), "inputs": inputs, "outputs": outputs,
             "state_shapes": [list(t.shape) for t in state], "item_ids": [str(x) for x in item_ids]}
+    if personal:
+        from .engine import Engine
+
+        engine = Engine(run, step="torch")
+        mine = engine.init(user)["personal"]
+        info["personal"] = {"user": user, "trained": user in engine._personal,  # False: the identity response
+                            "values": {n.replace(".", "_"): mine[n][None].tolist() for n in personal}}
+    elif user is not None:
+        raise ValueError(f"--user: {name} has no personal parameters (only PFSR's are per user)")
     out.with_suffix(".json").write_text(json.dumps(info))
     return info

@@ -89,7 +89,7 @@ class Service:
         return self._adapted
 
     # -- per user -------------------------------------------------------------------------
-    def _load(self, tx) -> dict:
+    def _load(self, tx, user: str) -> dict:
         """The user's state, rebuilt from the stored events when it was built by another
         model version (or never)."""
         e = self.engine
@@ -97,7 +97,7 @@ class Service:
         if stored is not None and stored[0] == e.version:
             return e.unpack(stored[1], stored[2])
         idx, _ = e.ids([ev.item_id for ev in tx.events()])
-        return _with_seen(e.advance(e.init(), idx), idx)
+        return _with_seen(e.advance(e.init(user), idx), idx)
 
     def post_events(self, user: str, events: list[dict], k: int | None = None, exclude_seen: bool = True) -> dict:
         """events: [{"id", "item_id", "ts"}] in order. Returns counts, unknown ids and, with
@@ -112,7 +112,7 @@ class Service:
                 rev = tx.revision()
                 dup = tx.known_ids(list(first))
                 hit = self._uncache(user)
-                state = hit[1] if hit is not None and rev is not None and hit[0] == rev else self._load(tx)
+                state = hit[1] if hit is not None and rev is not None and hit[0] == rev else self._load(tx, user)
             fresh = [ev for i, ev in first.items() if i not in dup]
             idx, unknown = self._known([str(ev["item_id"]) for ev in fresh])
             applied = len(fresh) - len(unknown)
@@ -170,7 +170,7 @@ class Service:
                 with self.store.user(user) as tx:
                     if tx.revision() is None:  # deleted meanwhile: nothing to rebuild or store
                         return {"user_id": user, **self._answer(None, k, (), {})}
-                    state = self._load(tx)
+                    state = self._load(tx, user)
                     tx.save_state(self.engine.version, *self.engine.pack(state))
             except Conflict:  # someone stored a newer state meanwhile; this answer stands
                 pass
