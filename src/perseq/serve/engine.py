@@ -204,15 +204,24 @@ class Engine:
 
     # -- state <-> bytes (safetensors, no pickle) ----------------------------------------
     def pack(self, state: dict) -> tuple[str, bytes]:
+        """The state as (JSON spec, safetensors bytes). A windowed model with a one-pass
+        ``prefill`` (SASRec) stores its window's item ids only, not the KV cache (W x 1 KB per
+        block and layer: 200 KB at W = 200, written per event); ``unpack`` rebuilds the cache
+        in one pass, which a worker needs only when the state is not the one it last wrote."""
         tensors = {}
+        if self.kind == "window" and hasattr(self.model, "prefill"):
+            state = {k: v for k, v in state.items() if k not in ("s", "h")}
         spec = _flatten(state, "", tensors)
         # safetensors' numpy writer: the same file format as its torch writer, 4x faster on
         # a state's handful of small tensors (states are float32/int64: numpy has both)
         return json.dumps(spec), st_save({k: v.detach().contiguous().numpy() for k, v in tensors.items()})
 
-    @staticmethod
-    def unpack(spec: str, blob: bytes) -> dict:
-        return _unflatten(json.loads(spec), st_load(blob))
+    def unpack(self, spec: str, blob: bytes) -> dict:
+        state = _unflatten(json.loads(spec), st_load(blob))
+        if "s" not in state and self.kind == "window":  # stored without its KV cache (pack)
+            w = state["window"]
+            state["s"], state["h"] = (self.model.init_state(1), None) if len(w) == 0 else self._prefill(w)
+        return state
 
 
 def _popularity(items: np.ndarray, n_items: int) -> np.ndarray:
