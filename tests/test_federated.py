@@ -196,6 +196,29 @@ def test_pfsr_keeps_each_users_response_on_their_client_and_scores_with_it(small
         assert torch.allclose(together[b], want[0], atol=1e-6)
 
 
+def test_personal_epochs_move_only_the_personal_parameters_before_the_joint_passes(small):
+    from perseq.federated.client import _fit_personal
+
+    data, split = small
+    fc = from_dict({**_cfg().to_dict(), "model": {"name": "pfsr", "d": 8, "memory_slots": 4},
+                    "federated": {**_cfg().to_dict()["federated"], "personal_epochs": 2, "local_lr": 0.5,
+                                  "local_optimizer": "sgd"}})
+    model = build_model("pfsr", data.n_items, d=8, memory_slots=4, max_len=20)
+    windows = TrainWindows(split, 20)
+    mine = client_windows(windows, partition(data.n_users))[3]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _fit_personal(model, windows, mine, fc.federated, fc.train, get_loss(fc.loss), 0)
+    for n, p in model.named_parameters():
+        moved = not torch.equal(p.detach(), before[n])
+        assert moved == n.startswith("personal."), n  # the personal response moved, nothing shared did
+        assert p.requires_grad, n  # the shared weights are trainable again afterwards
+    # in a round: the update is the joint passes' (from the personal phase's end), and runs
+    up, kept = local_update(model, before, windows, mine, fc.federated, fc.train, get_loss(fc.loss), 0)
+    assert set(kept) == {"personal.scale", "personal.shift"} and not any(n.startswith("personal.") for n in up.delta)
+    with pytest.raises(ValueError, match="engine: loop"):
+        from_dict({**fc.to_dict(), "federated": {**fc.to_dict()["federated"], "engine": "batched"}})
+
+
 def test_evaluate_scores_a_federated_pfsr_run_with_each_users_own_response(tmp_path, monkeypatch, capsys):
     from perseq.cli import main
 

@@ -45,12 +45,12 @@ class ClientUpdate:
     loss: float
 
 
-def local_optimizer(model: torch.nn.Module, fcfg, tcfg) -> torch.optim.Optimizer:
-    """The client's optimizer: AdamW with the run's betas and weight decay (as centralized
-    training), or plain SGD, at ``federated.local_lr``."""
+def local_optimizer(params, fcfg, tcfg) -> torch.optim.Optimizer:
+    """The client's optimizer over ``params``: AdamW with the run's betas and weight decay
+    (as centralized training), or plain SGD, at ``federated.local_lr``."""
     if fcfg.local_optimizer == "adam":
-        return torch.optim.AdamW(model.parameters(), lr=fcfg.local_lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=fcfg.local_lr)
+        return torch.optim.AdamW(params, lr=fcfg.local_lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
+    return torch.optim.SGD(params, lr=fcfg.local_lr)
 
 
 def local_update(model: torch.nn.Module, start: dict[str, torch.Tensor], windows: TrainWindows, mine, fcfg, tcfg,
@@ -67,7 +67,9 @@ def local_update(model: torch.nn.Module, start: dict[str, torch.Tensor], windows
     model.load_state_dict(start)
     if personal:
         model.load_state_dict(personal, strict=False)
-    opt = local_optimizer(model, fcfg, tcfg)
+    if fcfg.personal_epochs and personal_names(model):
+        _fit_personal(model, windows, mine, fcfg, tcfg, loss_fn, round_)
+    opt = local_optimizer(model.parameters(), fcfg, tcfg)
     regularizer = None
     if fcfg.proximal_mu or fcfg.dml:
         shared = {n: p for n, p in model.named_parameters() if not n.startswith(PERSONAL_PREFIX)}
@@ -98,3 +100,23 @@ def local_update(model: torch.nn.Module, start: dict[str, torch.Tensor], windows
     delta = {n: params[n].detach() - start[n] for n in shared_names(model)}
     kept = {n: params[n].detach().clone() for n in personal_names(model)}
     return ClientUpdate(delta, tot_n, tot_loss / max(tot_n, 1)), kept
+
+
+def _fit_personal(model, windows: TrainWindows, mine, fcfg, tcfg, loss_fn, round_: int) -> None:
+    """``personal_epochs`` passes on the client's windows that move only its personal
+    parameters, the shared ones frozen (no gradient is even computed for them): the user's
+    own part first adapts to the new global weights, then everything trains together (as
+    FedRep's head-then-body local round). Not reported: the update and its metadata come from
+    the joint passes only."""
+    shared = [p for n, p in model.named_parameters() if not n.startswith(PERSONAL_PREFIX)]
+    for p in shared:
+        p.requires_grad_(False)
+    try:
+        opt = local_optimizer([p for n, p in model.named_parameters() if n.startswith(PERSONAL_PREFIX)], fcfg, tcfg)
+        for e in range(fcfg.personal_epochs):
+            seed = tcfg.seed * 1_000_003 + round_ * fcfg.personal_epochs + e + 500_000_003  # apart from the joint passes'
+            for idx in windows.batch_order(fcfg.local_batch_size, seed, subset=mine):
+                train_step(model, windows.make_batch(idx), loss_fn, opt, grad_clip=tcfg.grad_clip)
+    finally:
+        for p in shared:
+            p.requires_grad_(True)

@@ -32,6 +32,7 @@ class FederatedConfig:
     proximal_mu: float = 0.0  # FedProx: + mu/2 ||w - w_global||^2 in the local loss (0 = FedAvg)
     dml: float = 0.0  # PFSR's Dynamic Magnitude Loss (ours): + dml/2 · d/(d + dml_scale) · d², d = ||w - w_global|| (0 = off)
     dml_scale: float = 1.0  # the drift at which the DML's weight is half of dml
+    personal_epochs: int = 0  # passes training only the client's personal parameters (shared weights frozen) before the local_epochs (ours, FedRep-style; loop engine and Flower)
     aggregator: str = "fedavg"  # fedavg (weighted by targets) | median | trimmed_mean (coordinate-wise, robust)
     trim: float = 0.1  # trimmed_mean: the fraction cut at each end
     max_update_norm: float | None = None  # bound each client's whole update to this L2 norm before aggregating
@@ -74,3 +75,7 @@ class FederatedConfig:
             raise ValueError("federated.local_lr and federated.server_lr must be positive")
         if self.dp_noise < 0 or (self.dp_noise > 0 and self.dp_clip is None):
             raise ValueError("federated.dp_noise needs federated.dp_clip (the noise is a multiple of the clipping norm)")
+        if self.personal_epochs < 0:
+            raise ValueError(f"federated.personal_epochs={self.personal_epochs!r}: must be 0 or more")
+        if self.personal_epochs and self.engine == "batched":
+            raise ValueError("federated.personal_epochs needs engine: loop (the batched engine trains every parameter together)")
