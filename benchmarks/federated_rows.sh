@@ -1,7 +1,7 @@
 #!/bin/bash
 # Every federated row of BENCHMARKS.md (issue 25), one run after another on one thread; each
 # run resumes (--resume), so the script can be stopped and started again. Same budget for
-# every row: configs/ml-1m/pfsr.yaml's 20 passes (236 rounds 2 local epochs 256 clients).
+# every row: configs/ml-1m/pfsr.yaml's 20 passes (944 rounds, 2 local epochs, 64 clients).
 #
 #     bash benchmarks/federated_rows.sh                 # all rows
 #     bash benchmarks/federated_rows.sh ml1m-ablations  # one group: ml1m-seeds, ml1m-ablations, ml1m-dp, beauty
