@@ -47,8 +47,10 @@ def test_onnx_step_matches_torch_after_200_events(name, tmp_path):
     items = torch.randint(1, model.n_items + 1, (200,), generator=g).tolist()
     a, b = fast.advance(fast.init(), items), ref.advance(ref.init(), items)
     assert (fast.state_hidden(a) - ref.state_hidden(b)).abs().max() <= 1e-5
-    mixed = ref.advance(ref.unpack(*fast.pack(a)), items[:10])
+    mixed = ref.advance(ref.unpack(*fast.pack(a)), items[:10])  # onnx's state read by torch ...
     assert (mixed["h"] - fast.advance(a, items[:10])["h"]).abs().max() <= 1e-5
+    back = fast.advance(fast.unpack(*ref.pack(b)), items[:10])  # ... and torch's by onnx
+    assert (back["h"] - ref.advance(b, items[:10])["h"]).abs().max() <= 1e-5
 
 
 def test_export_refuses_models_without_a_fixed_size_state(tmp_path):
@@ -80,13 +82,19 @@ def test_pfsr_users_are_served_and_exported_with_their_own_personal_parameters(t
     items = torch.randint(1, 31, (60,), generator=torch.Generator().manual_seed(1)).tolist()
     a, b = fast.advance(fast.init(user), items), ref.advance(ref.init(user), items)
     assert (fast.state_hidden(a) - ref.state_hidden(b)).abs().max() <= 1e-5
-    # the same as scoring that user the way `perseq evaluate` does (PersonalScores), history in full
+    # the same as `perseq evaluate` scores that user (with_personal: its own user -> client map)
+    from perseq.federated.personal import with_personal
+
     model = ref.model
+    scorer = with_personal(model, run, meta, 40)
+    with torch.no_grad():
+        want_scores = scorer.scores(torch.tensor([items]), torch.tensor([len(items)]), users=np.array([int(user[1:])]))[0]
+        got_scores = ref.state_hidden(b) @ model.output_embeddings().T
+    assert (got_scores[1:] - want_scores[1:]).abs().max() <= 1e-4
     alone = type(model)(model.cfg).eval()
     alone.load_state_dict({**model.state_dict(), **table[user]})
     with torch.no_grad():
         want = alone.encode(torch.tensor([items]))[0, -1]
-    assert (ref.state_hidden(b) - want).abs().max() <= 1e-5
     # through the service: the user's posts build their state with their own parameters
     from perseq.serve.service import Service
     from perseq.serve.store import SQLiteStore
@@ -96,6 +104,13 @@ def test_pfsr_users_are_served_and_exported_with_their_own_personal_parameters(t
     got = svc.post_events(user, [{"id": str(t), "item_id": it} for t, it in enumerate(ids)], k=3, exclude_seen=False)
     top = (want @ model.output_embeddings().T)[1:].topk(3)
     assert [r["item_id"] for r in got["recommendations"]["items"]] == [str(fast.item_ids[i + 1]) for i in top.indices.tolist()]
+    # erased, then back: the run's copy of their response is not used again
+    assert svc.delete(user)
+    again = svc.post_events(user, [{"id": str(t), "item_id": it} for t, it in enumerate(ids)], k=3, exclude_seen=False)
+    with svc.store.user(user, write=False) as tx:
+        personal = fast.unpack(*tx.state()[1:])["personal"]
+    assert torch.equal(personal["personal.scale"], dict(model.named_parameters())["personal.scale"].detach())
+    assert again["recommendations"] != got["recommendations"]
     other = ref.advance(ref.init(None), items)  # a user without a device history: the model's own response
     assert (ref.state_hidden(other) - ref.state_hidden(b)).abs().max() > 1e-4
     info = export_onnx_cli(run, tmp_path / "p.onnx", user)

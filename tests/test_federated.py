@@ -207,14 +207,33 @@ def test_personal_epochs_move_only_the_personal_parameters_before_the_joint_pass
     windows = TrainWindows(split, 20)
     mine = client_windows(windows, partition(data.n_users))[3]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(7)  # dropout's draws: the same in every comparison below
     _fit_personal(model, windows, mine, fc.federated, fc.train, get_loss(fc.loss), 0)
     for n, p in model.named_parameters():
         moved = not torch.equal(p.detach(), before[n])
         assert moved == n.startswith("personal."), n  # the personal response moved, nothing shared did
         assert p.requires_grad, n  # the shared weights are trainable again afterwards
-    # in a round: the update is the joint passes' (from the personal phase's end), and runs
-    up, kept = local_update(model, before, windows, mine, fc.federated, fc.train, get_loss(fc.loss), 0)
+    alone = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("personal.")}
+    # the same after another client's round left its gradients on the (reused) model
+    loss, zero = get_loss(fc.loss), dataclasses.replace(fc.federated, personal_epochs=0)
+    local_update(model, before, windows, client_windows(windows, partition(data.n_users))[5], zero, fc.train, loss, 0)
+    model.load_state_dict(before)
+    torch.manual_seed(7)
+    _fit_personal(model, windows, mine, fc.federated, fc.train, loss, 0)
+    for n, p in model.named_parameters():
+        if n.startswith("personal."):
+            assert torch.equal(p.detach(), alone[n]), n
+    # a round: the personal passes, then the joint ones from where they ended
+    torch.manual_seed(7)
+    up, kept = local_update(model, before, windows, mine, fc.federated, fc.train, loss, 0)
+    torch.manual_seed(7)
+    model.load_state_dict(before)
+    _fit_personal(model, windows, mine, fc.federated, fc.train, loss, 0)  # the same draws, then the joint passes
+    personal_done = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("personal.")}
+    want, want_kept = local_update(model, before, windows, mine, zero, fc.train, loss, 0, personal=personal_done)
     assert set(kept) == {"personal.scale", "personal.shift"} and not any(n.startswith("personal.") for n in up.delta)
+    assert all(torch.equal(kept[n], want_kept[n]) for n in kept)
+    assert all(torch.equal(up.delta[n], want.delta[n]) for n in up.delta)
     with pytest.raises(ValueError, match="engine: loop"):
         from_dict({**fc.to_dict(), "federated": {**fc.to_dict()["federated"], "engine": "batched"}})
 

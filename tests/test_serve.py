@@ -159,6 +159,8 @@ def test_state_bytes_round_trip_for_every_kind(runs):
             back = e.unpack(spec, blob)
             if e.kind == "window":  # stored as its window's ids, the KV cache rebuilt in one pass
                 assert len(blob) < 1000 and torch.equal(back["window"], s["window"])
+                kv = sum(t.nbytes for blk in s["s"]["blocks"] for t in blk.values())
+                assert e.memory_bytes(s, blob) == len(blob) + kv  # what the state cache counts
                 assert torch.allclose(e.state_hidden(back), e.state_hidden(s), atol=1e-5), name
                 assert torch.allclose(e.advance(back, [9])["h"], e.advance(s, [9])["h"], atol=1e-5), name
             else:

@@ -65,6 +65,10 @@ def test_users_listing_and_delete(store):
     with store.user("b") as tx:
         assert not tx.delete()
     assert store.n_users() == 2
+    with store.user("b", write=False) as tx:
+        assert tx.erased()  # the erased id is remembered, nothing else of it
+    with store.user("a", write=False) as tx:
+        assert not tx.erased()
 
 
 def test_a_failed_write_leaves_nothing(store):

@@ -583,8 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what an acknowledged event survives: process (default; a crash or kill -9 of the server: "
                         "SQLite synchronous=NORMAL) or power (also a power loss: synchronous=FULL, an fsync per request)")
     p.add_argument("--step", choices=["auto", "torch", "onnx"], default="auto",
-                   help="how GRU4Rec/Mamba4Rec states advance: onnx (onnxruntime, ~7x less time per event), torch (the "
-                        "reference step), auto (default: onnx when onnxruntime is installed); other models use torch")
+                   help="how GRU4Rec/Mamba4Rec/PFSR states advance: onnx (onnxruntime, ~7x less time per event), torch "
+                        "(the reference step), auto (default: onnx when onnxruntime is installed); other models use torch")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a recurrent model's incremental step for on-device inference (ONNX)",

@@ -109,6 +109,9 @@ def _fit_personal(model, windows: TrainWindows, mine, fcfg, tcfg, loss_fn, round
     FedRep's head-then-body local round). Not reported: the update and its metadata come from
     the joint passes only."""
     shared = [p for n, p in model.named_parameters() if not n.startswith(PERSONAL_PREFIX)]
+    flags = [p.requires_grad for p in shared]
+    for p in model.parameters():  # no gradient left from an earlier client's passes: clipping reads them all
+        p.grad = None
     for p in shared:
         p.requires_grad_(False)
     try:
@@ -118,5 +121,5 @@ def _fit_personal(model, windows: TrainWindows, mine, fcfg, tcfg, loss_fn, round
             for idx in windows.batch_order(fcfg.local_batch_size, seed, subset=mine):
                 train_step(model, windows.make_batch(idx), loss_fn, opt, grad_clip=tcfg.grad_clip)
     finally:
-        for p in shared:
-            p.requires_grad_(True)
+        for p, flag in zip(shared, flags):
+            p.requires_grad_(flag)

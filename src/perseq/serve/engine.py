@@ -32,12 +32,13 @@ from safetensors.torch import load as st_load
 from ..checkpoint import load_model
 
 KINDS = ("recurrent", "window", "persrec", "replay")
+STATE_FORMAT = 2  # 2: PFSR states carry personal.*, SASRec's its window ids only
 
 
 class Engine:
     """``step``: how recurrent models advance, "torch" (the reference ``model.step``),
-    "onnx" (``export.OnnxStep``: onnxruntime, for GRU4Rec and Mamba4Rec) or "auto" (onnx
-    where the model and onnxruntime allow, else torch)."""
+    "onnx" (``export.OnnxStep``: onnxruntime, for GRU4Rec, Mamba4Rec and PFSR) or "auto"
+    (onnx where the model and onnxruntime allow, else torch, also when building it fails)."""
 
     def __init__(self, run_dir: str | Path, popularity: np.ndarray | None = None, step: str = "auto"):
         self.run_dir = Path(run_dir)
@@ -47,7 +48,10 @@ class Engine:
         self.n_items = self.model.n_items
         self.index = {str(raw): i for i, raw in enumerate(self.item_ids) if i > 0}
         # the model version keys every stored state: another checkpoint cannot read it
-        self.version = hashlib.sha256((self.run_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
+        # (and the state format, STATE_FORMAT: states of an older layout are rebuilt from events)
+        digest = hashlib.sha256((self.run_dir / "model.safetensors").read_bytes())
+        digest.update(f"state-format {STATE_FORMAT}".encode())
+        self.version = digest.hexdigest()[:16]
         self.W = self.model.max_input_len
         self.slack = max(1, self.W // 4)
         m = self.model
@@ -69,7 +73,14 @@ class Engine:
             except ImportError:
                 usable = False
             if usable:
-                self._step = OnnxStep(m)
+                try:
+                    self._step = OnnxStep(m)
+                except Exception as err:  # noqa: BLE001 - auto: the reference step always works
+                    if step == "onnx":
+                        raise
+                    import sys
+
+                    print(f"note: the onnx step of {self.name} failed to build ({err}); using torch's", file=sys.stderr)
             elif step == "onnx":
                 raise ValueError(f"the onnx step needs onnxruntime and one of {', '.join(EXPORTABLE)} ({self.name})")
         self.step_backend = "torch" if self._step == self._torch_step else "onnx"
@@ -215,6 +226,15 @@ class Engine:
         # safetensors' numpy writer: the same file format as its torch writer, 4x faster on
         # a state's handful of small tensors (states are float32/int64: numpy has both)
         return json.dumps(spec), st_save({k: v.detach().contiguous().numpy() for k, v in tensors.items()})
+
+    def memory_bytes(self, state: dict, blob: bytes) -> int:
+        """A state's size in memory (the per-process cache's measure): its packed bytes,
+        plus the KV cache that ``pack`` leaves out for windowed models with ``prefill``."""
+        if self.kind == "window" and hasattr(self.model, "prefill"):
+            tensors = {}
+            _flatten(state.get("s"), "", tensors)
+            return len(blob) + sum(t.nbytes for t in tensors.values())
+        return len(blob)
 
     def unpack(self, spec: str, blob: bytes) -> dict:
         state = _unflatten(json.loads(spec), st_load(blob))

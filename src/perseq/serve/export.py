@@ -134,23 +134,33 @@ def export_onnx(run: str, out: str | Path, user: str | None = None) -> dict:
     """Write ``out`` and ``<out>.json``; for PFSR, the json carries ``user``'s personal
     parameters (the model's own, the identity response, without a user or for a user the
     run did not train), which the graph takes as inputs."""
+    from ..federated.client import personal_names
+
     model, meta, item_ids = load_model(run)
     name = meta["run"]["model"]["name"]
     if name not in EXPORTABLE:
         raise ValueError(f"on-device export takes {', '.join(EXPORTABLE)}; {run} is a {name}")
+    if user is not None and not personal_names(model):
+        raise ValueError(f"--user: {name} has no personal parameters (only PFSR's are per user)")
     model.eval()
     out = Path(out)
     _, state, inputs, outputs, personal = _export(model, str(out), hidden=False)
     info = {"model": name, "run": str(run), "inputs": inputs, "outputs": outputs,
             "state_shapes": [list(t.shape) for t in state], "item_ids": [str(x) for x in item_ids]}
     if personal:
-        from .engine import Engine
+        own = dict(model.named_parameters())
+        mine = {}
+        if user is not None:
+            from ..cli import _rebuild_split
+            from ..federated.personal import personal_by_user
 
-        engine = Engine(run, step="torch")
-        mine = engine.init(user)["personal"]
-        info["personal"] = {"user": user, "trained": user in engine._personal,  # False: the identity response
-                            "values": {n.replace(".", "_"): mine[n][None].tolist() for n in personal}}
-    elif user is not None:
-        raise ValueError(f"--user: {name} has no personal parameters (only PFSR's are per user)")
+            mine = personal_by_user(run, meta, _rebuild_split(meta)[1].data.user_ids).get(str(user), {})
+            if not mine:
+                import sys
+
+                print(f"note: the run trained no personal parameters for user {user!r}; exporting the model's own "
+                      "(the identity response)", file=sys.stderr)
+        info["personal"] = {"user": user, "trained": bool(mine),  # False: the identity response
+                            "values": {n.replace(".", "_"): mine.get(n, own[n]).detach()[None].tolist() for n in personal}}
     out.with_suffix(".json").write_text(json.dumps(info))
     return info

@@ -97,7 +97,9 @@ class Service:
         if stored is not None and stored[0] == e.version:
             return e.unpack(stored[1], stored[2])
         idx, _ = e.ids([ev.item_id for ev in tx.events()])
-        return _with_seen(e.advance(e.init(user), idx), idx)
+        # an erased user who comes back starts without what the run held about them (PFSR's
+        # personal parameters): the model's own
+        return _with_seen(e.advance(e.init(None if e.personal_names and tx.erased() else user), idx), idx)
 
     def post_events(self, user: str, events: list[dict], k: int | None = None, exclude_seen: bool = True) -> dict:
         """events: [{"id", "item_id", "ts"}] in order. Returns counts, unknown ids and, with
@@ -127,7 +129,7 @@ class Service:
                     new_rev = tx.save_state(e.version, spec, blob, n)
             except Conflict:  # the same, seen at commit (Redis)
                 continue
-            self._remember(user, new_rev, state, len(blob))
+            self._remember(user, new_rev, state, e.memory_bytes(state, blob))
             break
         else:
             raise Busy(f"user {user!r}: 100 concurrent writers in a row; retry")
@@ -144,7 +146,7 @@ class Service:
         return hit
 
     def _remember(self, user: str, rev: str, state: dict, size: int) -> None:
-        """Keep the state this process committed (``size``: its packed bytes), within
+        """Keep the state this process committed (``size``: its bytes in memory), within
         ``cache_max_bytes`` (least recently written users leave first)."""
         self._uncache(user)
         self._cache[user] = (rev, state, size)

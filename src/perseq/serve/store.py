@@ -112,9 +112,16 @@ class UserTxn:
         return rev
 
     def delete(self) -> bool:
+        """Erase the user's events and state; the id is remembered as erased (``erased``)."""
         n = self.con.execute("DELETE FROM events WHERE user_id = ?", (self.user,)).rowcount
         n += self.con.execute("DELETE FROM users WHERE user_id = ?", (self.user,)).rowcount
+        self.con.execute("INSERT OR IGNORE INTO erased (user_id) VALUES (?)", (self.user,))
         return n > 0
+
+    def erased(self) -> bool:
+        """Whether this user id was ever erased: what the server held from elsewhere about
+        it (a federated run's personal parameters) is not used again."""
+        return self.con.execute("SELECT 1 FROM erased WHERE user_id = ?", (self.user,)).fetchone() is not None
 
 
 class SQLiteStore:
@@ -134,6 +141,7 @@ class SQLiteStore:
             CREATE TABLE IF NOT EXISTS events (user_id TEXT NOT NULL, seq INTEGER NOT NULL, event_id TEXT NOT NULL,
                                                item_id TEXT NOT NULL, ts INTEGER,
                                                PRIMARY KEY (user_id, seq), UNIQUE (user_id, event_id));
+            CREATE TABLE IF NOT EXISTS erased (user_id TEXT PRIMARY KEY);
         """)
 
     def _con(self) -> sqlite3.Connection:
@@ -188,7 +196,7 @@ class _RedisTxn:
         self.r, self.user, self.ops = r, user, []
         k = f"{prefix}:u:{user}"
         self.k_meta, self.k_events, self.k_ids = k + ":meta", k + ":events", k + ":ids"
-        self.k_users = f"{prefix}:users"
+        self.k_users, self.k_erased = f"{prefix}:users", f"{prefix}:erased"
         self._n = None  # the event count after the buffered writes
 
     def _write(self, name, *args, **kw):
@@ -244,7 +252,11 @@ class _RedisTxn:
         existed = self.r.exists(self.k_meta, self.k_events) > 0
         self._write("delete", self.k_meta, self.k_events, self.k_ids)
         self._write("zrem", self.k_users, self.user)
+        self._write("sadd", self.k_erased, self.user)
         return existed
+
+    def erased(self) -> bool:
+        return bool(self.r.sismember(self.k_erased, self.user))
 
 
 class RedisStore:
