@@ -381,6 +381,13 @@ def cmd_serve(args) -> int:
                        "PERSEQ_SERVE_DURABILITY": args.durability, "PERSEQ_SERVE_STEP": args.step})
     print(f"serving {args.run} on http://{args.host}:{args.port} ({args.workers} worker(s), state in {args.store})",
           file=sys.stderr)
+    metrics_dir = None
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        import tempfile
+
+        # /metrics sums every worker's counts (app.py); the folder lives as long as the server
+        metrics_dir = tempfile.TemporaryDirectory(prefix="perseq-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
     uvicorn.run("perseq.serve.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
                 timeout_graceful_shutdown=30, log_level="warning")
     return 0

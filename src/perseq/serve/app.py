@@ -174,6 +174,10 @@ def create_app(run: str, store: str, token: str | None = None, unknown_items: st
     loss; one fsync per request), ``store.SQLiteStore``; ``step``: ``engine.Engine``'s."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
+    # several workers (perseq serve --workers N sets PROMETHEUS_MULTIPROC_DIR): every worker
+    # writes its counts to files there and /metrics reads them all, so a scrape sees the
+    # whole server, whichever worker answers it
+    multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     registry = CollectorRegistry()
     n_req = Counter("perseq_requests", "requests", ["endpoint", "status"], registry=registry)
     latency = Histogram("perseq_request_seconds", "request latency", ["endpoint"], registry=registry,
@@ -287,6 +291,12 @@ def create_app(run: str, store: str, token: str | None = None, unknown_items: st
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
+        if multiproc:
+            from prometheus_client import multiprocess
+
+            every = CollectorRegistry()
+            multiprocess.MultiProcessCollector(every)
+            return PlainTextResponse(generate_latest(every).decode(), media_type=CONTENT_TYPE_LATEST)
         return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
     return app
