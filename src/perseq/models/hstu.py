@@ -303,9 +303,10 @@ class HSTUBlock(nn.Module):
         # one LN over all heads together, as in the reference (_norm_attn_output)
         return x + self.o(self.drop(u * F.layer_norm(av, (av.shape[-1],), eps=_EPS)))
 
-    def forward(self, x, buckets, times=None):
+    def forward(self, x, buckets, times=None, keep_kv: bool = False):
         # x (B, T, D); buckets (B, T, T) time-gap buckets | None; or, for the blocked
-        # attention of long sequences, times = (query times, key times), each (B, T) | None
+        # attention of long sequences, times = (query times, key times), each (B, T) | None.
+        # keep_kv: also return k, v (B, H, T, d*), the KV cache ``step`` continues from
         B, T, _ = x.shape
         H = self.n_heads
         u, v, q, k = self._uvqk(x)
@@ -322,7 +323,7 @@ class HSTUBlock(nn.Module):
             a = causal_silu_attention(q @ k.transpose(-2, -1), self.pos_w, self.ts_w, buckets, self.max_len)  # (B, H, T, T)
             av = a @ v  # (B, H, T, dv)
         av = av.transpose(1, 2).reshape(B, T, H * self.dv)  # (B, T, H*dv)
-        return self._out(x, u, av)
+        return (self._out(x, u, av), k, v) if keep_kv else self._out(x, u, av)
 
     def step(self, x, k_cache, v_cache, buckets):
         # x (B, D) at position t = k_cache.shape[2]; caches (B, H, t, d*); buckets (B, t+1) | None
@@ -437,6 +438,22 @@ class HSTU(SeqRecModel):
             "v": torch.zeros(nb, batch_size, H, 0, b0.dv, device=device, dtype=p.dtype),
             "times": torch.zeros(batch_size, 0, dtype=torch.long, device=device),
         }
+
+    @torch.no_grad()
+    def prefill(self, items: torch.Tensor):
+        """The state (and last hidden (B, D)) after ``items`` (B, T), unpadded, in one pass:
+        what T ``step`` calls without times give (a server rebuilding the KV cache of a slid
+        window; serving passes no times, so no time bias, as ``step``)."""
+        B, T = items.shape
+        x = self._embed(items, torch.arange(T, device=items.device))  # (B, T, D)
+        ks, vs = [], []
+        for i, block in enumerate(self.blocks):
+            y, k, v = block(x, None, None, keep_kv=True)
+            x = self._after_block(i, x, y)
+            ks.append(k)
+            vs.append(v)
+        state = {"k": torch.stack(ks), "v": torch.stack(vs), "times": torch.zeros(B, T, dtype=torch.long, device=items.device)}
+        return state, self._finish(x[:, -1])
 
     def predict_hidden(self, items, lengths, times=None, target_time=None):
         if not (self.query_time_input and times is not None):
