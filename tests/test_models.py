@@ -138,7 +138,7 @@ def test_sasrec_cosine_scoring_option():
         assert torch.allclose(ht, h[:, t], atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["sasrec", "hstu"])
+@pytest.mark.parametrize("name", ["sasrec", "hstu", "llama"])
 def test_prefill_equals_stepping(name):
     m = _model(name).eval()
     x = torch.randint(1, 51, (2, 9))

@@ -80,7 +80,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d, 3 * cfg.d, bias=False)
         self.o = nn.Linear(cfg.d, cfg.d, bias=False)
 
-    def forward(self, x, rope: Rotary):
+    def forward(self, x, rope: Rotary, keep_kv: bool = False):
+        # keep_kv: also return the rotated keys and the values (B, H, T, hs): ``step``'s cache
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.hs).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hs)
         pos = torch.arange(T, device=x.device)
@@ -88,7 +89,8 @@ class Attention(nn.Module):
         # right padding: real positions precede padding, so the causal mask alone keeps
         # padding out of their view
         y = causal_attention(q, k, v)  # (B, H, T, hs)
-        return self.o(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        out = self.o(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        return (out, k, v) if keep_kv else out
 
     def step(self, x, k_cache, v_cache, rope: Rotary):
         # x (B, D) at position t = k_cache.shape[2]; caches (B, H, t, hs)
@@ -118,9 +120,12 @@ class Block(nn.Module):
         self.norm2, self.ffn = RMSNorm(cfg.d), SwiGLU(cfg.d)
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x, rope):
-        x = x + self.drop(self.attn(self.norm1(x), rope))
-        return x + self.drop(self.ffn(self.norm2(x)))
+    def forward(self, x, rope, keep_kv: bool = False):
+        a = self.attn(self.norm1(x), rope, keep_kv)
+        a, k, v = a if keep_kv else (a, None, None)
+        x = x + self.drop(a)
+        x = x + self.drop(self.ffn(self.norm2(x)))
+        return (x, k, v) if keep_kv else x
 
     def step(self, x, k_cache, v_cache, rope):
         a, K, V = self.attn.step(self.norm1(x), k_cache, v_cache, rope)
@@ -168,6 +173,18 @@ class LlamaRec(SeqRecModel):
         H = self.cfg.n_heads
         shape = (len(self.blocks), batch_size, H, 0, self.cfg.d // H)
         return {"k": torch.zeros(shape, device=device, dtype=p.dtype), "v": torch.zeros(shape, device=device, dtype=p.dtype)}
+
+    @torch.no_grad()
+    def prefill(self, items: torch.Tensor):
+        """The state (and last hidden (B, D)) after ``items`` (B, T), unpadded, in one pass:
+        what T ``step`` calls give (a server rebuilding the KV cache of a slid window)."""
+        x = self.drop(self.item_emb(items))  # (B, T, D)
+        ks, vs = [], []
+        for block in self.blocks:
+            x, k, v = block(x, self.rope, keep_kv=True)
+            ks.append(k)
+            vs.append(v)
+        return {"k": torch.stack(ks), "v": torch.stack(vs)}, self.norm_f(x[:, -1])
 
     def step(self, state, item, time=None):
         """One new event per row -> (new state, hidden (B, D)); times are not used and the

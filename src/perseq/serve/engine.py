@@ -32,7 +32,7 @@ from safetensors.torch import load as st_load
 from ..checkpoint import load_model
 
 KINDS = ("recurrent", "window", "persrec", "replay")
-STATE_FORMAT = 2  # 2: PFSR states carry personal.*, SASRec's and HSTU's their window ids only
+STATE_FORMAT = 2  # 2: PFSR states carry personal.*, windowed models' their window ids only
 
 
 class Engine:
@@ -161,7 +161,7 @@ class Engine:
             return self.model.step(state, torch.tensor([i]))
 
     def _prefill(self, events: torch.Tensor):
-        if hasattr(self.model, "prefill"):  # one pass (SASRec, HSTU)
+        if hasattr(self.model, "prefill"):  # one pass (SASRec, HSTU, LLaMA-style)
             return self.model.prefill(events[None])
         s, h = self.model.init_state(1), None
         for i in events.tolist():
@@ -216,7 +216,7 @@ class Engine:
     # -- state <-> bytes (safetensors, no pickle) ----------------------------------------
     def pack(self, state: dict) -> tuple[str, bytes]:
         """The state as (JSON spec, safetensors bytes). A windowed model with a one-pass
-        ``prefill`` (SASRec, HSTU) stores its window's item ids only, not the KV cache (W x 1 KB per
+        ``prefill`` (SASRec, HSTU, LLaMA-style) stores its window's item ids only, not the KV cache (W x 1 KB per
         block and layer: 200 KB at W = 200, written per event); ``unpack`` rebuilds the cache
         in one pass, which a worker needs only when the state is not the one it last wrote."""
         tensors = {}
