@@ -232,7 +232,24 @@ def test_a_stale_worker_cache_never_brings_back_an_erased_history(runs, tmp_path
     assert out["n_events"] == 4
     with a.store.user("u", write=False) as tx:
         state = e.unpack(*tx.state()[1:])
-    assert sorted(e.item_ids[i] for i in state["seen"].tolist()) == ["i10", "i7", "i8", "i9"]
+    assert sorted(e.item_ids[i] for i in e.seen(state).tolist()) == ["i10", "i7", "i8", "i9"]
+
+
+def test_the_seen_set_stops_growing_once_a_bitmap_is_smaller(runs):
+    """The seen items (exclude_seen's mask) are an index list while short, then a bitmap of
+    the catalogue: the same set, and a stored state whose size no longer grows."""
+    from perseq.serve.engine import Engine
+
+    e = Engine(runs["gru4rec"])
+    e.n_items = 1000  # as if the catalogue were 1,000 items: a 126-byte bitmap, worth it from 16 items on
+    s, want, sizes = {}, set(), []
+    for t in range(40):
+        s = e.add_seen(s, [t + 1])
+        want.add(t + 1)
+        assert set(e.seen(s).tolist()) == want
+        assert s["seen"].dtype == (torch.long if t + 1 < 16 else torch.uint8), t
+        sizes.append(len(e.pack({"seen": s["seen"]})[1]))
+    assert len(set(sizes[15:])) == 1  # the stored size no longer grows
 
 
 def test_unknown_items_are_stored_for_a_later_model_but_not_applied(runs, tmp_path):

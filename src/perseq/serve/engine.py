@@ -32,7 +32,7 @@ from safetensors.torch import load as st_load
 from ..checkpoint import load_model
 
 KINDS = ("recurrent", "window", "persrec", "replay")
-STATE_FORMAT = 2  # 2: PFSR states carry personal.*, windowed models' their window ids only
+STATE_FORMAT = 3  # 2: PFSR states carry personal.*, windowed models' their window ids only; 3: seen-item bitmaps
 
 
 class Engine:
@@ -190,6 +190,34 @@ class Engine:
 
     def _encode_last(self, window: torch.Tensor) -> torch.Tensor:
         return self.model.predict_hidden(window[None], torch.tensor([len(window)]))[0]
+
+    # -- the user's seen items (what exclude_seen masks), kept in the state ---------------
+    def add_seen(self, state: dict, idx: list[int]) -> dict:
+        """Add item indices to ``state["seen"]``: a sorted index list (int64) while that is
+        the smaller form, then a bitmap of the catalogue (uint8, n_items/8 bytes), so the
+        stored state, and with it the cost of an event, stops growing with the history."""
+        seen = state.get("seen", torch.zeros(0, dtype=torch.long))
+        if idx:
+            new = np.asarray(idx, dtype=np.int64)
+            if seen.dtype == torch.uint8:
+                bits = np.unpackbits(seen.numpy(), count=self.n_items + 1)
+                bits[new] = 1
+                seen = torch.from_numpy(np.packbits(bits))
+            else:
+                seen = torch.unique(torch.cat([seen, torch.from_numpy(new)]))
+                if 8 * len(seen) > -(-(self.n_items + 1) // 8):  # the list outgrew the bitmap
+                    bits = np.zeros(self.n_items + 1, dtype=np.uint8)
+                    bits[seen.numpy()] = 1
+                    seen = torch.from_numpy(np.packbits(bits))
+        state["seen"] = seen
+        return state
+
+    def seen(self, state: dict) -> torch.Tensor:
+        """The user's distinct seen item indices (LongTensor), whichever form the state keeps."""
+        seen = state.get("seen", torch.zeros(0, dtype=torch.long))
+        if seen.dtype == torch.uint8:
+            return torch.from_numpy(np.flatnonzero(np.unpackbits(seen.numpy(), count=self.n_items + 1)))
+        return seen
 
     # -- scores -------------------------------------------------------------------------
     def top_k(self, hidden: torch.Tensor, k: int, exclude=(), scores=None) -> list[dict]:

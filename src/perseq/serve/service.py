@@ -99,7 +99,7 @@ class Service:
         idx, _ = e.ids([ev.item_id for ev in tx.events()])
         # an erased user who comes back starts without what the run held about them (PFSR's
         # personal parameters): the model's own
-        return _with_seen(e.advance(e.init(None if e.personal_names and tx.erased() else user), idx), idx)
+        return e.add_seen(e.advance(e.init(None if e.personal_names and tx.erased() else user), idx), idx)
 
     def post_events(self, user: str, events: list[dict], k: int | None = None, exclude_seen: bool = True) -> dict:
         """events: [{"id", "item_id", "ts"}] in order. Returns counts, unknown ids and, with
@@ -118,7 +118,7 @@ class Service:
             fresh = [ev for i, ev in first.items() if i not in dup]
             idx, unknown = self._known([str(ev["item_id"]) for ev in fresh])
             applied = len(fresh) - len(unknown)
-            state = _with_seen(e.advance(state, idx), idx)
+            state = e.add_seen(e.advance(state, idx), idx)
             spec, blob = e.pack(state)
             try:
                 with self.store.user(user) as tx:
@@ -155,7 +155,7 @@ class Service:
             self._uncache(next(iter(self._cache)))
 
     def _from_state(self, state: dict, k: int, exclude_seen: bool) -> dict:
-        exclude = state["seen"] if exclude_seen else ()
+        exclude = self.engine.seen(state) if exclude_seen else ()
         return self._answer(self.engine.state_hidden(state), k, exclude, {})
 
     def recommendations(self, user: str, k: int, exclude_seen: bool = True) -> dict:
@@ -193,13 +193,3 @@ class Service:
         self._uncache(user)
         with self.store.user(user) as tx:
             return tx.delete()
-
-
-def _with_seen(state: dict, idx: list[int]) -> dict:
-    """Keep the user's distinct items in the state (what exclude_seen masks), so no request
-    reads the whole event log."""
-    seen = state.get("seen", torch.zeros(0, dtype=torch.long))
-    if idx:
-        seen = torch.unique(torch.cat([seen, torch.tensor(idx, dtype=torch.long)]))
-    state["seen"] = seen
-    return state
