@@ -72,6 +72,13 @@ def with_personal(model: nn.Module, run_dir, meta: dict, n_users: int) -> nn.Mod
     return model if found is None else PersonalScores(model, *found)
 
 
+def personal_values(model: nn.Module, mine: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every personal parameter of ``model``: the user's own where ``mine`` has it, else the
+    model's (for PFSR, the identity response), detached."""
+    own = dict(model.named_parameters())
+    return {n: mine.get(n, own[n]).detach() for n in personal_names(model)}
+
+
 def personal_by_user(run_dir, meta: dict, user_ids) -> dict[str, dict[str, torch.Tensor]]:
     """Raw user id -> that user's personal parameters, for the users whose client trained
     any (the server's table when the operator serves centrally); {} for other runs."""

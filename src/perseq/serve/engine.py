@@ -61,29 +61,12 @@ class Engine:
             self.kind = "window" if getattr(m, "state_grows", False) else "recurrent"
         else:
             self.kind = "replay"
-        self._step = self._torch_step
         if step not in ("auto", "torch", "onnx"):
             raise ValueError(f"step must be auto, torch or onnx, got {step!r}")
-        if step != "torch" and self.kind == "recurrent":
-            from .export import EXPORTABLE, OnnxStep
-
-            try:
-                import onnxruntime  # noqa: F401
-                usable = self.name in EXPORTABLE
-            except ImportError:
-                usable = False
-            if usable:
-                try:
-                    self._step = OnnxStep(m)
-                except Exception as err:  # noqa: BLE001 - auto: the reference step always works
-                    if step == "onnx":
-                        raise
-                    import sys
-
-                    print(f"note: the onnx step of {self.name} failed to build ({err}); using torch's", file=sys.stderr)
-            elif step == "onnx":
-                raise ValueError(f"the onnx step needs onnxruntime and one of {', '.join(EXPORTABLE)} ({self.name})")
+        self._step = self._fast_step(step) if self.kind == "recurrent" else self._torch_step
         self.step_backend = "torch" if self._step == self._torch_step else "onnx"
+        # windowed models with a one-pass prefill store their window's ids, not the KV cache
+        self._ids_only = self.kind == "window" and hasattr(m, "prefill")
         # PFSR served centrally: each user's personal parameters (personal.*) from the run's
         # simulated devices, kept in that user's state; a user the run did not train starts
         # from the model's own (the identity response)
@@ -123,9 +106,9 @@ class Engine:
         """A user's empty state (with their personal parameters, for PFSR)."""
         m = self.model
         if self.personal_names:  # PFSR is recurrent
-            own = dict(m.named_parameters())
-            mine = self._personal.get(user, {})
-            personal = {n: mine.get(n, own[n]).detach().clone() for n in self.personal_names}
+            from ..federated.personal import personal_values
+
+            personal = {n: t.clone() for n, t in personal_values(m, self._personal.get(user, {})).items()}
             return {"s": m.init_state(1), "h": None, "window": torch.zeros(0, dtype=torch.long), "personal": personal}
         if self.kind == "persrec":
             empty = torch.zeros(1, 0, dtype=torch.long)
@@ -153,6 +136,32 @@ class Engine:
             else:
                 state["window"] = torch.cat([state["window"], it])[-self.W :]
         return state
+
+    def _fast_step(self, step: str):
+        """A recurrent model's step for ``step`` (the class docstring): onnxruntime's where
+        asked for and possible, else torch's."""
+        if step == "torch":
+            return self._torch_step
+        from .export import EXPORTABLE, OnnxStep
+
+        try:
+            import onnxruntime  # noqa: F401
+            usable = self.name in EXPORTABLE
+        except ImportError:
+            usable = False
+        if not usable:
+            if step == "onnx":
+                raise ValueError(f"the onnx step needs onnxruntime and one of {', '.join(EXPORTABLE)} ({self.name})")
+            return self._torch_step
+        try:
+            return OnnxStep(self.model)
+        except Exception as err:  # noqa: BLE001 - auto: the reference step always works
+            if step == "onnx":
+                raise
+            import sys
+
+            print(f"note: the onnx step of {self.name} failed to build ({err}); using torch's", file=sys.stderr)
+            return self._torch_step
 
     def _torch_step(self, state, i: int, personal: dict | None = None):
         if personal is None:
@@ -248,7 +257,7 @@ class Engine:
         block and layer: 200 KB at W = 200, written per event); ``unpack`` rebuilds the cache
         in one pass, which a worker needs only when the state is not the one it last wrote."""
         tensors = {}
-        if self.kind == "window" and hasattr(self.model, "prefill"):
+        if self._ids_only:
             state = {k: v for k, v in state.items() if k not in ("s", "h")}
         spec = _flatten(state, "", tensors)
         # safetensors' numpy writer: the same file format as its torch writer, 4x faster on
@@ -258,7 +267,7 @@ class Engine:
     def memory_bytes(self, state: dict, blob: bytes) -> int:
         """A state's size in memory (the per-process cache's measure): its packed bytes,
         plus the KV cache that ``pack`` leaves out for windowed models with ``prefill``."""
-        if self.kind == "window" and hasattr(self.model, "prefill"):
+        if self._ids_only:
             tensors = {}
             _flatten(state.get("s"), "", tensors)
             return len(blob) + sum(t.nbytes for t in tensors.values())
@@ -266,7 +275,7 @@ class Engine:
 
     def unpack(self, spec: str, blob: bytes) -> dict:
         state = _unflatten(json.loads(spec), st_load(blob))
-        if "s" not in state and self.kind == "window":  # stored without its KV cache (pack)
+        if self._ids_only:  # stored without its KV cache (pack)
             w = state["window"]
             state["s"], state["h"] = (self.model.init_state(1), None) if len(w) == 0 else self._prefill(w)
         return state

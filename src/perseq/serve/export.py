@@ -46,15 +46,13 @@ class StepGraph(nn.Module):
                 state, h = self.model.step(state, item)
         else:
             state, h = self.model.step(state, item)
+        out = {}
+        _flatten(state, "", out)
         if self.hidden:
-            out = {}
-            _flatten(state, "", out)
             return (h, *out.values())
         scores = h @ self.model.output_embeddings().T  # (1, n_items + 1)
         # column 0 is padding, never an item: -inf, as the server's scores
         scores = torch.cat([torch.full_like(scores[:, :1], float("-inf")), scores[:, 1:]], 1)
-        out = {}
-        _flatten(state, "", out)
         return (scores, *out.values())
 
 
@@ -81,12 +79,12 @@ def _export(model, out, hidden: bool):
     initial state tensors, input names, output names, personal parameter names)."""
     import warnings
 
-    from ..federated.client import personal_names
+    from ..federated.personal import personal_values
 
-    personal = personal_names(model)
+    values = personal_values(model, {})
+    personal = list(values)
     spec, state = initial_state(model)
-    own = dict(model.named_parameters())
-    mine = [own[n].detach()[None] for n in personal]  # (1, ...) each: one user's
+    mine = [t[None] for t in values.values()]  # (1, ...) each: one user's (here the model's own)
     names = [f"state_{i}" for i in range(len(state))]
     inputs = ["item", *[n.replace(".", "_") for n in personal], *names]
     outputs = ["hidden" if hidden else "scores", *[f"new_{n}" for n in names]]
@@ -148,7 +146,8 @@ def export_onnx(run: str, out: str | Path, user: str | None = None) -> dict:
     info = {"model": name, "run": str(run), "inputs": inputs, "outputs": outputs,
             "state_shapes": [list(t.shape) for t in state], "item_ids": [str(x) for x in item_ids]}
     if personal:
-        own = dict(model.named_parameters())
+        from ..federated.personal import personal_values
+
         mine = {}
         if user is not None:
             from ..cli import _rebuild_split
@@ -161,6 +160,6 @@ def export_onnx(run: str, out: str | Path, user: str | None = None) -> dict:
                 print(f"note: the run trained no personal parameters for user {user!r}; exporting the model's own "
                       "(the identity response)", file=sys.stderr)
         info["personal"] = {"user": user, "trained": bool(mine),  # False: the identity response
-                            "values": {n.replace(".", "_"): mine.get(n, own[n]).detach()[None].tolist() for n in personal}}
+                            "values": {n.replace(".", "_"): t[None].tolist() for n, t in personal_values(model, mine).items()}}
     out.with_suffix(".json").write_text(json.dumps(info))
     return info
