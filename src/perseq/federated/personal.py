@@ -31,9 +31,8 @@ class PersonalScores(ScoringWrapper):
     def scores(self, items, lengths, times=None, target_time=None, users=None) -> torch.Tensor:
         if users is None:
             raise ValueError("personal scores need each row's user")
-        own = dict(self.model.named_parameters())
-        rows = [self.personal.get(int(self.client_of_user[u]), {}) for u in np.asarray(users)]
-        stacked = {n: torch.stack([r.get(n, own[n].detach()) for r in rows]) for n in self.names}  # (B, ...) each
+        rows = [personal_values(self.model, self.personal.get(int(self.client_of_user[u]), {})) for u in np.asarray(users)]
+        stacked = {n: torch.stack([r[n] for r in rows]) for n in self.names}  # (B, ...) each
         with self.model.personal_rows(stacked):
             return self.model.scores(items, lengths, times, target_time)
 
