@@ -4,14 +4,14 @@
 # every row: configs/ml-1m/pfsr.yaml's 20 passes (944 rounds, 2 local epochs, 64 clients).
 #
 #     bash benchmarks/federated_rows.sh                 # all rows
-#     bash benchmarks/federated_rows.sh ml1m-ablations  # one group: ml1m-seeds, ml1m-ablations, ml1m-dp, beauty
+#     bash benchmarks/federated_rows.sh ml1m-ablations  # one group: ml1m-seeds, ml1m-ablations, ml1m-dp, beauty, compression
 #
 # DP rows: clipping at 1.0 (two local SGD steps of 0.5 on gradients clipped to norm 1 give
 # updates of norm <= 1 already) and the noise multiplier that spends ε over 944 rounds at
 # q = 64 / 6,040 with δ = 1e-6 (perseq.federated.privacy.noise_for_epsilon, dp-accounting's
 # RDP accountant): ε 2 -> 1.111, ε 8 -> 0.651, ε 32 -> 0.417.
 set -e
-groups=("$@"); [ ${#groups[@]} -eq 0 ] && groups=(ml1m-seeds ml1m-ablations ml1m-dp beauty)
+groups=("$@"); [ ${#groups[@]} -eq 0 ] && groups=(ml1m-seeds ml1m-ablations ml1m-dp beauty compression)
 mkdir -p logs
 f() {  # config seed name [--set ...]
   local config=$1 seed=$2 name=$3; shift 3
@@ -47,6 +47,10 @@ for g in "${groups[@]}"; do
       collect amazon-beauty_mamba4rec+fedavg amazon-beauty-mamba4rec-fedavg 0
       f configs/amazon-beauty/pfsr.yaml 0 amazon-beauty-pfsr
       collect amazon-beauty_pfsr amazon-beauty-pfsr 0 ;;
-    *) echo "unknown group $g; known: ml1m-seeds ml1m-ablations ml1m-dp beauty" >&2; exit 2 ;;
+    compression)  # 8-bit uploads' quality cost, at the tuning sweep's screening budget (against its base run)
+      f configs/ml-1m/pfsr.yaml 0 ml-1m-pfsr-bits-8 --set federated.rounds=240 --set federated.patience=100 \
+        --set federated.update_bits=8
+      collect ml-1m_pfsr-bits-8 ml-1m-pfsr-bits-8 0 ;;
+    *) echo "unknown group $g; known: ml1m-seeds ml1m-ablations ml1m-dp beauty compression" >&2; exit 2 ;;
   esac
 done

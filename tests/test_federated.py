@@ -306,3 +306,38 @@ def test_the_batched_engine_trains_every_client_as_the_loop_does(small, name, ex
     a, b = (runs[e]["model_obj"].state_dict() for e in ("loop", "batched"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     assert runs["loop"]["history"][0]["loss"] == pytest.approx(runs["batched"]["history"][0]["loss"], rel=1e-5)
+
+
+def test_8_bit_uploads_are_unbiased_bounded_a_quarter_of_the_bytes_and_train(small):
+    from perseq.federated.compress import compress_update, dequantize, quantize, update_bytes
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 50) * torch.logspace(-3, 0, 6)[:, None]  # rows of very different scales
+    codes, lo, step = quantize(x, torch.Generator().manual_seed(1))
+    assert codes.dtype == torch.uint8 and codes.shape == (6, 50) and lo.shape == step.shape == (6,)
+    err = (dequantize(codes, lo, step, x.shape) - x).abs()
+    assert (err <= step[:, None] * (1 + 1e-5)).all()  # below one step of each row's own grid
+    # unbiased: the mean of many decodings converges to x (tolerance 5 standard errors, step/2/sqrt(n) each)
+    n = 2000
+    mean = sum(compress_update({"x": x}, 8, seed)["x"] for seed in range(n)) / n
+    assert ((mean - x).abs() <= 5 * step[:, None] / 2 / n ** 0.5 + 1e-7).all()
+    const = torch.full((3, 4), 0.25)
+    assert torch.equal(compress_update({"c": const}, 8, 0)["c"], const)  # a constant row is exact
+    assert compress_update({"x": x}, 32, 0)["x"] is x
+    assert update_bytes({"w": torch.Size([100, 64]), "b": torch.Size([64])}, 8) == 100 * 64 + 8 * 100 + 64 + 8
+    assert update_bytes({"w": torch.Size([100, 64]), "b": torch.Size([64])}, 32) == 4 * (100 * 64 + 64)
+
+    data, split = small
+    full = simulate(_cfg(rounds=3, clients_per_round=40), split, **QUIET)
+    eight = simulate(_cfg(rounds=3, clients_per_round=40, update_bits=8), split, **QUIET)
+    b32, b8 = full["federated"]["bytes_per_client_per_round"], eight["federated"]["bytes_per_client_per_round"]
+    shapes = {n: p.shape for n, p in full["model_obj"].named_parameters()}
+    assert b8["down"] == b32["down"] == update_bytes(shapes, 32)
+    assert b8["up"] == update_bytes(shapes, 8) + 8 * len(SENT_METADATA) < 0.4 * b32["up"]  # d = 16: 1.5 bytes an entry
+    assert eight["federated"]["update_bits"] == 8
+    # the models differ (the rounding is real) but only by the quantization noise of 3 rounds
+    f, e = full["model_obj"].state_dict(), eight["model_obj"].state_dict()
+    assert any(not torch.equal(f[k], e[k]) for k in f)
+    assert max((f[k] - e[k]).abs().max().item() for k in f) < 0.05
+    with pytest.raises(ValueError, match="update_bits"):
+        _cfg(update_bits=16)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .compress import UPDATE_BITS
+
 AGGREGATORS = ("fedavg", "median", "trimmed_mean")
 LOCAL_OPTIMIZERS = ("adam", "sgd")
 SERVER_OPTIMIZERS = ("sgd", "adam")
@@ -35,6 +37,7 @@ class FederatedConfig:
     personal_epochs: int = 0  # passes training only the client's personal parameters (shared weights frozen) before the local_epochs (ours, FedRep-style; loop engine and Flower)
     aggregator: str = "fedavg"  # fedavg (weighted by targets) | median | trimmed_mean (coordinate-wise, robust)
     trim: float = 0.1  # trimmed_mean: the fraction cut at each end
+    update_bits: int = 32  # the upload: 32 (dense float32 update) | 8 (stochastically rounded 8-bit codes per row, ~1/4 the bytes; simulator only)
     max_update_norm: float | None = None  # bound each client's whole update to this L2 norm before aggregating
     server_optimizer: str = "sgd"  # sgd (lr 1, momentum 0: FedAvg; momentum > 0: FedAvgM) | adam (FedAdam)
     server_lr: float | None = None  # None: 1 for sgd (FedAvg), 1e-2 for adam (FedAdam's usual rate)
@@ -75,6 +78,8 @@ class FederatedConfig:
             raise ValueError("federated.local_lr and federated.server_lr must be positive")
         if self.dp_noise < 0 or (self.dp_noise > 0 and self.dp_clip is None):
             raise ValueError("federated.dp_noise needs federated.dp_clip (the noise is a multiple of the clipping norm)")
+        if self.update_bits not in UPDATE_BITS:
+            raise ValueError(f"federated.update_bits={self.update_bits!r}; valid: {', '.join(map(str, UPDATE_BITS))}")
         if self.personal_epochs < 0:
             raise ValueError(f"federated.personal_epochs={self.personal_epochs!r}: must be 0 or more")
         if self.personal_epochs and self.engine == "batched":

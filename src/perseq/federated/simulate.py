@@ -48,6 +48,7 @@ from ..losses import get_loss
 from ..report import hardware_name
 from ..train import check_same_run, prepare_run_folder, run_model, seed_everything, select_device
 from .batched import batched_updates
+from .compress import compress_update, round_seed, update_bytes
 from .client import SENT_METADATA, local_update, personal_names, shared_names
 from .personal import PersonalScores, client_of_user
 from .partition import active_clients, client_windows, partition
@@ -142,7 +143,8 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
     if out is not None:
         write_run_files(out, cfg, model, data, extra_meta)
     shared = shared_names(model)
-    sent = _bytes({n: global_[n] for n in shared})  # each way: the global weights down, a dense update up
+    sent = _bytes({n: global_[n] for n in shared})  # the global weights down, float32
+    up_bytes = update_bytes({n: global_[n].shape for n in shared}, fc.update_bits) + 8 * len(SENT_METADATA)
     metric = cfg.eval.metric
     generator = torch.Generator().manual_seed(tc.seed * 7919 + 17)  # the DP noise (resumed below per round)
 
@@ -162,6 +164,8 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
                 done += batched_updates(model, global_, windows, [mine[c] for c in part], fc, tc, loss_fn, cfg.loss, r,
                                         [personal.get(c) for c in part])
         for c, (up, kept) in zip(reporting, done):
+            if fc.update_bits != 32:  # what the client sends, as the server decodes it
+                up = dataclasses.replace(up, delta=compress_update(up.delta, fc.update_bits, round_seed(tc.seed, r, c)))
             ups.append(up)
             if kept:
                 personal[c] = kept  # the simulated device's own storage
@@ -183,7 +187,7 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
             rec["loss"] = float(sum(u.loss * u.n_targets for u in ups) / max(sum(u.n_targets for u in ups), 1))
         secs = time.perf_counter() - t0
         state["train_seconds"] += secs
-        rec |= {"seconds": secs, "bytes_down_per_client": sent, "bytes_up_per_client": sent + 8 * len(SENT_METADATA)}
+        rec |= {"seconds": secs, "bytes_down_per_client": sent, "bytes_up_per_client": up_bytes}
         if ledger is not None:
             rec["epsilon"] = ledger.epsilon()
         improved = False
@@ -234,7 +238,8 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
         "wall_seconds": state.get("wall_seconds"),
         "federated": {"clients": int(len(active)), "clients_per_round": per_round, "rounds": rounds_done,
                       "local_epochs": fc.local_epochs, "passes": rounds_done * fc.local_epochs * per_round / len(active),
-                      "bytes_per_client_per_round": {"down": sent, "up": sent + 8 * len(SENT_METADATA)},
+                      "bytes_per_client_per_round": {"down": sent, "up": up_bytes},
+                      "update_bits": fc.update_bits,
                       "sent_metadata": list(SENT_METADATA),
                       **({"privacy": ledger.to_dict()} if ledger is not None else {})},
         "hardware": hardware_name(device),

@@ -116,6 +116,9 @@ class PerseqFedAvg(FedAvg):
                          min_train_nodes=self.per_round, min_evaluate_nodes=n_clients, min_available_nodes=n_clients,
                          weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS_KEY, configrecord_key=CONFIG_KEY)
         check_dp_settings(fc)
+        if fc.update_bits != 32:
+            raise ValueError(f"federated.update_bits={fc.update_bits}: compressed uploads are offered by "
+                             "`perseq federated simulate` only; the Flower apps send float32 updates")
         self.fc, self.server, self.shared, self.n_clients, self.seed = fc, server, tuple(shared), n_clients, seed
         self.first_round, self.stopped, self.keep_upto, self.audit = first_round, stopped, keep_upto, audit
         self._global: dict[str, torch.Tensor] | None = None  # the weights sent this round
