@@ -145,7 +145,7 @@ def test_probes_and_metrics(runs, tmp_path):
         assert ready["ready"] and ready["model"] == "sasrec+persrec" and ready["state"] == "persrec"
         c.post("/v1/recommend", json={"history": ["i1", "i2"]})
         text = c.get("/metrics").text
-    assert 'perseq_requests_total{endpoint="/v1/recommend",status="200"} 1.0' in text
+    assert 'perseq_requests_total{endpoint="/v1/recommend",method="POST",status="200"} 1.0' in text
     assert "openapi" in TestClient(app).get("/openapi.json").text
 
 

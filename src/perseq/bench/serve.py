@@ -3,7 +3,9 @@
     perseq bench serve runs/ml-1m-mamba4rec-s0 --model mamba4rec --concurrency 1,8,32 --workers 1,2 \\
         --histories 50,5000 --out benchmarks/results/serve_mamba4rec.json
 
-For each number of uvicorn workers, a fresh server (its own SQLite store) is started; before
+For each number of uvicorn workers, a fresh server is started with its own store (``--store
+sqlite``: a SQLite file; ``redis``: a fresh redis-server on a loopback port, what replicas on
+several machines would share); before
 each concurrency level, fresh users are given ``history`` events each (random items of the
 run's catalogue: long synthetic histories), then wrk (Debian's package, one connection per
 concurrent client) drives
@@ -13,7 +15,7 @@ concurrent client) drives
   for one of the users, round robin, and the new top 10 in the response.
 
 wrk (one thread) runs on the same 2 cores as the server (not pinned). One JSON row per measurement:
-endpoint, model, workers, concurrency, history_len, p50_ms, p99_ms, rps, errors, hardware,
+endpoint, model, store, workers, concurrency, history_len, p50_ms, p99_ms, rps, errors, hardware,
 commit.
 """
 from __future__ import annotations
@@ -82,6 +84,26 @@ def start_server(run: str, store: str, workers: int):
     raise TimeoutError("perseq serve did not become ready in 120 s")
 
 
+def start_redis(tmp: str):
+    """A throwaway redis-server (no persistence) on a free loopback port -> (process, url)."""
+    import redis
+
+    if shutil.which("redis-server") is None:
+        raise SystemExit("redis-server is not installed (Debian: apt-get install redis-server)")
+    port = _free_port()
+    p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                          "--dir", tmp], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(100):
+        try:
+            redis.Redis.from_url(url).ping()
+            return p, url
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    p.kill()
+    raise TimeoutError("redis-server did not answer in 5 s")
+
+
 def _ms(text: str) -> float:
     m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
     value, unit = float(m.group(1)), m.group(2)
@@ -125,6 +147,8 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--histories", default="50,5000", help="events per user before the measurement")
     ap.add_argument("--users", type=int, default=16, help="users given a history (the events go round robin)")
+    ap.add_argument("--store", choices=("sqlite", "redis"), default="sqlite",
+                    help="where the server keeps user states: a SQLite file, or a fresh local redis-server")
     ap.add_argument("--seconds", type=int, default=10, help="wrk duration per measurement")
     ap.add_argument("--out", required=True, help="JSON file of the rows")
     a = ap.parse_args(argv)
@@ -139,7 +163,8 @@ def main(argv=None) -> None:
     for workers in [int(w) for w in a.workers.split(",")]:
         for hist in [int(h) for h in a.histories.split(",")]:
             with tempfile.TemporaryDirectory() as tmp:
-                server, url = start_server(a.run, str(Path(tmp) / "state.sqlite"), workers)
+                redis_server, store = start_redis(tmp) if a.store == "redis" else (None, str(Path(tmp) / "state.sqlite"))
+                server, url = start_server(a.run, store, workers)
                 try:
                     def populate(prefix):  # fresh users, each given `hist` events, 1,000 a post
                         with httpx.Client(base_url=url, timeout=600) as c:
@@ -169,13 +194,16 @@ def main(argv=None) -> None:
                                 ("/v1/recommend", "/v1/recommend", RECOMMEND_LUA % {"body": history}),
                                 ("/events+recs", "/", events_script(prefix, f"w{workers}c{conc}"))):
                             r = run_wrk(url, path, script, conc, a.seconds)
-                            row = {"endpoint": endpoint, "model": model, "workers": workers, "concurrency": conc,
+                            row = {"endpoint": endpoint, "model": model, "store": a.store, "workers": workers, "concurrency": conc,
                                    "history_len": hist, **r, "hardware": hardware_name("cpu"), "commit": git_commit()}
                             rows.append(row)
                             print(json.dumps(row), flush=True)
                 finally:
                     os.killpg(server.pid, signal.SIGTERM)
                     server.wait(60)
+                    if redis_server is not None:
+                        os.killpg(redis_server.pid, signal.SIGTERM)
+                        redis_server.wait(60)
     write_result_file(a.out, {"benchmark": "serve", "run": a.run, "model": model, "seconds": a.seconds,
                               "users": a.users, "load_tool": "wrk 4.1.0 (Debian), same 2 cores, not pinned",
                               "rows": rows})

@@ -162,8 +162,9 @@ class _Guard:
             await too_large(scope, receive, send)
         route = scope.get("route")
         endpoint = getattr(route, "path", "other")
-        self.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        self.n_req.labels(endpoint, str(status[0])).inc()
+        method = scope.get("method", "")  # GET and POST of one route are different requests
+        self.latency.labels(method, endpoint).observe(time.perf_counter() - t0)
+        self.n_req.labels(method, endpoint, str(status[0])).inc()
 
 
 def create_app(run: str, store: str, token: str | None = None, unknown_items: str = "ignore",
@@ -179,8 +180,8 @@ def create_app(run: str, store: str, token: str | None = None, unknown_items: st
     # whole server, whichever worker answers it
     multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     registry = CollectorRegistry()
-    n_req = Counter("perseq_requests", "requests", ["endpoint", "status"], registry=registry)
-    latency = Histogram("perseq_request_seconds", "request latency", ["endpoint"], registry=registry,
+    n_req = Counter("perseq_requests", "requests", ["method", "endpoint", "status"], registry=registry)
+    latency = Histogram("perseq_request_seconds", "request latency", ["method", "endpoint"], registry=registry,
                         buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 
     @asynccontextmanager
