@@ -198,6 +198,12 @@ class _RedisTxn:
         self.k_meta, self.k_events, self.k_ids = k + ":meta", k + ":events", k + ":ids"
         self.k_users, self.k_erased = f"{prefix}:users", f"{prefix}:erased"
         self._n = None  # the event count after the buffered writes
+        self._head_ = None  # (rev, n_events) as stored: one round trip for both (writes are buffered, so it holds)
+
+    def _head(self):
+        if self._head_ is None:
+            self._head_ = self.r.hmget(self.k_meta, "rev", "n_events")
+        return self._head_
 
     def _write(self, name, *args, **kw):
         self.ops.append((name, args, kw))
@@ -209,11 +215,11 @@ class _RedisTxn:
         return meta[b"version"].decode(), meta[b"spec"].decode(), meta[b"blob"]
 
     def revision(self):
-        rev = self.r.hget(self.k_meta, "rev")
+        rev = self._head()[0]
         return None if rev is None else rev.decode()
 
     def n_events(self) -> int:
-        n = self.r.hget(self.k_meta, "n_events")
+        n = self._head()[1]
         return 0 if n is None else int(n)
 
     @staticmethod
