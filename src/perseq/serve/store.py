@@ -189,8 +189,11 @@ class SQLiteStore:
 
 
 class _RedisTxn:
-    """``UserTxn`` on Redis: reads go to the server at once, writes are buffered and run in
-    one MULTI/EXEC at the end, under the WATCH on the user's metadata taken at the start."""
+    """``UserTxn`` on Redis: reads go to the server at once, writes are buffered as plain
+    commands and run at the end by one script (``_COMMIT``), atomically and only if the
+    user's revision is still the one read when the transaction began. Every change of the
+    user's metadata changes its revision (a fresh token per save; a delete removes it), so
+    this is WATCH on the metadata in one round trip instead of three."""
 
     def __init__(self, r, prefix: str, user: str):
         self.r, self.user, self.ops = r, user, []
@@ -205,8 +208,8 @@ class _RedisTxn:
             self._head_ = self.r.hmget(self.k_meta, "rev", "n_events")
         return self._head_
 
-    def _write(self, name, *args, **kw):
-        self.ops.append((name, args, kw))
+    def _write(self, *command):
+        self.ops.append(command)
 
     def state(self):
         meta = self.r.hgetall(self.k_meta)  # one read: version, spec and blob of one commit
@@ -240,8 +243,8 @@ class _RedisTxn:
     def add_events(self, events):
         n = self.n_events()
         if events:
-            self._write("rpush", self.k_events, *[json.dumps([e.event_id, e.item_id, e.ts]) for e in events])
-            self._write("sadd", self.k_ids, *[e.event_id for e in events])
+            self._write("RPUSH", self.k_events, *[json.dumps([e.event_id, e.item_id, e.ts]) for e in events])
+            self._write("SADD", self.k_ids, *[e.event_id for e in events])
         self._n = n + len(events)
         return self._n
 
@@ -249,20 +252,34 @@ class _RedisTxn:
         if n_events is None:
             n_events = self._n if self._n is not None else self.n_events()
         rev = new_revision()
-        self._write("hset", self.k_meta, mapping={"version": version, "spec": spec, "blob": blob, "n_events": n_events,
-                                                  "rev": rev})
-        self._write("zadd", self.k_users, {self.user: time.time_ns()})
+        self._write("HSET", self.k_meta, "version", version, "spec", spec, "blob", blob, "n_events", n_events, "rev", rev)
+        self._write("ZADD", self.k_users, time.time_ns(), self.user)
         return rev
 
     def delete(self):
         existed = self.r.exists(self.k_meta, self.k_events) > 0
-        self._write("delete", self.k_meta, self.k_events, self.k_ids)
-        self._write("zrem", self.k_users, self.user)
-        self._write("sadd", self.k_erased, self.user)
+        self._write("DEL", self.k_meta, self.k_events, self.k_ids)
+        self._write("ZREM", self.k_users, self.user)
+        self._write("SADD", self.k_erased, self.user)
         return existed
 
     def erased(self) -> bool:
         return bool(self.r.sismember(self.k_erased, self.user))
+
+
+# a write transaction's commit: KEYS[1] the user's metadata; ARGV[1] the revision the
+# transaction read ("" none), then each buffered command as its length and its words
+_COMMIT = """
+local rev = redis.call('HGET', KEYS[1], 'rev')
+if (rev or '') ~= ARGV[1] then return 0 end
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
+"""
 
 
 class RedisStore:
@@ -274,27 +291,23 @@ class RedisStore:
         self.r = redis.Redis.from_url(url)
         self.r.ping()  # a wrong address is an error at start-up, not at the first request
         self.prefix = prefix
+        self._commit = self.r.register_script(_COMMIT)
 
     @contextmanager
     def user(self, user_id: str, write: bool = True):
-        import redis
-
         if not write:
             yield _RedisTxn(self.r, self.prefix, user_id)
             return
-        with self.r.pipeline(transaction=True) as pipe:
-            txn = _RedisTxn(pipe, self.prefix, user_id)
-            pipe.watch(txn.k_meta)  # until multi(), the pipeline's commands run at once
-            yield txn
-            if not txn.ops:
-                return
-            pipe.multi()
-            for name, args, kw in txn.ops:
-                getattr(pipe, name)(*args, **kw)
-            try:
-                pipe.execute()
-            except redis.WatchError:
-                raise Conflict(f"user {user_id!r} changed during the write") from None
+        txn = _RedisTxn(self.r, self.prefix, user_id)
+        rev = txn.revision()  # what the commit checks; the transaction's own reads of it cost nothing more
+        yield txn
+        if not txn.ops:
+            return
+        flat = [rev or ""]
+        for command in txn.ops:
+            flat += [len(command), *command]
+        if not self._commit(keys=[txn.k_meta], args=flat):
+            raise Conflict(f"user {user_id!r} changed during the write")
 
     def recent_users(self, limit: int) -> list[str]:
         return [u.decode() for u in self.r.zrevrange(f"{self.prefix}:users", 0, limit - 1)]
