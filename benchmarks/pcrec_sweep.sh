@@ -7,7 +7,10 @@
 #
 #     bash benchmarks/pcrec_sweep.sh                 # all of them, one after another, 1 thread
 #     bash benchmarks/pcrec_sweep.sh f-tanh alpha-0  # only these
+#     SEEDS=1,2 bash benchmarks/pcrec_sweep.sh f-sigmoid  # the winner's confirmation seeds, then its
+#                                                         # 3-seed result file ml-1m_pcrec-<name>
 set -e
+SEEDS=${SEEDS:-0}
 declare -A RUNS=(
   [f-sigmoid]="model.f=sigmoid"          # the f-ablation: the five nonlinearities
   [f-tanh]="model.f=tanh"
@@ -25,7 +28,13 @@ names=("$@"); [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 mkdir -p logs
 for n in "${names[@]}"; do
   [ -n "${RUNS[$n]}" ] || { echo "unknown run $n; known: ${ORDER[*]}" >&2; exit 2; }
-  perseq train --config configs/ml-1m/pcrec.yaml --set "${RUNS[$n]}" --set train.threads=1 --seeds 0 \
-    --name "ml-1m-pcrec-$n" --resume --no-progress --bench-name "ml-1m_pcrec-$n" > "logs/ml-1m-pcrec-$n-s0.log" 2>&1
-  echo "done $n"
+  if [ "$SEEDS" = 0 ]; then
+    perseq train --config configs/ml-1m/pcrec.yaml --set "${RUNS[$n]}" --set train.threads=1 --seeds 0 \
+      --name "ml-1m-pcrec-$n" --resume --no-progress --bench-name "ml-1m_pcrec-$n" > "logs/ml-1m-pcrec-$n-s0.log" 2>&1
+  else
+    perseq train --config configs/ml-1m/pcrec.yaml --set "${RUNS[$n]}" --set train.threads=1 --seeds "$SEEDS" \
+      --name "ml-1m-pcrec-$n" --resume --no-progress > "logs/ml-1m-pcrec-$n-s${SEEDS//,/}.log" 2>&1
+    perseq bench collect --name "ml-1m_pcrec-$n" $(for s in 0 ${SEEDS//,/ }; do echo "runs/ml-1m-pcrec-$n-s$s"; done)
+  fi
+  echo "done $n (seeds $SEEDS)"
 done
