@@ -135,3 +135,28 @@ def test_persrec_cost_benchmark_rows_and_flat_persrec_cost(tmp_path):
     assert rows[("kv_step", 192)]["flops"] > rows[("kv_step", 48)]["flops"]
     assert rows[("reencode", 192)]["extrapolated"] and rows[("reencode", 192)]["flops"] == 4 * rows[("reencode", 96)]["flops"]
     assert out.with_suffix(".png").exists()
+
+
+def test_wrk_output_is_read_into_milliseconds_rates_and_every_kind_of_error():
+    from perseq.bench.serve import parse_wrk
+
+    out = """Running 10s test @ http://127.0.0.1:8000/
+  1 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     7.02ms    4.10ms  61.00ms   80.00%
+  Latency Distribution
+     50%  850.00us
+     75%    9.10ms
+     90%   12.30ms
+     99%    1.20s
+  6512 requests in 10.01s, 2.10MB read
+  Socket errors: connect 0, read 2, write 0, timeout 3
+  Non-2xx or 3xx responses: 4
+Requests/sec:    650.55
+Transfer/sec:    214.90KB
+"""
+    r = parse_wrk(out)
+    assert r == {"p50_ms": 0.85, "p99_ms": 1200.0, "rps": 650.55, "errors": 2 + 3 + 4}
+    clean = out.replace("  Socket errors: connect 0, read 2, write 0, timeout 3\n", "").replace(
+        "  Non-2xx or 3xx responses: 4\n", "")
+    assert parse_wrk(clean)["errors"] == 0
