@@ -324,6 +324,8 @@ def test_8_bit_uploads_are_unbiased_bounded_a_quarter_of_the_bytes_and_train(sma
     const = torch.full((3, 4), 0.25)
     assert torch.equal(compress_update({"c": const}, 8, 0)["c"], const)  # a constant row is exact
     assert compress_update({"x": x}, 32, 0)["x"] is x
+    d64, empty = compress_update({"d": x.double(), "e": torch.zeros(0, 4)}, 8, 0).values()
+    assert d64.dtype == torch.float64 and empty.shape == (0, 4)  # the update's own dtype and shape come back
     assert update_bytes({"w": torch.Size([100, 64]), "b": torch.Size([64])}, 8) == 100 * 64 + 8 * 100 + 64 + 8
     assert update_bytes({"w": torch.Size([100, 64]), "b": torch.Size([64])}, 32) == 4 * (100 * 64 + 64)
 

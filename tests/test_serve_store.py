@@ -110,3 +110,31 @@ def test_concurrent_writers_commit_only_on_an_unchanged_revision(store):
     for w in range(8):  # each writer's events in its own order
         mine = [e.event_id for e in events if e.event_id.startswith(f"w{w}-")]
         assert mine == [f"w{w}-{j}" for j in range(20)]
+
+
+def test_a_redis_writer_does_not_commit_over_a_user_created_and_erased_meanwhile(redis_url):
+    """Redis writers run side by side (SQLite's take the writer lock in turn): one that began
+    while the user did not exist must not resurrect them after others created and then
+    erased them, since its state was built as for a user never erased."""
+    store = RedisStore(redis_url, prefix=f"t{time.time_ns()}")
+    with pytest.raises(Conflict):
+        with store.user("z") as a:
+            assert a.revision() is None and not a.erased()
+            with store.user("z") as b:
+                b.add_events([_ev(0)])
+                b.save_state("v", "{}", b"b", 1)
+            with store.user("z") as c:
+                c.delete()
+            a.add_events([_ev(1)])
+            a.save_state("v", "{}", b"a", 1)
+    with store.user("z", write=False) as tx:
+        assert tx.erased() and tx.state() is None and tx.events() == []
+
+
+def test_a_redis_write_of_many_events_commits(redis_url):
+    store = RedisStore(redis_url, prefix=f"t{time.time_ns()}")
+    with store.user("big") as tx:
+        assert tx.add_events([_ev(i) for i in range(9000)]) == 9000
+        tx.save_state("v", "{}", b"", 9000)
+    with store.user("big", write=False) as tx:
+        assert tx.n_events() == 9000 and [e.event_id for e in tx.recent_events(2)] == ["e8999", "e8998"]

@@ -36,8 +36,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x -> (codes uint8 shaped as x's rows, lo (rows,), step (rows,)), stochastic rounding."""
-    rows = _rows(x.detach().float())
+    """x -> (codes uint8 shaped as x's rows, lo (rows,), step (rows,)), stochastic rounding.
+    On the CPU (``generator`` is a CPU one), so the rounding is the same whatever device
+    trained the update. Rows whose range is below float32's smallest normal (~1e-38) lose
+    the guarantees to underflow."""
+    rows = _rows(x.detach().float().cpu())
     lo = rows.min(dim=1).values
     step = (rows.max(dim=1).values - lo) / _LEVELS
     scaled = (rows - lo[:, None]) / step.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
@@ -51,6 +54,12 @@ def dequantize(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, shape:
     return (lo[:, None] + step[:, None] * codes.float()).reshape(shape)
 
 
+def _roundtrip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    if x.numel() == 0:
+        return x
+    return dequantize(*quantize(x, generator), x.shape).to(x.device, x.dtype)
+
+
 def compress_update(delta: dict[str, torch.Tensor], bits: int, seed: int) -> dict[str, torch.Tensor]:
     """What the server decodes from a client's update sent at ``bits`` (32: the update
     itself). ``seed`` draws the rounding (the simulator derives it from the run's seed, the
@@ -60,7 +69,7 @@ def compress_update(delta: dict[str, torch.Tensor], bits: int, seed: int) -> dic
     if bits != 8:
         raise ValueError(f"federated.update_bits={bits!r}; valid: {', '.join(map(str, UPDATE_BITS))}")
     generator = torch.Generator().manual_seed(seed)
-    return {n: dequantize(*quantize(d, generator), d.shape) for n, d in delta.items()}
+    return {n: _roundtrip(d, generator) for n, d in delta.items()}
 
 
 def update_bytes(shapes: dict[str, torch.Size], bits: int) -> int:
@@ -70,7 +79,7 @@ def update_bytes(shapes: dict[str, torch.Size], bits: int) -> int:
     total = 0
     for s in shapes.values():
         numel = int(np.prod(s, dtype=np.int64))
-        rows = 1 if len(s) <= 1 else numel // s[-1]
+        rows = 0 if numel == 0 else 1 if len(s) <= 1 else numel // s[-1]
         total += numel + 8 * rows  # a code per entry; lo and step (float32) per row
     return total
 

@@ -162,9 +162,13 @@ class _Guard:
             await too_large(scope, receive, send)
         route = scope.get("route")
         endpoint = getattr(route, "path", "other")
-        method = scope.get("method", "")  # GET and POST of one route are different requests
+        method = scope.get("method", "")  # GET and POST of one route are different requests ...
+        method = method if method in _METHODS else "other"  # ... but a client's made-up methods make no new series
         self.latency.labels(method, endpoint).observe(time.perf_counter() - t0)
         self.n_req.labels(method, endpoint, str(status[0])).inc()
+
+
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
 def create_app(run: str, store: str, token: str | None = None, unknown_items: str = "ignore",

@@ -191,9 +191,11 @@ class SQLiteStore:
 class _RedisTxn:
     """``UserTxn`` on Redis: reads go to the server at once, writes are buffered as plain
     commands and run at the end by one script (``_COMMIT``), atomically and only if the
-    user's revision is still the one read when the transaction began. Every change of the
-    user's metadata changes its revision (a fresh token per save; a delete removes it), so
-    this is WATCH on the metadata in one round trip instead of three."""
+    user's revision, and whether the user was ever erased, are still what the transaction
+    read when it began. Every change of the user's metadata changes its revision (a fresh
+    token per save; a delete removes it), and a user created and deleted meanwhile is erased
+    now: so this is WATCH on the metadata and the erased set, in one round trip instead of
+    three."""
 
     def __init__(self, r, prefix: str, user: str):
         self.r, self.user, self.ops = r, user, []
@@ -201,11 +203,15 @@ class _RedisTxn:
         self.k_meta, self.k_events, self.k_ids = k + ":meta", k + ":events", k + ":ids"
         self.k_users, self.k_erased = f"{prefix}:users", f"{prefix}:erased"
         self._n = None  # the event count after the buffered writes
-        self._head_ = None  # (rev, n_events) as stored: one round trip for both (writes are buffered, so it holds)
+        self._head_ = None  # (rev, n_events, erased) as stored: one round trip (writes are buffered, so it holds)
 
     def _head(self):
         if self._head_ is None:
-            self._head_ = self.r.hmget(self.k_meta, "rev", "n_events")
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hmget(self.k_meta, "rev", "n_events")
+            pipe.sismember(self.k_erased, self.user)
+            (rev, n), erased = pipe.execute()
+            self._head_ = rev, n, bool(erased)
         return self._head_
 
     def _write(self, *command):
@@ -243,8 +249,10 @@ class _RedisTxn:
     def add_events(self, events):
         n = self.n_events()
         if events:
-            self._write("RPUSH", self.k_events, *[json.dumps([e.event_id, e.item_id, e.ts]) for e in events])
-            self._write("SADD", self.k_ids, *[e.event_id for e in events])
+            for i in range(0, len(events), 1000):  # a Lua call takes a few thousand arguments at most
+                part = events[i : i + 1000]
+                self._write("RPUSH", self.k_events, *[json.dumps([e.event_id, e.item_id, e.ts]) for e in part])
+                self._write("SADD", self.k_ids, *[e.event_id for e in part])
         self._n = n + len(events)
         return self._n
 
@@ -264,15 +272,17 @@ class _RedisTxn:
         return existed
 
     def erased(self) -> bool:
-        return bool(self.r.sismember(self.k_erased, self.user))
+        return self._head()[2]
 
 
-# a write transaction's commit: KEYS[1] the user's metadata; ARGV[1] the revision the
-# transaction read ("" none), then each buffered command as its length and its words
+# a write transaction's commit: KEYS[1] the user's metadata, KEYS[2] the erased set; ARGV[1]
+# the revision the transaction read ("" none), ARGV[2] the user, ARGV[3] whether it was
+# erased (0/1), then each buffered command as its length and its words
 _COMMIT = """
 local rev = redis.call('HGET', KEYS[1], 'rev')
 if (rev or '') ~= ARGV[1] then return 0 end
-local i = 2
+if redis.call('SISMEMBER', KEYS[2], ARGV[2]) ~= tonumber(ARGV[3]) then return 0 end
+local i = 4
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   redis.call(unpack(ARGV, i + 1, i + n))
@@ -299,14 +309,14 @@ class RedisStore:
             yield _RedisTxn(self.r, self.prefix, user_id)
             return
         txn = _RedisTxn(self.r, self.prefix, user_id)
-        rev = txn.revision()  # what the commit checks; the transaction's own reads of it cost nothing more
+        rev, erased = txn.revision(), txn.erased()  # what the commit checks (one read; the txn's own reads are free)
         yield txn
         if not txn.ops:
             return
-        flat = [rev or ""]
+        flat = [rev or "", user_id, int(erased)]
         for command in txn.ops:
             flat += [len(command), *command]
-        if not self._commit(keys=[txn.k_meta], args=flat):
+        if not self._commit(keys=[txn.k_meta, txn.k_erased], args=flat):
             raise Conflict(f"user {user_id!r} changed during the write")
 
     def recent_users(self, limit: int) -> list[str]:
