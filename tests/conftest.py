@@ -1,8 +1,6 @@
 """Shared pytest fixtures."""
 import os
 import shutil
-import subprocess
-import time
 
 import pytest
 
@@ -34,26 +32,14 @@ def shared_datasets():
 def redis_url(tmp_path_factory):
     """A real redis-server on loopback (Debian's package). Skipped where it is not
     installed, except when PERSEQ_REQUIRE_REDIS=1 (.ci/run installs it and sets that)."""
-    exe = shutil.which("redis-server")
-    if exe is None:
+    if shutil.which("redis-server") is None:
         if os.environ.get("PERSEQ_REQUIRE_REDIS") == "1":
             pytest.fail("redis-server is not installed, and PERSEQ_REQUIRE_REDIS=1")
         pytest.skip("redis-server not installed (apt-get install redis-server)")
     pytest.importorskip("redis")
-    from perseq.bench.serve import _free_port
+    from perseq.bench.serve import start_redis
 
-    port = _free_port()
-    d = tmp_path_factory.mktemp("redis")
-    p = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                          "--dir", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-
-    for _ in range(100):
-        try:
-            redis.Redis(port=port).ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
+    p, url = start_redis(str(tmp_path_factory.mktemp("redis")))
+    yield url
     p.terminate()
     p.wait()

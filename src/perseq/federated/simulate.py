@@ -62,10 +62,6 @@ def _shared(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _bytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 def initial_model(cfg, n_items: int, device="cpu") -> torch.nn.Module:
     """The round-0 model: seeded, then built as centralized training builds it. The
     simulator and the Flower apps (server and clients) all start from it; a client's
@@ -143,8 +139,9 @@ def simulate(cfg, split: Split, out_dir: str | Path | None = None, resume: bool 
     if out is not None:
         write_run_files(out, cfg, model, data, extra_meta)
     shared = shared_names(model)
-    sent = _bytes({n: global_[n] for n in shared})  # the global weights down, float32
-    up_bytes = update_bytes({n: global_[n].shape for n in shared}, fc.update_bits) + 8 * len(SENT_METADATA)
+    shapes = {n: global_[n].shape for n in shared}
+    sent = update_bytes(shapes, 32)  # the global weights down, float32
+    up_bytes = update_bytes(shapes, fc.update_bits) + 8 * len(SENT_METADATA)
     metric = cfg.eval.metric
     generator = torch.Generator().manual_seed(tc.seed * 7919 + 17)  # the DP noise (resumed below per round)
 
