@@ -43,3 +43,15 @@ def redis_url(tmp_path_factory):
     yield url
     p.terminate()
     p.wait()
+
+
+@pytest.fixture(scope="session")
+def wrk():
+    """Path of the wrk load generator (Debian's package), which ``perseq bench serve`` drives.
+    Skipped where it is not installed, except when PERSEQ_REQUIRE_WRK=1 (.ci/run installs it)."""
+    path = shutil.which("wrk")
+    if path is None:
+        if os.environ.get("PERSEQ_REQUIRE_WRK") == "1":
+            pytest.fail("wrk is not installed, and PERSEQ_REQUIRE_WRK=1")
+        pytest.skip("wrk not installed (apt-get install wrk)")
+    return path

@@ -59,3 +59,25 @@ def test_concurrent_posts_from_two_workers_lose_nothing_and_kill_9_loses_no_ackn
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+
+
+def test_bench_serve_drives_both_endpoints_with_wrk_and_every_request_succeeds(tmp_path, wrk):
+    """The wrk loop of ``perseq bench serve`` end to end: its Lua scripts must build requests
+    the server accepts (a malformed body or a wrong path would come back as non-2xx, which the
+    rows count as errors), and the rows must carry what BENCHMARKS.md reads from them."""
+    import json
+
+    assert main(["train", "--set", "data.synthetic={n_users: 40, n_items: 40, n_clusters: 4, mean_len: 20, max_len: 40}",
+                 "--set", "model.name=gru4rec", "--set", "model.d=16", "--set", "train.epochs=1",
+                 "--out", str(tmp_path), "--name", "g", "--no-progress"]) == 0
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", str(tmp_path / "g-s0"), "--concurrency", "2", "--workers", "1", "--histories", "30",
+                 "--users", "3", "--seconds", "1", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert [(r["endpoint"], r["workers"], r["concurrency"], r["history_len"]) for r in rows] == \
+        [("/v1/recommend", 1, 2, 30), ("/events+recs", 1, 2, 30)]
+    for r in rows:
+        assert r["errors"] == 0, r
+        assert r["rps"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"], r
+        assert r["model"] == "gru4rec" and r["store"] == "sqlite"
