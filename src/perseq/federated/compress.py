@@ -19,6 +19,13 @@ What the codes reveal is what the float update reveals (the item rows a user tou
 move most): client-level DP or secure aggregation hides that, not compression. With DP, the
 server clips the decoded update, so the sensitivity bound, and the ε, are unchanged.
 
+Unbiasedness is a property of the mean: FedAvg and FedProx average the decoded updates, so the
+rounding noise cancels in expectation. The robust aggregators do not average: a coordinate's
+median or trimmed mean of noisy values is not the median of the exact ones, and the
+update-norm bound clips a decoded update whose norm the noise has raised. Combined with
+8-bit uploads they are therefore slightly biased; the bias is below one ``step`` per entry,
+and it is not measured here.
+
 Offered by the in-process simulator (both engines); the Flower apps send float32.
 """
 from __future__ import annotations
