@@ -49,3 +49,9 @@ def test_config_show_explains_every_key_of_every_model(capsys):
     assert main(["config", "show", "--set", "train.lr=0.01"]) == 0
     out = capsys.readouterr().out
     assert "train.lr = 0.01   (default 0.001)\n    AdamW learning rate" in out
+    # one section: only its keys, all of them
+    assert main(["config", "show", "federated"]) == 0
+    keys = [line.split(" = ")[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+    assert keys == [k for k, *_ in describe(load_config(None, [])) if k.startswith("federated.")] and "federated.rounds" in keys
+    assert main(["config", "show", "fed"]) == 2
+    assert "error: no config section 'fed'; the sections are data, eval, federated" in capsys.readouterr().err

@@ -357,7 +357,13 @@ def cmd_config(args) -> int:
     from .config import describe, load_config
 
     cfg = load_config(args.config, args.overrides)
-    for key, value, default, help_ in describe(cfg):
+    rows = describe(cfg)
+    if args.section:
+        sections = sorted({key.split(".")[0] for key, *_ in rows})
+        if args.section not in sections:
+            raise ValueError(f"no config section {args.section!r}; the sections are {', '.join(sections)}")
+        rows = [r for r in rows if r[0].split(".")[0] == args.section]
+    for key, value, default, help_ in rows:
         mark = "" if value == default or (isinstance(value, tuple) and list(value) == default) else f"   (default {default!r})"
         print(f"{key} = {json.dumps(value, default=str)}{mark}")
         if help_:
@@ -564,10 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("config", help="show every setting with its value, default and meaning",
-                       description="perseq config show [--config F] [--set K=V ...]: every key a run config takes, "
-                                   "its value (from F and --set, else the default), and what it means. The model "
+                       description="perseq config show [SECTION] [--config F] [--set K=V ...]: every key a run config "
+                                   "takes, its value (from F and --set, else the default), and what it means. The model "
                                    "section lists the keys of model.name's model.")
     p.add_argument("action", choices=["show"])
+    p.add_argument("section", nargs="?", help="only this section: data, model, train, loss, eval or federated")
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
 
