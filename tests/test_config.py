@@ -53,5 +53,8 @@ def test_config_show_explains_every_key_of_every_model(capsys):
     assert main(["config", "show", "federated"]) == 0
     keys = [line.split(" = ")[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
     assert keys == [k for k, *_ in describe(load_config(None, [])) if k.startswith("federated.")] and "federated.rounds" in keys
+    # the section may also come after the options
+    assert main(["config", "show", "--set", "federated.rounds=7", "federated"]) == 0
+    assert capsys.readouterr().out.startswith("federated.rounds = 7   (default 100)\n")
     assert main(["config", "show", "fed"]) == 2
     assert "error: no config section 'fed'; the sections are data, eval, federated" in capsys.readouterr().err

@@ -630,7 +630,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse matches positionals in one block, so `config show --config F model` would leave
+    # the section over: take it here; anything else left over is the usual error
+    if extra and getattr(args, "func", None) is cmd_config and args.section is None and len(extra) == 1 \
+            and not extra[0].startswith("-"):
+        args.section, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from .train import TrainingInterrupted  # after parsing: --help and argument errors need no torch
     # line by line even into a file or pipe (nohup, CI): progress must show as it happens
     for stream in (sys.stdout, sys.stderr):
