@@ -46,6 +46,8 @@ def test_epoch_benchmark_measures_hstu_with_the_reference_attention_and_restores
     assert hstu._hstu_numba is hstu_numba
     r = epoch.main(args)
     assert r["hstu_attention"] == "fused" and calls
+    # the row names the blocks the model has: --blocks sets SASRec's and BERT4Rec's only
+    assert r["blocks"] == 2 and epoch.main(args + ["--model", "gru4rec", "--blocks", "3"])["blocks"] == 1
 
 
 def test_epoch_benchmark_counts_every_training_target(tmp_path):

@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="sasrec")
     ap.add_argument("--max-len", type=int, default=200)
     ap.add_argument("--d", type=int, default=64)
-    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--blocks", type=int, default=2, help="SASRec's and BERT4Rec's blocks (the others keep their own)")
     ap.add_argument("--loss", default="ce", choices=["ce", "sampled", "bce", "gbce"])
     ap.add_argument("--n-neg", type=int, default=128)
     ap.add_argument("--negatives", default="shared", choices=["shared", "per_row"], help="sampled loss: negatives "
@@ -99,7 +99,8 @@ def main(argv=None) -> dict:
         "scan_kernels": _scan_kernels() if a.model == "mamba4rec" else None,
         "max_len": a.max_len,
         "d": a.d,
-        "blocks": a.blocks,
+        # what the model has (the flag sets SASRec's and BERT4Rec's only)
+        "blocks": getattr(model.cfg, "n_blocks", getattr(model.cfg, "n_layers", None)),
         "batch_size": a.batch_size,
         "windows": a.windows,
         "train_sequences": len(windows),
