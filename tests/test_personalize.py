@@ -99,13 +99,16 @@ def test_every_causal_model_adapts_and_lowers_each_users_own_loss(name):
     ad = PCRecSimple(m, cfg)
     targets = next_item_targets(items, lengths)
     with reference_ops():  # torch.func traces plain torch ops only
-        before, after = _losses_around_one_step(ad, cfg, items, lengths, targets)
+        before, after, expected = _losses_around_one_step(ad, cfg, items, lengths, targets)
     for u in range(len(items)):
         if lengths[u] >= 2:
             assert after[u] < before[u], (name, u, before[u], after[u])
         else:
             assert before[u] == after[u] == 0.0  # one event: no target, nothing to adapt to
     adapted = Personalized(m, cfg).scores(items, lengths)
+    # the library's batched step (one backward through Σ_u L_u, its optimizer) lands where
+    # θ0 - lr ∇L_u(θ0), taken user by user above, does: same scores
+    assert _close(adapted[:, 1:], expected[:, 1:], 1e-5), name
     base = _base_scores(m, items, lengths)
     one_event = lengths == 1
     assert _close(adapted[one_event], base[one_event], 1e-5)
@@ -113,13 +116,18 @@ def test_every_causal_model_adapts_and_lowers_each_users_own_loss(name):
 
 
 def _losses_around_one_step(ad, cfg, items, lengths, targets):
-    before, after = [], []
+    """Each user's loss before and after one SGD step on that user's loss alone, and the
+    scores (U, I + 1) that user's stepped parameters give."""
+    before, after, scores = [], [], []
     for u in range(len(items)):
         args = (items[u], lengths[u], targets[u], None, None)
         g = torch.func.grad(ad._loss)(ad.theta0, *args)
+        theta = {n: ad.theta0[n] - cfg.lr * g[n] for n in g}
         before.append(ad._loss(ad.theta0, *args).item())
-        after.append(ad._loss({n: ad.theta0[n] - cfg.lr * g[n] for n in g}, *args).item())
-    return before, after
+        after.append(ad._loss(theta, *args).item())
+        with torch.no_grad():
+            scores.append(ad._table(theta) @ ad._last(theta, items[u], lengths[u], None, None))
+    return before, after, torch.stack(scores)
 
 
 def test_scopes_select_what_they_say():
