@@ -4,6 +4,28 @@ import shutil
 
 import pytest
 
+# PERSEQ_REQUIRE_NO_SKIP=1 (.ci/run sets it): a run where any test was skipped fails. Optional
+# dependencies are skipped with importorskip where a user lacks them; in CI, where the [test]
+# extra and the services are installed, a skip can only mean a broken install.
+_SKIPPED: list[str] = []
+
+
+def pytest_collectreport(report):
+    if report.skipped:
+        _SKIPPED.append(report.nodeid)
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _SKIPPED.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("PERSEQ_REQUIRE_NO_SKIP") == "1" and _SKIPPED and exitstatus == 0:
+        print(f"\nPERSEQ_REQUIRE_NO_SKIP=1, and {len(_SKIPPED)} skipped: {', '.join(sorted(set(_SKIPPED))[:10])}")
+        session.exitstatus = 1
+
+
 # The automatic thread count follows the machine's load (perseq.runtime), and thread counts
 # change float results at the bit level; tests that compare two trainings need one count.
 os.environ.setdefault("PERSEQ_THREADS", "2")
@@ -32,11 +54,15 @@ def shared_datasets():
 def redis_url(tmp_path_factory):
     """A real redis-server on loopback (Debian's package). Skipped where it is not
     installed, except when PERSEQ_REQUIRE_REDIS=1 (.ci/run installs it and sets that)."""
-    if shutil.which("redis-server") is None:
+    try:
+        import redis  # noqa: F401
+        missing = None if shutil.which("redis-server") else "redis-server is not installed (apt-get install redis-server)"
+    except ImportError:
+        missing = "redis-py is not installed (the [test] extra)"
+    if missing:
         if os.environ.get("PERSEQ_REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server is not installed, and PERSEQ_REQUIRE_REDIS=1")
-        pytest.skip("redis-server not installed (apt-get install redis-server)")
-    pytest.importorskip("redis")
+            pytest.fail(f"{missing}, and PERSEQ_REQUIRE_REDIS=1")
+        pytest.skip(missing)
     from perseq.bench.serve import start_redis
 
     p, url = start_redis(str(tmp_path_factory.mktemp("redis")))

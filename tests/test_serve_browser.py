@@ -12,10 +12,15 @@ pytestmark = pytest.mark.slow
 
 def _chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None or pytest.importorskip("playwright") is None:
+    try:
+        import playwright  # noqa: F401
+        missing = None if exe else "Chromium is not installed (apt-get install chromium)"
+    except ImportError:
+        missing = "playwright is not installed (the [test] extra)"
+    if missing:
         if os.environ.get("PERSEQ_REQUIRE_BROWSER") == "1":
-            pytest.fail("Chromium is not installed (apt-get install chromium), and PERSEQ_REQUIRE_BROWSER=1")
-        pytest.skip("Chromium not installed")
+            pytest.fail(f"{missing}, and PERSEQ_REQUIRE_BROWSER=1")
+        pytest.skip(missing)
     return exe
 
 
@@ -36,7 +41,9 @@ def test_clicking_a_recommendation_adds_it_and_the_list_changes(tmp_path):
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    while not server.started:
+    deadline = time.monotonic() + 60
+    while not server.started:  # a server that cannot start fails the test, not hangs it
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
     try:
         with sync_playwright() as p:
