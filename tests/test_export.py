@@ -53,11 +53,12 @@ def test_onnx_step_matches_torch_after_200_events(name, tmp_path):
     assert (back["h"] - ref.advance(b, items[:10])["h"]).abs().max() <= 1e-5
 
 
-def test_export_refuses_models_without_a_fixed_size_state(tmp_path):
+def test_export_refuses_models_without_a_fixed_size_state(tmp_path, capsys):
     assert main(["train", "--set", "data.synthetic={n_users: 30, n_items: 40, n_clusters: 4, mean_len: 20, max_len: 40}",
                  "--set", "model.d=16", "--set", "train.epochs=1", "--out", str(tmp_path), "--name", "s",
                  "--no-progress"]) == 0
     assert main(["export", str(tmp_path / "s-s0"), "--onnx", str(tmp_path / "m.onnx")]) == 2  # SASRec: a KV cache
+    assert "on-device export takes" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
 
 
 def test_pfsr_users_are_served_and_exported_with_their_own_personal_parameters(tmp_path, monkeypatch):

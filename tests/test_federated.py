@@ -159,8 +159,14 @@ def test_the_cli_simulates_resumes_and_writes_a_result_row(tmp_path, monkeypatch
     assert (tmp_path / "curves.csv").read_text().splitlines()[1:] == [
         f"fed-s0,{r},{s:.1f},{m['ndcg@10']:.6f}" for r, m, s in
         zip((1, 2), (h["valid"] for h in state["history"]), np.cumsum([h["seconds"] for h in state["history"]]))]
-    assert main(args) == 2  # the folder holds a run: --resume or --overwrite
+    capsys.readouterr()
+    assert main(args) == 2  # the folder holds a run
+    assert "pass --resume to continue it or --overwrite to replace it" in capsys.readouterr().err
+    folder = tmp_path / "runs" / "fed-s0"
+    weights, rounds = (folder / "last.safetensors").read_bytes(), json.loads((folder / "trainer_state.json").read_text())
     assert main([*args, "--resume"]) == 0  # finished: evaluated again, nothing retrained
+    assert (folder / "last.safetensors").read_bytes() == weights
+    assert json.loads((folder / "trainer_state.json").read_text())["history"] == rounds["history"]
     assert main(["evaluate", "runs/fed-s0"]) == 0
 
 

@@ -188,8 +188,13 @@ def test_adapt_tunes_on_the_first_seed_applies_to_the_others_and_writes_one_benc
            "--set", "model.d=16", "--set", "data.max_len=20", "--set", "train.epochs=2"]
     assert main(["train", *syn, "--name", "r", "--seeds", "0,1", "--no-progress"]) == 0
     runs = ["runs/r-s0", "runs/r-s1"]
+    capsys.readouterr()
     assert main(["adapt", *runs, "--steps", "1", "--lr", "0.05", "--bench-name", "x"]) == 2  # needs --test
-    assert main(["adapt", *runs, "runs/r-s9", "--test", "--bench-name", "x"]) == 2  # and finished runs only
+    assert "add --test" in capsys.readouterr().err
+    import shutil  # and finished runs only: a copy of seed 0 without its results.json
+    shutil.copytree(tmp_path / "runs/r-s0", tmp_path / "runs/r-s9", ignore=shutil.ignore_patterns("results.json"))
+    assert main(["adapt", *runs, "runs/r-s9", "--test", "--bench-name", "x"]) == 2
+    assert "needs finished runs; no results.json in runs/r-s9" in capsys.readouterr().err
     assert main(["adapt", *runs, "--steps", "1,2", "--lr", "0.05", "--test", "--bench-name", "x"]) == 0
     row = json.loads((tmp_path / "benchmarks" / "results" / "x.json").read_text())
     a0, a1 = (json.loads((tmp_path / r / "adapt.json").read_text()) for r in runs)
