@@ -2,6 +2,7 @@
 the cache, checked in numbers on every attention backbone."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,9 +111,12 @@ def test_the_cache_stays_bounded_however_long_the_history(name):
             assert cache["k"].shape[3] == m.K and 1 <= rec.shape[1] <= m.R
         s = m.recommend(cache, rec)
     assert torch.isfinite(s[:, 1:]).all() and torch.isinf(s[:, 0]).all()
-    blk = m.backbone.blocks
     assert cache_bytes(cache) == cache["k"].numel() * 4 + cache["v"].numel() * 4 + 8  # + the folded count
-    assert cache["k"].shape[:3] == (len(blk), 1, cache["k"].shape[2])
+    # 340 events take exactly the room of one segment's 14: K tokens per block, whatever came before
+    with torch.no_grad():
+        one = m.compress(torch.randint(1, N_ITEMS + 1, (1, 14), generator=g))
+    assert cache["k"].shape == one["k"].shape and cache["v"].shape == one["v"].shape
+    assert cache["k"].shape[:2] == (len(m.backbone.blocks), 1) and cache_bytes(cache) == cache_bytes(one)
 
 
 def test_the_cache_round_trips_through_safetensors_bit_exactly(tmp_path):
@@ -182,10 +186,19 @@ def test_long_history_comparison_of_trained_runs(tmp_path, monkeypatch):
                  "--set", "model.recent=10", "--name", "p", "--bench-name", "t_persrec"]) == 0
     assert main(["train", *small, "--set", "data.max_len=10", "--name", "r"]) == 0
     res = compare({"persrec": [str(tmp_path / "p-s0")], "recent": [str(tmp_path / "r-s0")]}, min_history=30)
-    for v in ("persrec", "recent"):
+    from perseq.checkpoint import load_model
+    from perseq.cli import _rebuild_split
+
+    # the long subset: users whose known history at the test event (all but that event) is over 30
+    n_long = int(((_rebuild_split(load_model(str(tmp_path / "p-s0"))[1])[1].data.lengths - 1) > 30).sum())
+    for v, run in (("persrec", "p-s0"), ("recent", "r-s0")):
+        own = json.loads((tmp_path / run / "results.json").read_text())["test"]
+        # both runs trained with exclude_seen off: that row is each run's own test evaluation
+        assert res[v]["seen_kept"]["ndcg@10"]["mean"] == pytest.approx(own["ndcg@10"], abs=1e-6)
+        assert res[v]["seen_kept"]["hr@10"]["mean"] == pytest.approx(own["hr@10"], abs=1e-6)
         for setting in ("exclude_seen", "seen_kept"):
             row = res[v][setting]
-            assert row["n_users"] == 60 and 0 < row["n_long"] < 60
+            assert row["n_users"] == 60 and row["n_long"] == n_long and 0 < n_long < 60
             lo, hi = row["long_ndcg@10"]["ci95"]
             assert lo <= row["long_ndcg@10"]["mean"] <= hi
     bench = json.loads((tmp_path / "benchmarks" / "results" / "t_persrec.json").read_text())
@@ -210,8 +223,29 @@ def test_drift_scores_a_trained_run_three_ways(tmp_path, monkeypatch):
     res = json.loads((tmp_path / "runs" / "p-s0" / "results.json").read_text())
     assert r["window"]["ndcg@10"] == pytest.approx(res["test"]["ndcg@10"], abs=1e-9)
     assert r["window"]["n_users"] == r["folds"]["n_users"] == 40 and r["window"]["n_long"] > 0
+    # by hand, user by user: the whole known history (all but the test event) as one chain of
+    # segments plus the last R events, or folded in from an empty cache `fold` events at a time
+    from perseq.checkpoint import load_model
+    from perseq.cli import _rebuild_split
+
+    m, meta, _ = load_model(str(tmp_path / "runs" / "p-s0"))
+    data = _rebuild_split(meta)[1].data
+    m.eval()
+    got = {"chained": [], "folds": []}
+    with torch.no_grad():
+        for u in range(data.n_users):
+            seq = torch.as_tensor(data.seq(u), dtype=torch.long)
+            known, target = seq[:-1][None], int(seq[-1])
+            n_rec = min(m.R, known.shape[1])
+            chained = m.recommend(m.compress(known[:, : known.shape[1] - n_rec]), known[:, known.shape[1] - n_rec:])
+            cache, recent = m.compress(known[:, :0]), known[:, :0]
+            for s in range(0, known.shape[1], m.fold):
+                cache, recent = m.append(cache, recent, known[:, s : s + m.fold])
+            for mode, scores in (("chained", chained[0]), ("folds", m.recommend(cache, recent)[0])):
+                rank = int((scores[1:] >= scores[target]).sum()) - 1  # pessimistic ties, nothing excluded
+                got[mode].append(1 / np.log2(rank + 2) if rank < 10 else 0.0)
     for mode in ("chained", "folds"):
-        assert 0 <= r[mode]["ndcg@10"] <= 1 and 0 <= r[mode]["long_ndcg@10"] <= 1
+        assert r[mode]["ndcg@10"] == pytest.approx(float(np.mean(got[mode])), abs=1e-6), mode
 
 
 @pytest.mark.parametrize("name", ["sasrec+persrec", "hstu+persrec"])
