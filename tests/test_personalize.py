@@ -56,10 +56,16 @@ def test_the_ce_objective_is_the_training_loss_on_one_user():
 
 @pytest.mark.parametrize("name", ["sasrec", "hstu"])
 @pytest.mark.parametrize("off", [AdaptConfig(steps=0, lr=0.1), AdaptConfig(steps=3, lr=0.0)])
-def test_no_steps_or_a_zero_rate_is_no_adaptation(name, off):
+def test_no_steps_or_a_zero_rate_is_no_adaptation(name, off, monkeypatch):
     m = _model(name)
     items, lengths = _users()
-    assert _close(Personalized(m, off).scores(items, lengths), _base_scores(m, items, lengths), 1e-5)
+    base = _base_scores(m, items, lengths)
+    assert not off.active  # the shortcut: the plain forward
+    assert _close(Personalized(m, off).scores(items, lengths), base, 1e-5)
+    # and through the adaptation loop itself (the per-user copies, the batched step, the
+    # optimizer), with the shortcut switched off
+    monkeypatch.setattr(AdaptConfig, "active", property(lambda self: True))
+    assert _close(Personalized(m, off).scores(items, lengths), base, 1e-5)
 
 
 @pytest.mark.parametrize("scope", ["all", "last_block", "bias", "lora:2"])

@@ -130,11 +130,13 @@ def test_auth_rejects_missing_and_wrong_tokens(runs, tmp_path):
     ("post", "/v1/users/u/events", {"events": [{"id": "a", "item_id": "i1", "ts": -1}]}),
     ("get", "/v1/users/u/recommendations?k=-1", None),
 ])
-def test_bad_input_is_a_4xx(bad, runs, tmp_path):
+def test_bad_input_is_a_422_that_says_what_is_wrong(bad, runs, tmp_path):
     method, path, body = bad
     with _client(runs["gru4rec"], tmp_path) as c:
         r = c.request(method.upper(), path, json=body)
-    assert 400 <= r.status_code < 500, (r.status_code, r.text[:200])
+    # 422, not any 4xx: a renamed route (404) or method (405) must not pass as validation
+    assert r.status_code == 422, (r.status_code, r.text[:200])
+    assert r.json()["detail"], r.text[:200]
 
 
 def test_probes_and_metrics(runs, tmp_path):
