@@ -346,9 +346,9 @@ def test_8_bit_uploads_are_unbiased_bounded_a_quarter_of_the_bytes_and_train(sma
     # the models differ (the rounding is real) but only by the quantization noise of 3 rounds
     f, e = full["model_obj"].state_dict(), eight["model_obj"].state_dict()
     assert any(not torch.equal(f[k], e[k]) for k in f)
-    # a row's step is its range / 255: updates of ~1e-2 here give steps of ~4e-5, and the
-    # rounding error of 40 averaged clients is below one step a round; 3 rounds stay within a
-    # few steps (measured: 4.3e-5), so 5e-4 catches a real error (a biased or misscaled decode)
+    # unbiased rounding, averaged over 40 clients a round, leaves the weights 4.3e-5 apart after
+    # 3 rounds (measured); the bound is 10x that, where the old 0.05 would have let a biased or
+    # misscaled decode through
     assert max((f[k] - e[k]).abs().max().item() for k in f) < 5e-4
     with pytest.raises(ValueError, match="update_bits"):
         _cfg(update_bits=16)
