@@ -227,17 +227,17 @@ def test_state_dict_round_trip_gives_identical_next_steps(cfg):
     deltas = [{k: torch.randn(v.shape, generator=gen) for k, v in x.items()} for _ in range(3)]
     a = ServerOptimizer(cfg)
     x = a.step(a.step(x, deltas[0]), deltas[1])
-    state = a.state_dict()
+    raw = a.state_dict()  # kept as returned: checked below against the step taken after it
     # through safetensors and back, as a server checkpoint stores it
-    state = {**state, "tensors": load(save(state["tensors"])) if state["tensors"] else {}}
+    state = {**raw, "tensors": load(save(raw["tensors"])) if raw["tensors"] else {}}
     b = ServerOptimizer(cfg)
     b.load_state_dict(state)
     assert b.step_count == 2
     xa, xb = a.step(x, deltas[2]), b.step(x, deltas[2])
     assert all(torch.equal(xa[k], xb[k]) for k in x)
-    # the saved state is a copy: the step just taken did not change it
+    # the returned state is a copy: the step just taken did not change it
     again = ServerOptimizer(cfg)
-    again.load_state_dict(state)
+    again.load_state_dict(raw)
     xc = again.step(x, deltas[2])
     assert all(torch.equal(xc[k], xa[k]) for k in x)
 
