@@ -101,7 +101,7 @@ def test_resuming_after_a_stop_ends_with_the_uninterrupted_model(small, tmp_path
     assert saved["test"]["ndcg@10"] == whole["test"]["ndcg@10"] and saved["model"] == "sasrec+fedavg"
 
 
-def test_a_federated_run_folder_is_read_by_evaluate(small, tmp_path):
+def test_a_federated_run_folder_loads_like_any_run_with_the_final_weights(small, tmp_path):
     from perseq.checkpoint import load_model
 
     data, split = small

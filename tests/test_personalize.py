@@ -171,6 +171,8 @@ def test_adapt_chooses_on_validation_and_evaluate_predict_use_the_choice(tmp_pat
     assert len(rows) == 5 and rows[0]["adapt"] is None and stored["stage"] == "valid"
     best = max(rows, key=lambda r: r["ndcg@10"])
     assert stored["choice"]["steps"] == (best["adapt"]["steps"] if best["adapt"] else 0)
+    if best["adapt"]:  # the whole grid point, not only its step count
+        assert {k: stored["choice"][k] for k in best["adapt"]} == best["adapt"]
     # the stored choice is what --adapt uses: the same metrics as giving it by hand
     capsys.readouterr()
     assert main(["evaluate", run, "--adapt", "--stage", "valid"]) == 0
@@ -221,7 +223,7 @@ def test_adapt_tunes_on_the_first_seed_applies_to_the_others_and_writes_one_benc
     assert json.loads((tmp_path / runs[0] / "adapt.json").read_text())["rows"] == a0["rows"]
 
 
-def test_the_paired_gain_is_the_mean_per_user_difference_with_a_bootstrap_interval():
+def test_the_bootstrap_interval_of_a_mean_difference_approaches_the_normal_one():
     import numpy as np
 
     from perseq.personalize.compare import bootstrap_ci
