@@ -31,6 +31,15 @@ def pytest_sessionfinish(session, exitstatus):
 os.environ.setdefault("PERSEQ_THREADS", "2")
 
 
+def _need(missing: str | None, flag: str) -> None:
+    """Skip a test whose data, service or package is ``missing`` (a reason), except when
+    ``flag=1``: .ci/run installs everything and sets the flags, so there it fails instead."""
+    if missing:
+        if os.environ.get(flag) == "1":
+            pytest.fail(f"{missing}, and {flag}=1")
+        pytest.skip(missing)
+
+
 @pytest.fixture(scope="session")
 def shared_datasets():
     """Path of ``../shared/datasets`` (real benchmark data), found like the library does.
@@ -42,11 +51,7 @@ def shared_datasets():
     from perseq.data.registry import find_shared_dir
 
     root = find_shared_dir()
-    if root is None:
-        msg = "shared datasets directory not found (set PERSEQ_SHARED_DIR)"
-        if os.environ.get("PERSEQ_REQUIRE_SHARED") == "1":
-            pytest.fail(f"{msg}, and PERSEQ_REQUIRE_SHARED=1")
-        pytest.skip(msg)
+    _need(None if root else "shared datasets directory not found (set PERSEQ_SHARED_DIR)", "PERSEQ_REQUIRE_SHARED")
     return root
 
 
@@ -59,10 +64,7 @@ def redis_url(tmp_path_factory):
         missing = None if shutil.which("redis-server") else "redis-server is not installed (apt-get install redis-server)"
     except ImportError:
         missing = "redis-py is not installed (the [test] extra)"
-    if missing:
-        if os.environ.get("PERSEQ_REQUIRE_REDIS") == "1":
-            pytest.fail(f"{missing}, and PERSEQ_REQUIRE_REDIS=1")
-        pytest.skip(missing)
+    _need(missing, "PERSEQ_REQUIRE_REDIS")
     from perseq.bench.serve import start_redis
 
     p, url = start_redis(str(tmp_path_factory.mktemp("redis")))
@@ -76,8 +78,19 @@ def wrk():
     """Path of the wrk load generator (Debian's package), which ``perseq bench serve`` drives.
     Skipped where it is not installed, except when PERSEQ_REQUIRE_WRK=1 (.ci/run installs it)."""
     path = shutil.which("wrk")
-    if path is None:
-        if os.environ.get("PERSEQ_REQUIRE_WRK") == "1":
-            pytest.fail("wrk is not installed, and PERSEQ_REQUIRE_WRK=1")
-        pytest.skip("wrk not installed (apt-get install wrk)")
+    _need(None if path else "wrk is not installed (apt-get install wrk)", "PERSEQ_REQUIRE_WRK")
     return path
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Path of Debian's Chromium, which Playwright drives (browser downloads are impossible
+    here). Skipped where either is missing, except when PERSEQ_REQUIRE_BROWSER=1."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        import playwright  # noqa: F401
+        missing = None if exe else "Chromium is not installed (apt-get install chromium)"
+    except ImportError:
+        missing = "playwright is not installed (the [test] extra)"
+    _need(missing, "PERSEQ_REQUIRE_BROWSER")
+    return exe

@@ -1,7 +1,5 @@
 """The demo page in a real headless browser: Debian's Chromium, driven by Playwright (browser
 downloads are impossible here, so Playwright launches the system binary)."""
-import os
-import shutil
 import threading
 import time
 
@@ -10,22 +8,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    try:
-        import playwright  # noqa: F401
-        missing = None if exe else "Chromium is not installed (apt-get install chromium)"
-    except ImportError:
-        missing = "playwright is not installed (the [test] extra)"
-    if missing:
-        if os.environ.get("PERSEQ_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"{missing}, and PERSEQ_REQUIRE_BROWSER=1")
-        pytest.skip(missing)
-    return exe
-
-
-def test_clicking_a_recommendation_adds_it_and_the_list_changes(tmp_path):
-    exe = _chromium()
+def test_clicking_a_recommendation_adds_it_and_the_list_changes(tmp_path, chromium):
     import uvicorn
     from playwright.sync_api import expect, sync_playwright
 
@@ -47,7 +30,7 @@ def test_clicking_a_recommendation_adds_it_and_the_list_changes(tmp_path):
         time.sleep(0.05)
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/")
             page.fill("#user", "alice")
