@@ -28,13 +28,10 @@ names=("$@"); [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 mkdir -p logs
 for n in "${names[@]}"; do
   [ -n "${RUNS[$n]}" ] || { echo "unknown run $n; known: ${ORDER[*]}" >&2; exit 2; }
-  if [ "$SEEDS" = 0 ]; then
-    perseq train --config configs/ml-1m/pcrec.yaml --set "${RUNS[$n]}" --set train.threads=1 --seeds 0 \
-      --name "ml-1m-pcrec-$n" --resume --no-progress --bench-name "ml-1m_pcrec-$n" > "logs/ml-1m-pcrec-$n-s0.log" 2>&1
-  else
-    perseq train --config configs/ml-1m/pcrec.yaml --set "${RUNS[$n]}" --set train.threads=1 --seeds "$SEEDS" \
-      --name "ml-1m-pcrec-$n" --resume --no-progress > "logs/ml-1m-pcrec-$n-s${SEEDS//,/}.log" 2>&1
-    perseq bench collect --name "ml-1m_pcrec-$n" $(for s in 0 ${SEEDS//,/ }; do echo "runs/ml-1m-pcrec-$n-s$s"; done)
-  fi
+  # seed 0 writes its own result file; confirmation seeds are collected with seed 0 afterwards
+  bench=(); [ "$SEEDS" = 0 ] && bench=(--bench-name "ml-1m_pcrec-$n")
+  perseq train --config configs/ml-1m/pcrec.yaml --set "${RUNS[$n]}" --set train.threads=1 --seeds "$SEEDS" \
+    --name "ml-1m-pcrec-$n" --resume --no-progress "${bench[@]}" > "logs/ml-1m-pcrec-$n-s${SEEDS//,/}.log" 2>&1
+  [ "$SEEDS" = 0 ] || perseq bench collect --name "ml-1m_pcrec-$n" $(for s in 0 ${SEEDS//,/ }; do echo "runs/ml-1m-pcrec-$n-s$s"; done)
   echo "done $n (seeds $SEEDS)"
 done
