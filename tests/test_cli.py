@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,6 +116,32 @@ def test_bench_collect_writes_mean_and_std_over_seeds(run_dir, tmp_path):
     assert set(out["breakdown"]) >= {"head", "tail"}
     heads = [json.loads((run_dir / f"synthetic-sasrec-s{s}" / "results.json").read_text())["test"]["breakdown"]["head"]["ndcg@10"] for s in (0, 1)]
     assert abs(out["breakdown"]["head"]["ndcg@10"] - np.mean(heads)) < 1e-12
+
+
+def test_bench_collect_adds_the_seeds_of_an_earlier_result_file(run_dir, tmp_path, capsys):
+    """Seed 0 collected alone into a file, then that file plus seed 1's run folder: the same
+    row as both run folders collected together (metrics, best epochs, breakdown means)."""
+    s0, s1 = (str(run_dir / f"synthetic-sasrec-s{s}") for s in (0, 1))
+    assert main(["bench", "collect", "--name", "both", "--out-dir", str(tmp_path), s0, s1]) == 0
+    assert main(["bench", "collect", "--name", "first", "--out-dir", str(tmp_path), s0]) == 0
+    first = str(tmp_path / "first.json")
+    assert main(["bench", "collect", "--name", "merged", "--out-dir", str(tmp_path), "--earlier", first, s1]) == 0
+    both, merged = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("both", "merged"))
+    assert merged["seeds"] == [0, 1] and merged["best_epochs"] == both["best_epochs"]
+    for k, v in both["metrics"].items():
+        assert np.allclose(merged["metrics"][k]["values"], v["values"], rtol=0, atol=1e-15), k
+        assert abs(merged["metrics"][k]["std"] - v["std"]) < 1e-12
+    for g, row in both["breakdown"].items():
+        assert all(abs(merged["breakdown"][g][k] - row[k]) < 1e-12 for k in row), g
+    # a seed counted twice, or a file of another configuration, is refused
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="seed appears twice"):
+        main(["bench", "collect", "--name", "x", "--out-dir", str(tmp_path), "--earlier", first, s0])
+    other = json.loads(Path(first).read_text())
+    other["config"]["model"]["d"] = 999
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="differ in more than the seed"):
+        main(["bench", "collect", "--name", "x", "--out-dir", str(tmp_path), "--earlier", str(tmp_path / "other.json"), s1])
 
 
 def test_refit_via_resume_then_collect_reports_both_protocols(run_dir, tmp_path):

@@ -2,6 +2,15 @@
 benchmark result file ``benchmarks/results/<name>.json`` with mean ± std.
 
     perseq bench collect --name ml-1m_sasrec runs/bench/ml-1m-sasrec-s0 runs/bench/ml-1m-sasrec-s1 ...
+
+Seeds whose run folders are gone (trained on another machine, or in a session whose
+scratch space was wiped) can come from an earlier result file of the same configuration:
+
+    perseq bench collect --name ml-1m_pcrec-x --earlier benchmarks/results/ml-1m_pcrec-x.json runs/ml-1m-pcrec-x-s1 ...
+
+Each of its seeds counts as one run: its test metrics, best epoch, epoch seconds and
+hardware are taken from the file. Its breakdown is already a mean over its seeds, so it is
+given to each of them, which keeps the overall mean exact.
 """
 from __future__ import annotations
 
@@ -18,8 +27,15 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", help="run folders with results.json")
     ap.add_argument("--name", required=True, help="result name: benchmarks/results/<name>.json")
     ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--earlier", action="append", default=[], metavar="FILE",
+                    help="a result file (benchmarks/results/<name>.json) of the same configuration whose seeds are "
+                         "added to the runs'; may be repeated")
     a = ap.parse_args(argv)
     results, cfgs = [], []
+    for f in a.earlier:
+        rs, c = _earlier_seeds(Path(f))
+        results += rs
+        cfgs += [c] * len(rs)
     for r in a.runs:
         d = Path(r)
         if not (d / "results.json").exists():
@@ -30,6 +46,9 @@ def main(argv=None) -> int:
         meta["train"].pop("threads", None)  # execution detail, not a hyper-parameter
         # through from_dict: a folder written before a section or key existed compares as its default
         cfgs.append(from_dict(meta).to_dict())
+    seeds = [r["seed"] for r in results]
+    if len(set(seeds)) < len(seeds):
+        raise SystemExit(f"error: a seed appears twice among the inputs ({seeds}); each seed may be counted once")
     if not any("federated" in r for r in results):  # centralized runs read no federated setting
         for c in cfgs:
             c.pop("federated")
@@ -48,3 +67,22 @@ def main(argv=None) -> int:
     s = json.loads(path.read_text())
     print(f"wrote {path}: " + "  ".join(f"{k} {v['mean']:.4f}±{v['std']:.4f}" for k, v in s["metrics"].items()))
     return 0
+
+
+def _earlier_seeds(path: Path) -> tuple[list[dict], dict]:
+    """The per-seed results recorded in a benchmark result file, in the form of a run's
+    results.json as far as collecting needs it, and the file's config (seed and threads out)."""
+    if not path.exists():
+        raise SystemExit(f"error: {path} does not exist")
+    f = json.loads(path.read_text())
+    if f.get("protocol", {}).get("refit") or "federated" in f.get("protocol", {}):
+        raise SystemExit(f"error: {path} is a refit or federated result; only early-stopped centralized runs can be "
+                         "merged from a file (their refit or round records are not in it)")
+    seeds = f["seeds"]
+    results = [{"seed": s,
+                "test": {**{k: v["values"][i] for k, v in f["metrics"].items()}, "breakdown": f.get("breakdown", {})},
+                "best_epoch": f["best_epochs"][i], "epoch_seconds": f["epoch_seconds"], "hardware": f["hardware"]}
+               for i, s in enumerate(seeds)]
+    cfg = dict(f["config"])
+    cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in ("seed", "threads")}
+    return results, from_dict(cfg).to_dict()
