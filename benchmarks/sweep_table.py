@@ -13,6 +13,10 @@ reference run read at the sweep's budget) and then leaves the test column empty,
 test score belongs to the whole run's best checkpoint. ``--reference NAME`` names rows that
 are shown but never win (e.g. FedAvg beside PFSR's variants). Missing or unfinished runs are
 listed as such, so the table can be drawn while the sweep is running.
+
+A row may also be a single-seed result file (``NAME=benchmarks/results/<name>.json``) of a
+federated run, whose ``valid_curve`` stands in for the run folder's history: a finished
+run whose folder is gone still has its place in the table.
 """
 from __future__ import annotations
 
@@ -29,7 +33,22 @@ def curve(run: Path) -> list[tuple[int, float]]:
     return [(h.get("round", h.get("epoch")), h["valid"][METRIC]) for h in hist if "valid" in h]
 
 
+def file_row(name: str, path: Path, upto: int | None) -> dict:
+    """A row from a finished single-seed federated result file."""
+    f = json.loads(path.read_text())
+    if len(f["seeds"]) != 1 or "federated_runs" not in f:
+        raise SystemExit(f"{path}: a row from a result file needs one seed of a federated run (its valid_curve)")
+    points = [(t, m[METRIC]) for t, m in f["federated_runs"][0]["valid_curve"] if upto is None or t <= upto]
+    if not points:
+        return {"name": name, "run": str(path), "status": "no validation yet"}
+    at, best = max(points, key=lambda p: p[1])
+    test = f["metrics"][METRIC]["values"][0] if upto is None else None
+    return {"name": name, "run": str(path), "status": "finished", "valid": best, "at": at, "test": test}
+
+
 def row(name: str, run: Path, upto: int | None) -> dict:
+    if run.suffix == ".json" and run.is_file():
+        return file_row(name, run, upto)
     if not (run / "trainer_state.json").exists():
         return {"name": name, "run": str(run), "status": "missing"}
     full = curve(run)
