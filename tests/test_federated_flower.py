@@ -289,12 +289,17 @@ def test_pfsr_on_flower_keeps_personal_parameters_on_the_nodes(tmp_path):
         assert not any(k.startswith(PERSONAL_PREFIX) for r in m.content.array_records.values() for k in r.keys())
     stored = sorted(p.relative_to(tmp_path / "nodes").parts[1:] for p in (tmp_path / "nodes").rglob("*.safetensors"))
     assert stored == [(f"client-{c}", f"round-00000{r}.safetensors") for c in range(N_NODES) for r in (0, 1)]
-    # each node's own personal state equals the simulator's for its client
+    # each node's own personal state equals the simulator's for its client. Round 0 moved it
+    # from the initial values (the server's untouched personal.*) by far more than that
+    # tolerance, so the match also shows that round 1 started from the node's round-0 state
+    # (the simulator carries it over): a node that restarted from the initial values would be
+    # off by about round 0's step
     sim_personal = load_file(str(tmp_path / "sim" / "personal.safetensors"))
     for c in range(N_NODES):
-        mine = load_file(str(next((tmp_path / "nodes").rglob(f"client-{c}/round-000001.safetensors"))))
+        mine, before = (load_file(str(next((tmp_path / "nodes").rglob(f"client-{c}/round-00000{r}.safetensors")))) for r in (1, 0))
         for n, t in mine.items():
             assert (t - sim_personal[f"last/{c}/{n}"]).abs().max().item() <= 1e-5
+            assert (before[n] - flower[n]).abs().max().item() > 1e-3, (c, n)
     result = json.loads((tmp_path / "flower" / "results.json").read_text())
     assert result["test"]["ndcg@10"] == pytest.approx(sim["test"]["ndcg@10"], abs=1e-6)
 
