@@ -46,17 +46,27 @@ def test_incremental_events_equal_stateless_recommend_on_the_same_window(name, r
     recommend of the events the state reads: all 30 for recurrent models and PerSRec, the
     state's sliding window (12 events at most) for SASRec and HSTU."""
     with _client(runs[name], tmp_path) as c:
+        svc = c.app.state.service
+
+        def state_window():
+            with svc.store.user("u1", write=False) as tx:
+                return [str(svc.engine.item_ids[i]) for i in svc.engine.unpack(*tx.state()[1:])["window"].tolist()]
+
+        lengths = []
         for t, it in enumerate(ITEMS):
             r = c.post("/v1/users/u1/events", params={"k": 5, "exclude_seen": False}, json=_events([it], t))
             assert r.status_code == 200 and r.json()["applied"] == 1
+            if svc.engine.kind == "window":
+                lengths.append(len(state_window()))
         got = c.get("/v1/users/u1/recommendations", params={"k": 10, "exclude_seen": False}).json()
         assert got["items"][:5] == r.json()["recommendations"]["items"]  # the post's k = 5 are the same
-        svc = c.app.state.service
-        with svc.store.user("u1", write=False) as tx:
-            state = svc.engine.unpack(*tx.state()[1:])
         if svc.engine.kind == "window":
-            window = [str(svc.engine.item_ids[i]) for i in state["window"].tolist()]
-            assert 9 < len(window) <= 12 and window == ITEMS[-len(window):]
+            # W = 12, slack 3: events 1-12 fill the window; events 13, 16, ..., 28 each find it
+            # full and drop the oldest 3 first (12 -> 9, then +1)
+            assert (svc.engine.W, svc.engine.slack) == (12, 3)
+            assert lengths == list(range(1, 13)) + [10, 11, 12] * 6
+            window = state_window()
+            assert window == ITEMS[-12:]
         else:
             window = ITEMS
         want = c.post("/v1/recommend", json={"history": window, "k": 10, "exclude_seen": False}).json()
