@@ -207,6 +207,16 @@ def test_long_history_comparison_of_trained_runs(tmp_path, monkeypatch):
     assert main(["bench", "collect", "--name", "t_collected", str(tmp_path / "p-s0")]) == 0
     again = json.loads((tmp_path / "benchmarks" / "results" / "t_collected.json").read_text())
     assert again["bayes_ceiling"] == bench["bayes_ceiling"] and 0 < bench["bayes_ceiling"]["full information"]["ndcg@10"] < 1
+    # per-user files: exported right after training, they stand in for run folders that are gone
+    pu = tmp_path / "per_user"
+    assert main(["bench", "long", "--export", str(tmp_path / "p-s0"), str(tmp_path / "r-s0"), "--per-user-dir", str(pu)]) == 0
+    assert sorted(f.name for f in pu.iterdir()) == ["p-s0.npz", "r-s0.npz"]
+    for run in ("p-s0", "r-s0"):
+        (tmp_path / run).rename(tmp_path / f"{run}.gone")
+    assert compare({"persrec": [str(tmp_path / "p-s0")], "recent": [str(tmp_path / "r-s0")]}, min_history=30,
+                   per_user_dir=str(pu)) == res
+    with pytest.raises(SystemExit, match="no per-user file"):
+        compare({"persrec": [str(tmp_path / "p-s0")]}, min_history=30, per_user_dir=str(tmp_path / "empty"))
 
 
 def test_drift_scores_a_trained_run_three_ways(tmp_path, monkeypatch):

@@ -12,11 +12,23 @@ users whose known history before the test event is longer than ``--min-history``
 (P + R for PerSRec). Per variant and setting: the mean over seeds ± their std, and for the
 subset also a 95% bootstrap interval over users of the seed-averaged per-user metric.
 Writes ``benchmarks/results/<name>.json`` and prints a markdown table.
+
+Per-user files: the three variants × three seeds of a comparison can take longer to train
+than a machine keeps its scratch space. ``--export RUN ...`` writes each finished run's
+per-user test metrics (both ``exclude_seen`` settings, with the users and their history
+lengths; about 100 KB) to ``--per-user-dir`` as ``<run folder name>.npz``, to be committed
+beside the result files. A comparison reads a run from its folder when the folder exists
+(and refreshes its file there), else from that file:
+
+    perseq bench long --export runs/ml-1m-sasrec+persrec-s0      # right after it trains
+    perseq bench long --variant persrec=runs/ml-1m-sasrec+persrec-s0,... --min-history 512 --name ...
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -28,8 +40,13 @@ from ..report import write_result_file
 METRICS = ("ndcg@10", "hr@10")
 
 
-def _per_user(run: str, exclude_seen: bool) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(users, known-history lengths, {metric: per-user values}) of one run at the test stage."""
+PER_USER_DIR = "benchmarks/results/per_user"
+SETTINGS = {True: "exclude_seen", False: "seen_kept"}
+
+
+def _evaluate(run: str) -> dict:
+    """One run at the test stage, both ``exclude_seen`` settings: {"users", "hist_len",
+    "<setting>/<metric>": per-user values (users sorted)} and the run's config as "meta"."""
     from ..checkpoint import load_model
     from ..cli import _check_vocab, _rebuild_split
     from ..evaluate import rank_targets
@@ -37,21 +54,43 @@ def _per_user(run: str, exclude_seen: bool) -> tuple[np.ndarray, np.ndarray, dic
     model, meta, items = load_model(run)
     cfg, split = _rebuild_split(meta)
     _check_vocab(items, split.data)
-    ecfg = dataclasses.replace(cfg.eval, exclude_seen=exclude_seen)
-    ranks, users, hist_len, _ = rank_targets(model, split, "test", ecfg)
-    per = per_user_metrics(ranks, ecfg.ks)
-    order = np.argsort(users)
-    return users[order], hist_len[order], {m: per[m].numpy()[order] for m in METRICS}
+    out = {}
+    for excl, setting in SETTINGS.items():
+        ecfg = dataclasses.replace(cfg.eval, exclude_seen=excl)
+        ranks, users, hist_len, _ = rank_targets(model, split, "test", ecfg)
+        per = per_user_metrics(ranks, ecfg.ks)
+        order = np.argsort(users)
+        out |= {"users": users[order], "hist_len": hist_len[order], **{f"{setting}/{m}": per[m].numpy()[order] for m in METRICS}}
+    out["meta"] = np.array(json.dumps({"run": str(run), "config": meta.get("run"), "commit": meta.get("commit")}))
+    return out
 
 
-def compare(variants: dict[str, list[str]], min_history: int, n_boot: int = 2000) -> dict:
+def per_user(run: str, per_user_dir: str | None = PER_USER_DIR) -> dict:
+    """A run's per-user arrays: evaluated from its folder when it exists (and written to
+    ``per_user_dir``), else read from ``per_user_dir/<folder name>.npz``."""
+    cached = None if per_user_dir is None else Path(per_user_dir) / f"{Path(run).name}.npz"
+    if Path(run).exists():
+        arrays = _evaluate(run)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(cached, **arrays)
+        return arrays
+    if cached is not None and cached.exists():
+        with np.load(cached) as z:
+            return {k: z[k] for k in z.files}
+    raise SystemExit(f"error: {run} does not exist, and there is no per-user file {cached} to read it from")
+
+
+def compare(variants: dict[str, list[str]], min_history: int, n_boot: int = 2000, per_user_dir: str | None = None) -> dict:
     out = {}
     for name, runs in variants.items():
         out[name] = {}
+        arrays = {run: per_user(run, per_user_dir) for run in runs}
         for excl in (True, False):
             per_seed, users0, hl0 = [], None, None
             for run in runs:
-                users, hl, per = _per_user(run, excl)
+                a = arrays[run]
+                users, hl, per = a["users"], a["hist_len"], {m: a[f"{SETTINGS[excl]}/{m}"] for m in METRICS}
                 if users0 is not None and not np.array_equal(users, users0):
                     raise ValueError(f"{run} scores other users than {runs[0]}")
                 users0, hl0 = users, hl
@@ -66,7 +105,7 @@ def compare(variants: dict[str, list[str]], min_history: int, n_boot: int = 2000
                           "values": alls.tolist()}
                 row[f"long_{m}"] = {"mean": float(longs.mean()), "std": float(longs.std(ddof=1)) if len(longs) > 1 else 0.0,
                                     "values": longs.tolist(), "ci95": list(bootstrap_ci(avg[long], n_boot))}
-            out[name]["exclude_seen" if excl else "seen_kept"] = row
+            out[name][SETTINGS[excl]] = row
     return out
 
 
@@ -86,19 +125,32 @@ def markdown(result: dict, reference: str) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="perseq bench long", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", action="append", required=True, metavar="NAME=RUN[,RUN...]",
+    ap.add_argument("--variant", action="append", metavar="NAME=RUN[,RUN...]",
                     help="a variant and its run folders (one per seed); the first is the reference")
-    ap.add_argument("--min-history", type=int, required=True, help="the long-history subset: known history longer than this")
-    ap.add_argument("--name", required=True, help="writes benchmarks/results/<name>.json")
+    ap.add_argument("--min-history", type=int, help="the long-history subset: known history longer than this")
+    ap.add_argument("--name", help="writes benchmarks/results/<name>.json")
     ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--per-user-dir", default=PER_USER_DIR,
+                    help="where each run's per-user metrics are kept (<run folder name>.npz): written for every run "
+                         "folder evaluated, read for a run whose folder is gone (default %(default)s)")
+    ap.add_argument("--export", nargs="+", metavar="RUN", help="only write these finished runs' per-user files")
     a = ap.parse_args(argv)
+    if a.export:
+        for run in a.export:
+            if not Path(run, "results.json").exists():
+                raise SystemExit(f"error: {run} has no results.json (unfinished run?)")
+            per_user(run, a.per_user_dir)
+            print(f"wrote {Path(a.per_user_dir) / Path(run).name}.npz")
+        return
+    if not (a.variant and a.min_history is not None and a.name):
+        ap.error("a comparison needs --variant (at least one), --min-history and --name; or use --export RUN ...")
     variants = {}
     for v in a.variant:
         name, sep, runs = v.partition("=")
         if not sep or not runs:
             raise SystemExit(f"--variant {v!r}: expected NAME=RUN[,RUN...]")
         variants[name] = runs.split(",")
-    result = compare(variants, a.min_history)
+    result = compare(variants, a.min_history, per_user_dir=a.per_user_dir)
     table = markdown(result, next(iter(variants)))
     print(table)
     write_result_file(f"{a.out_dir}/{a.name}.json", {"benchmark": "long_history", "min_history": a.min_history,
