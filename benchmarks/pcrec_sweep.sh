@@ -3,12 +3,13 @@
 # (f softplus, alpha 1e-3, learned gamma from bias -3, a module on both blocks) with one
 # setting changed per run (10 configurations), seed 0, the same data, budget and selection rule; the winner is
 # the best *validation* NDCG@10 among these and the base row, then confirmed on seeds 0-2.
-# Each run resumes (--resume), so the script can be stopped and started again.
+# Each run resumes (--resume) while its folder exists; a seed already in the configuration's
+# result file is not trained again (runs/ may not outlive the session: commit the result files).
 #
 #     bash benchmarks/pcrec_sweep.sh                 # all of them, one after another, 1 thread
 #     bash benchmarks/pcrec_sweep.sh f-tanh alpha-0  # only these
-#     SEEDS=1,2 bash benchmarks/pcrec_sweep.sh f-sigmoid  # the winner's confirmation seeds, then its
-#                                                         # 3-seed result file ml-1m_pcrec-<name>
+#     SEEDS=1,2 bash benchmarks/pcrec_sweep.sh f-sigmoid  # the winner's confirmation seeds, added to
+#                                                         # its result file ml-1m_pcrec-<name>
 set -e
 SEEDS=${SEEDS:-0}
 declare -A RUNS=(
@@ -26,12 +27,14 @@ declare -A RUNS=(
 ORDER=(f-sigmoid f-tanh f-relu f-identity dropout-0.3 alpha-0 alpha-1e-2 gamma-fixed-0.1 gamma-init-1 pc-blocks-1)
 names=("$@"); [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 mkdir -p logs
+. benchmarks/rows_lib.sh
 for n in "${names[@]}"; do
   [ -n "${RUNS[$n]}" ] || { echo "unknown run $n; known: ${ORDER[*]}" >&2; exit 2; }
-  # seed 0 writes its own result file; confirmation seeds are collected with seed 0 afterwards
-  bench=(); [ "$SEEDS" = 0 ] && bench=(--bench-name "ml-1m_pcrec-$n")
-  perseq train --config configs/ml-1m/pcrec.yaml --set "${RUNS[$n]}" --set train.threads=1 --seeds "$SEEDS" \
-    --name "ml-1m-pcrec-$n" --resume --no-progress "${bench[@]}" > "logs/ml-1m-pcrec-$n-s${SEEDS//,/}.log" 2>&1
-  [ "$SEEDS" = 0 ] || perseq bench collect --name "ml-1m_pcrec-$n" $(for s in 0 ${SEEDS//,/ }; do echo "runs/ml-1m-pcrec-$n-s$s"; done)
-  echo "done $n (seeds $SEEDS)"
+  for s in ${SEEDS//,/ }; do  # each seed joins the result file ml-1m_pcrec-<name> as it finishes
+    if recorded "ml-1m_pcrec-$n" "$s" configs/ml-1m/pcrec.yaml --set "${RUNS[$n]}"; then echo "have $n s$s"; continue; fi
+    perseq train --config configs/ml-1m/pcrec.yaml --set "${RUNS[$n]}" --set train.threads=1 --seeds "$s" \
+      --name "ml-1m-pcrec-$n" --resume --no-progress > "logs/ml-1m-pcrec-$n-s$s.log" 2>&1
+    add_seed "ml-1m_pcrec-$n" "runs/ml-1m-pcrec-$n-s$s"
+    echo "done $n s$s"
+  done
 done

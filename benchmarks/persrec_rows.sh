@@ -18,22 +18,17 @@
 set -e
 groups=("$@"); [ ${#groups[@]} -eq 0 ] && groups=(ml1m-sasrec ml1m-hstu ml1m-sizes synthetic)
 mkdir -p logs
-R=benchmarks/results
-has_seed() {  # result-name seed: is the seed in the result file?
-  [ -f "$R/$1.json" ] && python -c "import json, sys; sys.exit(0 if $2 in json.load(open('$R/$1.json'))['seeds'] else 1)"
-}
+. benchmarks/rows_lib.sh
 t() {  # config seed run-name bench-name [--set ...]: train one seed, add it to the result file, export per user
   local config=$1 seed=$2 name=$3 bench=$4; shift 4
-  if has_seed "$bench" "$seed"; then
+  if recorded "$bench" "$seed" "$config" "$@"; then
     [ -f "$R/per_user/$name-s$seed.npz" ] || perseq bench long --export "runs/$name-s$seed" \
       || { echo "$bench has seed $seed but neither its per-user file nor its run folder" >&2; exit 1; }
     echo "have $bench s$seed"; return
   fi
   perseq train --config "$config" --seeds "$seed" --name "$name" --set train.threads=1 --resume --no-progress "$@" \
     > "logs/$name-s$seed.log" 2>&1
-  local earlier=()
-  [ -f "$R/$bench.json" ] && earlier=(--earlier "$R/$bench.json")
-  perseq bench collect --name "$bench" "${earlier[@]}" "runs/$name-s$seed"
+  add_seed "$bench" "runs/$name-s$seed"
   perseq bench long --export "runs/$name-s$seed"
   echo "done $name s$seed"
 }

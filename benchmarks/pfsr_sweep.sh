@@ -6,7 +6,8 @@
 # 0-2, with the ablations and DP rows built on it (benchmarks/federated_rows.sh). The FedAvg
 # reference at the same budget is FedAvg seed 0's validation curve at round 240 (runs are
 # deterministic and nothing depends on the total number of rounds).
-# Each run resumes (--resume), so the script can be stopped and started again.
+# Each run resumes (--resume) while its folder exists; a configuration whose result file holds
+# seed 0 is not run again (runs/ may not outlive the session: commit the result files).
 #
 #     bash benchmarks/pfsr_sweep.sh                  # all of them, one after another, 1 thread
 #     bash benchmarks/pfsr_sweep.sh dml-0.1 slots-64 # only these
@@ -26,10 +27,12 @@ declare -A RUNS=(
 ORDER=(base personal-1 personal-4 dml-0.1 dml-10 slots-64 local-lr-1 server-lr-3e-2 local-epochs-4 dropout-0.1)
 names=("$@"); [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 mkdir -p logs
+. benchmarks/rows_lib.sh
 for n in "${names[@]}"; do
   [ -n "${RUNS[$n]+x}" ] || { echo "unknown run $n; known: ${ORDER[*]}" >&2; exit 2; }
   sets=(--set federated.rounds=240 --set federated.patience=100)
   for kv in ${RUNS[$n]}; do sets+=(--set "$kv"); done
+  if recorded "ml-1m_pfsr-sweep-$n" 0 configs/ml-1m/pfsr.yaml "${sets[@]}"; then echo "have $n"; continue; fi
   perseq federated simulate --config configs/ml-1m/pfsr.yaml "${sets[@]}" --set train.threads=1 --seeds 0 \
     --name "ml-1m-pfsr-sweep-$n" --resume --no-progress --bench-name "ml-1m_pfsr-sweep-$n" \
     > "logs/ml-1m-pfsr-sweep-$n-s0.log" 2>&1

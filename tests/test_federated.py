@@ -186,6 +186,13 @@ def test_the_cli_simulates_resumes_and_writes_a_result_row(tmp_path, monkeypatch
     assert (folder / "last.safetensors").read_bytes() == weights
     assert json.loads((folder / "trainer_state.json").read_text())["history"] == rounds["history"]
     assert main(["evaluate", "runs/fed-s0"]) == 0
+    # a second seed added to the first seed's result file equals both run folders collected
+    assert main([*args, "--seeds", "1"]) == 0
+    assert main(["bench", "collect", "--name", "both", "runs/fed-s0", "runs/fed-s1"]) == 0
+    assert main(["bench", "collect", "--name", "merged", "--earlier", "benchmarks/results/syn_fedavg.json", "runs/fed-s1"]) == 0
+    both, merged = (json.loads((tmp_path / "benchmarks" / "results" / f"{n}.json").read_text()) for n in ("both", "merged"))
+    for key in ("model", "seeds", "protocol", "metrics", "best_epochs", "federated_runs", "breakdown", "config"):
+        assert merged[key] == both[key], key
 
 
 def test_pfsr_keeps_each_users_response_on_their_client_and_scores_with_it(small, tmp_path):

@@ -75,14 +75,22 @@ def _earlier_seeds(path: Path) -> tuple[list[dict], dict]:
     if not path.exists():
         raise SystemExit(f"error: {path} does not exist")
     f = json.loads(path.read_text())
-    if f.get("protocol", {}).get("refit") or "federated" in f.get("protocol", {}):
-        raise SystemExit(f"error: {path} is a refit or federated result; only early-stopped centralized runs can be "
-                         "merged from a file (their refit or round records are not in it)")
+    if f.get("protocol", {}).get("refit"):
+        raise SystemExit(f"error: {path} is a refit result; its early-stopped phase's records are not in it, so it "
+                         "cannot be merged from the file")
     seeds = f["seeds"]
-    results = [{"seed": s,
+    results = [{"seed": s, "model": f["model"],
                 "test": {**{k: v["values"][i] for k, v in f["metrics"].items()}, "breakdown": f.get("breakdown", {})},
                 "best_epoch": f["best_epochs"][i], "epoch_seconds": f["epoch_seconds"], "hardware": f["hardware"]}
                for i, s in enumerate(seeds)]
+    if "federated" in f["protocol"]:  # a federated seed: its rounds, seconds, privacy and validation curve
+        proto = f["protocol"]["federated"]
+        for r, fr in zip(results, f["federated_runs"]):
+            r["federated"] = {**proto, "rounds": fr["rounds"],
+                              "passes": fr["rounds"] * proto["local_epochs"] * proto["clients_per_round"] / proto["clients"],
+                              **({"privacy": fr["privacy"]} if "privacy" in fr else {})}
+            r |= {"train_seconds": fr["train_seconds"], "wall_seconds": fr["wall_seconds"],
+                  "history": [{"round": t, "valid": m} for t, m in fr["valid_curve"]]}
     cfg = dict(f["config"])
     cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in ("seed", "threads")}
     return results, from_dict(cfg).to_dict()
