@@ -214,14 +214,16 @@ def test_pfsr_keeps_each_users_response_on_their_client_and_scores_with_it(small
     # scoring a batch of users at once gives each row what that user's own model gives
     model = r["model_obj"]
     owner = client_of_user(partition(data.n_users), data.n_users)
-    users = torch.tensor(sorted(stored["best"])[:3])
-    items = torch.randint(1, data.n_items + 1, (3, 10))
-    lengths = torch.tensor([10, 4, 7])
+    # (one user per client, so client = user; the last row's client never trained: the model's own values)
+    never = next(u for u in range(data.n_users) if u not in stored["best"])
+    users = torch.tensor(sorted(stored["best"])[:3] + [never])
+    items = torch.randint(1, data.n_items + 1, (4, 10))
+    lengths = torch.tensor([10, 4, 7, 9])
     with torch.no_grad():
         together = PersonalScores(model, stored["best"], owner).eval().scores(items, lengths, users=users.numpy())
     for b, u in enumerate(users.tolist()):
         alone = build_model("pfsr", data.n_items, d=8, memory_slots=4, max_len=20).eval()
-        alone.load_state_dict({**model.state_dict(), **stored["best"][u]})
+        alone.load_state_dict({**model.state_dict(), **stored["best"].get(u, {})})
         with torch.no_grad():
             want = alone.scores(items[b : b + 1], lengths[b : b + 1])
         assert torch.allclose(together[b], want[0], atol=1e-6)
