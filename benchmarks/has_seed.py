@@ -13,13 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from perseq.config import from_dict, load_config
-
-
-def comparable(cfg: dict) -> dict:
-    """A config as `bench collect` compares runs: no seed, no threads, defaults filled in."""
-    cfg = {**cfg, "train": {k: v for k, v in cfg["train"].items() if k not in ("seed", "threads")}}
-    return from_dict(cfg).to_dict()
+from perseq.bench.collect import comparable_config
+from perseq.config import load_config
 
 
 def main(argv=None) -> int:
@@ -33,7 +28,7 @@ def main(argv=None) -> int:
     if not path.exists():
         return 1
     f = json.loads(path.read_text())
-    want, have = comparable(json.loads(load_config(a.config, a.set).to_json())), comparable(f["config"])
+    want, have = comparable_config(json.loads(load_config(a.config, a.set).to_json())), comparable_config(f["config"])
     if "federated" not in f["protocol"]:  # centralized rows: collect ignores the federated section
         want.pop("federated"), have.pop("federated")
     want.pop("name", None), have.pop("name", None)

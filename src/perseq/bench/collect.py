@@ -41,11 +41,7 @@ def main(argv=None) -> int:
         if not (d / "results.json").exists():
             raise SystemExit(f"error: {d} has no results.json (unfinished run?)")
         results.append(json.loads((d / "results.json").read_text()))
-        meta = json.loads((d / "config.json").read_text())["run"]
-        meta["train"].pop("seed", None)
-        meta["train"].pop("threads", None)  # execution detail, not a hyper-parameter
-        # through from_dict: a folder written before a section or key existed compares as its default
-        cfgs.append(from_dict(meta).to_dict())
+        cfgs.append(comparable_config(json.loads((d / "config.json").read_text())["run"]))
     seeds = [r["seed"] for r in results]
     if len(set(seeds)) < len(seeds):
         raise SystemExit(f"error: a seed appears twice among the inputs ({seeds}); each seed may be counted once")
@@ -91,6 +87,11 @@ def _earlier_seeds(path: Path) -> tuple[list[dict], dict]:
                               **({"privacy": fr["privacy"]} if "privacy" in fr else {})}
             r |= {"train_seconds": fr["train_seconds"], "wall_seconds": fr["wall_seconds"],
                   "history": [{"round": t, "valid": m} for t, m in fr["valid_curve"]]}
-    cfg = dict(f["config"])
-    cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in ("seed", "threads")}
-    return results, from_dict(cfg).to_dict()
+    return results, comparable_config(f["config"])
+
+
+def comparable_config(cfg: dict) -> dict:
+    """A run's config as seeds of one row must share it: without the seed and the thread count
+    (an execution detail, not a hyper-parameter), through from_dict so that a config written
+    before a section or key existed compares as its default."""
+    return from_dict({**cfg, "train": {k: v for k, v in cfg["train"].items() if k not in ("seed", "threads")}}).to_dict()
