@@ -17,8 +17,8 @@ Per-user files: the three variants × three seeds of a comparison can take longe
 than a machine keeps its scratch space. ``--export RUN ...`` writes each finished run's
 per-user test metrics (both ``exclude_seen`` settings, with the users and their history
 lengths; about 100 KB) to ``--per-user-dir`` as ``<run folder name>.npz``, to be committed
-beside the result files. A comparison reads a run from its folder when the folder exists
-(and refreshes its file there), else from that file:
+beside the result files. A comparison reads a run from that file when the file is newer than
+the run's results.json or the folder is gone, else evaluates the folder (and writes the file):
 
     perseq bench long --export runs/ml-1m-sasrec+persrec-s0      # right after it trains
     perseq bench long --variant persrec=runs/ml-1m-sasrec+persrec-s0,... --min-history 512 --name ...
@@ -66,10 +66,13 @@ def _evaluate(run: str) -> dict:
 
 
 def per_user(run: str, per_user_dir: str | None = PER_USER_DIR) -> dict:
-    """A run's per-user arrays: evaluated from its folder when it exists (and written to
-    ``per_user_dir``), else read from ``per_user_dir/<folder name>.npz``."""
+    """A run's per-user arrays: read from ``per_user_dir/<folder name>.npz`` when its folder
+    is gone or the file was written after the run's results.json (an export right after
+    training: the run is not evaluated twice), else evaluated from its folder and written there."""
     cached = None if per_user_dir is None else Path(per_user_dir) / f"{Path(run).name}.npz"
-    if Path(run).exists():
+    done = Path(run, "results.json")
+    fresh = cached is not None and cached.exists() and done.exists() and cached.stat().st_mtime > done.stat().st_mtime
+    if Path(run).exists() and not fresh:
         arrays = _evaluate(run)
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +135,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--per-user-dir", default=PER_USER_DIR,
                     help="where each run's per-user metrics are kept (<run folder name>.npz): written for every run "
-                         "folder evaluated, read for a run whose folder is gone (default %(default)s)")
+                         "folder evaluated, read for a run whose folder is gone or whose file is newer than its results.json "
+                         "(default %(default)s)")
     ap.add_argument("--export", nargs="+", metavar="RUN", help="only write these finished runs' per-user files")
     a = ap.parse_args(argv)
     if a.export:
